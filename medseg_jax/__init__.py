@@ -1,0 +1,3 @@
+"""medseg_jax: medical image segmentation in JAX/Flax."""
+
+__version__ = "0.1.0"
