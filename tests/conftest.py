@@ -20,3 +20,46 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+
+def tiny_config(**overrides):
+    """A config small enough to train in seconds on the CPU (batch 8 for 8 devices)."""
+    from medseg_jax.config import default_config
+
+    config = default_config()
+    config.data.synthetic_cases = 4
+    config.data.synthetic_size = 16
+    config.data.synthetic_depth = 4
+    config.data.image_size = (16, 16)
+    config.model.base_features = 4
+    config.model.depth = 3
+    config.train.batch_size = 8
+    config.train.num_epochs = 2
+    config.train.steps_per_epoch = 2
+    config.train.log_every_steps = 1
+    config.eval.batch_size = 8
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture
+def make_tiny_config():
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    """The real data of ../shared/data (or $MEDSEG_DATA); skips if absent."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path}")
+    return path

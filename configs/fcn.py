@@ -1,0 +1,9 @@
+"""fcn, trained with the study's protocol on the embedded default data."""
+
+from medseg_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model.name = "fcn"
+    return config

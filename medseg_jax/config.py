@@ -1,0 +1,138 @@
+"""The default configuration: the study's protocol on the embedded synthetic data.
+
+Lives in the package (``medseg_jax.config``) so that config files work from any
+directory; ``configs/*.py`` start from it.
+
+Every field can be overridden on the command line, e.g.
+``--config.train.learning_rate=3e-4`` or ``--config.data.root=/data/Task04_Hippocampus``.
+"""
+
+import ml_collections
+
+from medseg_jax.data.augment import default_augment_config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # --- data -------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    # Decathlon / nnU-Net raw folder(s), comma-separated. Empty: the embedded
+    # synthetic MRI + CT + ultrasound set, generated from `seed` into the workdir.
+    data.root = ""
+    data.synthetic_seed = 0  # the synthetic data set is fixed by its own seed
+    data.synthetic_cases = 24  # per modality
+    data.synthetic_size = 64  # in-plane size of the synthetic images
+    data.synthetic_depth = 24  # slices of the synthetic 3D volumes
+    # Preprocessed arrays are cached here (keyed by a fingerprint of the data
+    # and the settings). Empty: <workdir>/cache.
+    data.cache_dir = ""
+    # Network input size: (H, W) for 2D models, (X, Y, Z) for 3D models. Every
+    # slice (2D) or volume (3D) is resized to it; predictions are resized back.
+    data.image_size = (64, 64)
+    # Axis (of the canonical RAS volume) along which 3D volumes are sliced for
+    # 2D models; 2 = axial.
+    data.slice_axis = 2
+    data.split_fractions = (0.7, 0.15, 0.15)  # train / val / test, by case
+    # A JSON file {"train": [...], "val": [...], "test": [...]} of case ids
+    # ("Task/case"). Empty: made from `seed` and written to <workdir>/splits.json.
+    data.splits_file = ""
+    # Share of each training batch drawn from slices that contain foreground.
+    data.foreground_fraction = 0.33
+    data.num_workers = 0  # grain worker processes (0: read in the main process)
+
+    # --- model ------------------------------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "unet"  # unet | fcn | attention_unet
+    model.spatial_dims = 2
+    model.base_features = 16
+    model.depth = 4  # resolution levels; sizes must be divisible by 2**(depth-1)
+    model.norm = "batch"  # batch | instance | none
+    model.dtype = "float32"  # compute dtype: float32 | bfloat16
+
+    # --- training ---------------------------------------------------------
+    config.train = train = ml_collections.ConfigDict()
+    train.batch_size = 16  # global batch, split over all devices
+    train.learning_rate = 1e-3
+    train.lr_schedule = "constant"  # constant | cosine
+    train.weight_decay = 0.0  # >0 switches Adam to AdamW
+    train.grad_clip_norm = 0.0  # 0: no clipping
+    train.num_epochs = 40
+    train.steps_per_epoch = 0  # 0: one pass over the training samples
+    train.patience = 8  # early stopping on validation loss, in epochs (0: off)
+    train.min_delta = 0.0
+    train.dice_weight = 1.0
+    train.ce_weight = 1.0
+    train.log_every_steps = 50
+    train.checkpoint_max_to_keep = 2  # besides the best, always kept
+    train.compilation_cache_dir = "~/.cache/medseg_jax/jit"  # empty: off
+
+    config.augment = default_augment_config()
+
+    # --- evaluation -------------------------------------------------------
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.batch_size = 32
+    ev.split = "test"
+    ev.checkpoint = "best"  # best | latest | a step number
+
+    return config
+
+
+_CHOICES = {
+    "model.spatial_dims": (2, 3),
+    "model.norm": ("batch", "instance", "none"),
+    "model.dtype": ("float32", "bfloat16"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "eval.split": ("train", "val", "test"),
+}
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields that a run depends on; raises ValueError naming the field."""
+    from medseg_jax.models import MODELS  # noqa: PLC0415 (models import jax)
+
+    if config.model.name not in MODELS:
+        raise ValueError(
+            f"config.model.name: unknown model {config.model.name!r}; "
+            f"valid models: {', '.join(sorted(MODELS))}")
+    for field, choices in _CHOICES.items():
+        if _get(config, field) not in choices:
+            raise ValueError(
+                f"config.{field}: {_get(config, field)!r} is not one of "
+                f"{', '.join(map(str, choices))}")
+    dims = config.model.spatial_dims
+    size = tuple(config.data.image_size)
+    if len(size) != dims:
+        raise ValueError(
+            f"config.data.image_size: {size} has {len(size)} entries but "
+            f"config.model.spatial_dims is {dims}")
+    divisor = 2 ** (config.model.depth - 1)
+    if config.model.depth < 1 or any(s <= 0 or s % divisor for s in size):
+        raise ValueError(
+            f"config.data.image_size: {size} must be positive multiples of "
+            f"2**(depth-1) = {divisor} for config.model.depth={config.model.depth}")
+    for field in ("train.batch_size", "eval.batch_size", "train.num_epochs",
+                  "model.base_features"):
+        if int(_get(config, field)) <= 0:
+            raise ValueError(f"config.{field}: must be positive, got {_get(config, field)}")
+    fractions = tuple(config.data.split_fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(
+            f"config.data.split_fractions: {fractions} must be three non-negative "
+            "numbers (train, val, test) that sum to 1")
+    if not 0.0 <= config.data.foreground_fraction <= 1.0:
+        raise ValueError(
+            f"config.data.foreground_fraction: {config.data.foreground_fraction} "
+            "is not in [0, 1]")
+    ckpt = str(config.eval.checkpoint)
+    if ckpt not in ("best", "latest") and not ckpt.isdigit():
+        raise ValueError(
+            f"config.eval.checkpoint: {ckpt!r} is not 'best', 'latest' or a step number")

@@ -1,0 +1,340 @@
+"""From raw Decathlon folders to batches: splits, preprocessing cache, grain loading.
+
+`prepare(config, workdir)` resolves the data (the embedded synthetic set when
+``config.data.root`` is empty), fixes the case split (``splits.json`` in the
+workdir, reused by every later run and by evaluation), computes the intensity
+plan on the training cases, and caches the preprocessed training and
+validation samples as ``.npy`` files keyed by a fingerprint of the files and
+the settings, so an epoch reads arrays and never decodes NIfTI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+import grain
+import numpy as np
+from absl import logging
+
+from medseg_jax.data import decathlon, preprocess, synthetic
+
+SPLITS = ("train", "val", "test")
+_CACHE_VERSION = 1
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON through a temporary file and a rename: never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def data_roots(config, workdir: str) -> list[str]:
+    """The task folders to read: config.data.root, or the synthetic set."""
+    if config.data.root:
+        roots = [r.strip() for r in str(config.data.root).split(",") if r.strip()]
+        for r in roots:
+            if not os.path.isdir(r):
+                raise FileNotFoundError(f"config.data.root: {r} is not a directory")
+        return roots
+    target = os.path.join(workdir, "synthetic_data")
+    return synthetic.make_synthetic(
+        target, seed=config.data.synthetic_seed, num_cases=config.data.synthetic_cases,
+        size=config.data.synthetic_size, depth=config.data.synthetic_depth)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Everything a run needs to know about its data."""
+
+    infos: list[decathlon.DatasetInfo]
+    refs: dict[str, tuple[decathlon.CaseRef, decathlon.DatasetInfo]]  # "Task/case" -> ref
+    splits: dict[str, list[str]]
+    labels: dict[int, str]
+    num_classes: int
+    num_channels: int
+
+    def load(self, case_key: str) -> decathlon.Case:
+        ref, info = self.refs[case_key]
+        return decathlon.load_case(ref, info)
+
+
+def case_key(ref: decathlon.CaseRef) -> str:
+    return f"{ref.task}/{ref.case_id}"
+
+
+def open_dataset(config, workdir: str) -> Dataset:
+    infos = [decathlon.read_dataset(r) for r in data_roots(config, workdir)]
+    first = infos[0]
+    for info in infos[1:]:
+        if info.labels != first.labels:
+            raise ValueError(
+                f"{info.root}/dataset.json: labels {info.labels} differ from "
+                f"{first.root}/dataset.json: {first.labels}; tasks trained together "
+                "must share one label set")
+        if len(info.modalities) != len(first.modalities):
+            raise ValueError(
+                f"{info.root}/dataset.json: {len(info.modalities)} channels, but "
+                f"{first.root} has {len(first.modalities)}")
+    values = sorted(first.labels)
+    if values != list(range(len(values))) or len(values) < 2:
+        raise ValueError(
+            f"{first.root}/dataset.json: label values must be 0..K-1 with K >= 2, "
+            f"got {values}")
+    refs = {}
+    for info in infos:
+        for ref in info.cases:
+            key = case_key(ref)
+            if key in refs:
+                raise ValueError(f"case {key} appears twice ({info.root})")
+            refs[key] = (ref, info)
+    splits = resolve_splits(config, workdir, infos, refs)
+    return Dataset(infos=infos, refs=refs, splits=splits, labels=dict(first.labels),
+                   num_classes=len(values), num_channels=len(first.modalities))
+
+
+def make_splits(infos, fractions, seed: int) -> dict[str, list[str]]:
+    """Seeded split by case (never by slice), done per task so each is represented."""
+    splits = {s: [] for s in SPLITS}
+    for t, info in enumerate(infos):
+        keys = sorted(case_key(r) for r in info.cases)
+        order = np.random.default_rng([seed, t]).permutation(len(keys))
+        keys = [keys[i] for i in order]
+        n = len(keys)
+        n_val = int(round(fractions[1] * n))
+        n_test = int(round(fractions[2] * n))
+        if n >= 3:  # every split gets a case when there are enough
+            n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+            n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+        n_train = n - n_val - n_test
+        splits["train"] += keys[:n_train]
+        splits["val"] += keys[n_train:n_train + n_val]
+        splits["test"] += keys[n_train + n_val:]
+    return splits
+
+
+def _check_splits(splits, refs, source: str) -> dict[str, list[str]]:
+    if not isinstance(splits, dict) or set(splits) - set(SPLITS):
+        raise ValueError(f"{source}: must be a JSON object with keys {list(SPLITS)}")
+    splits = {s: list(splits.get(s, [])) for s in SPLITS}
+    seen = {}
+    for s in SPLITS:
+        for key in splits[s]:
+            if key not in refs:
+                raise ValueError(f"{source}: case {key!r} in split {s!r} is not in the data")
+            if key in seen:
+                raise ValueError(
+                    f"{source}: case {key!r} is in both {seen[key]!r} and {s!r}")
+            seen[key] = s
+    for s in ("train", "val"):
+        if not splits[s]:
+            raise ValueError(f"{source}: split {s!r} has no cases")
+    return splits
+
+
+def resolve_splits(config, workdir, infos, refs) -> dict[str, list[str]]:
+    path = os.path.join(workdir, "splits.json")
+    if config.data.splits_file:
+        source = config.data.splits_file
+    elif os.path.exists(path):
+        source = path
+    else:
+        splits = _check_splits(
+            make_splits(infos, tuple(config.data.split_fractions), config.seed), refs,
+            "config.data.split_fractions")
+        write_json_atomic(path, splits)
+        return splits
+    try:
+        with open(source) as f:
+            splits = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{source}: cannot read splits: {e}") from e
+    splits = _check_splits(splits, refs, source)
+    if source != path:
+        write_json_atomic(path, splits)
+    return splits
+
+
+# --------------------------------------------------------------------------
+# Preprocessing, cached.
+
+
+def _fingerprint(config, dataset: Dataset) -> str:
+    files = []
+    for s in ("train", "val"):
+        for key in dataset.splits[s]:
+            ref, _ = dataset.refs[key]
+            for p in (*ref.image_paths, ref.label_path):
+                st = os.stat(p)
+                files.append((s, key, os.path.abspath(p), st.st_size, int(st.st_mtime_ns)))
+    settings = {
+        "version": _CACHE_VERSION,
+        "image_size": list(config.data.image_size),
+        "slice_axis": config.data.slice_axis,
+        "files": files,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def intensity_plans(dataset: Dataset) -> dict[str, list[dict]]:
+    """Per task, per channel normalisation, from that task's training cases only."""
+    plans = {}
+    for info in dataset.infos:
+        keys = [k for k in dataset.splits["train"] if dataset.refs[k][1] is info]
+        if not any(preprocess.is_ct(m) for m in info.modalities):
+            plans[info.name] = [{"scheme": "zscore"} for _ in info.modalities]
+            continue
+        cases = [dataset.load(k) for k in keys]
+        plans[info.name] = preprocess.intensity_plan(
+            info.modalities, [c.image for c in cases], [c.label for c in cases])
+    return plans
+
+
+def case_samples(case: decathlon.Case, plans, config):
+    image = preprocess.normalize(case.image, plans[case.task])
+    return preprocess.to_samples(image, case.label, tuple(config.data.image_size),
+                                 config.data.slice_axis)
+
+
+@dataclasses.dataclass
+class Samples:
+    """Preprocessed samples of one split, memory-mapped from the cache."""
+
+    directory: str
+    split: str
+
+    def __post_init__(self):
+        base = os.path.join(self.directory, self.split)
+        self.images = np.load(base + "_images.npy", mmap_mode="r")
+        self.labels = np.load(base + "_labels.npy", mmap_mode="r")
+        self.case_index = np.load(base + "_case.npy")
+        self.foreground = np.load(base + "_fg.npy")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": np.asarray(self.images[i]), "label": np.asarray(self.labels[i])}
+
+    def __getstate__(self):  # grain workers re-open the memmaps
+        return {"directory": self.directory, "split": self.split}
+
+    def __setstate__(self, state):
+        self.directory, self.split = state["directory"], state["split"]
+        self.__post_init__()
+
+
+def prepare(config, workdir: str, dataset: Dataset | None = None):
+    """Returns (dataset, plans, {"train": Samples, "val": Samples})."""
+    dataset = dataset or open_dataset(config, workdir)
+    cache_root = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "cache"))
+    directory = os.path.join(cache_root, _fingerprint(config, dataset))
+    plan_path = os.path.join(directory, "plan.json")
+    if not os.path.exists(plan_path):
+        logging.info("Preprocessing %d training and %d validation cases into %s",
+                     len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
+        plans = intensity_plans(dataset)
+        os.makedirs(cache_root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
+        try:
+            for split in ("train", "val"):
+                images, labels, case_idx = [], [], []
+                for i, key in enumerate(dataset.splits[split]):
+                    imgs, labs = case_samples(dataset.load(key), plans, config)
+                    images.append(imgs)
+                    labels.append(labs)
+                    case_idx.append(np.full(len(imgs), i, np.int32))
+                labels = np.concatenate(labels)
+                base = os.path.join(tmp, split)
+                np.save(base + "_images.npy", np.concatenate(images))
+                np.save(base + "_labels.npy", labels)
+                np.save(base + "_case.npy", np.concatenate(case_idx))
+                np.save(base + "_fg.npy", labels.reshape(len(labels), -1).max(axis=1) > 0)
+            write_json_atomic(os.path.join(tmp, "plan.json"), plans)
+            if os.path.exists(directory):  # an earlier, interrupted attempt
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    with open(plan_path) as f:
+        plans = json.load(f)
+    write_json_atomic(os.path.join(workdir, "preprocess.json"), plans)
+    return dataset, plans, {s: Samples(directory, s) for s in ("train", "val")}
+
+
+# --------------------------------------------------------------------------
+# Batches.
+
+
+def epoch_indices(samples: Samples, batch_size: int, steps: int, seed: int, epoch: int,
+                  foreground_fraction: float) -> np.ndarray:
+    """Global sample order of one epoch: (steps, batch_size), a function of (seed, epoch).
+
+    A pass over a fresh permutation, with the first ``round(fraction * batch)``
+    entries of every batch replaced by samples that contain foreground.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n = len(samples)
+    reps = -(-steps * batch_size // n)
+    order = np.concatenate([rng.permutation(n) for _ in range(reps)])[: steps * batch_size]
+    order = order.reshape(steps, batch_size)
+    fg = np.flatnonzero(samples.foreground)
+    k = int(round(foreground_fraction * batch_size))
+    if k and fg.size:
+        order[:, :k] = rng.choice(fg, size=(steps, k))
+    return order
+
+
+class _Lookup:
+    """Picklable index -> record map for grain (module level, for spawn)."""
+
+    def __init__(self, samples: Samples):
+        self.samples = samples
+
+    def __call__(self, index) -> dict:
+        return self.samples[int(index)]
+
+
+def train_batches(samples: Samples, order: np.ndarray, process_index: int,
+                  process_count: int, num_workers: int = 0) -> Iterator[dict]:
+    """This process's rows of each global batch in ``order`` (steps, batch)."""
+    steps, batch_size = order.shape
+    local = batch_size // process_count
+    rows = order[:, process_index * local:(process_index + 1) * local].reshape(-1)
+    ds = grain.MapDataset.source(rows.tolist()).map(_Lookup(samples)).batch(
+        local, drop_remainder=True)
+    if num_workers > 0:
+        ds = ds.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ds)
+
+
+def padded_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int,
+                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Fixed-size batches over all samples, the last padded; ``mask`` marks real rows."""
+    n = len(images)
+    local = batch_size // process_count
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)[process_index * local:(process_index + 1) * local]
+        real = idx < n
+        idx = np.where(real, idx, 0)
+        batch = {"image": np.asarray(images[idx]), "mask": real.astype(np.float32)}
+        if labels is not None:
+            batch["label"] = np.asarray(labels[idx])
+        yield batch

@@ -1,0 +1,127 @@
+"""Intensity normalisation and resizing between case geometry and network input.
+
+A 2D model sees each slice of a volume (along ``slice_axis``) resized to
+``image_size``; a 3D model sees the whole volume resized to ``image_size``.
+Predicted class probabilities are resized back to the case's own grid before
+the argmax, so metrics are computed on whole volumes in the case geometry.
+
+Normalisation follows nnU-Net's conventions, chosen by the channel's modality:
+- CT: clip to the 0.5-99.5 percentiles of the foreground intensities of the
+  training set, then z-score with the mean / std of those clipped intensities
+  (data-set statistics, so Hounsfield units keep their meaning across cases);
+- anything else (MRI, ultrasound, ...): z-score per case and channel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+_MAX_VOXELS_PER_CASE = 100_000  # foreground samples per case for CT statistics
+
+
+def is_ct(modality: str) -> bool:
+    return modality.strip().upper() == "CT"
+
+
+def ct_statistics(images: list[np.ndarray], labels: list[np.ndarray], channel: int) -> dict:
+    """Data-set statistics of one CT channel over the foreground of training cases."""
+    values = []
+    for image, label in zip(images, labels):
+        fg = image[channel][label > 0]
+        if fg.size > _MAX_VOXELS_PER_CASE:  # deterministic thinning
+            fg = fg[:: fg.size // _MAX_VOXELS_PER_CASE + 1]
+        values.append(fg)
+    values = np.concatenate(values) if values else np.zeros(0, np.float32)
+    if values.size == 0:  # no foreground anywhere: fall back to all voxels
+        values = np.concatenate([im[channel].ravel() for im in images])
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    clipped = np.clip(values, lo, hi)
+    return {"scheme": "ct", "lo": float(lo), "hi": float(hi),
+            "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-8))}
+
+
+def intensity_plan(modalities: tuple[str, ...], images: list[np.ndarray],
+                   labels: list[np.ndarray]) -> list[dict]:
+    """One normalisation entry per channel, from the training cases of one task."""
+    return [ct_statistics(images, labels, c) if is_ct(m) else {"scheme": "zscore"}
+            for c, m in enumerate(modalities)]
+
+
+def normalize(image: np.ndarray, plan: list[dict]) -> np.ndarray:
+    """(C, *spatial) raw intensities -> float32 normalised, per the channel plan."""
+    if len(plan) != image.shape[0]:
+        raise ValueError(f"image has {image.shape[0]} channels, the plan {len(plan)}")
+    out = np.empty(image.shape, np.float32)
+    for c, entry in enumerate(plan):
+        x = image[c].astype(np.float32)
+        if entry["scheme"] == "ct":
+            x = (np.clip(x, entry["lo"], entry["hi"]) - entry["mean"]) / entry["std"]
+        else:
+            x = (x - x.mean()) / max(float(x.std()), 1e-8)
+        out[c] = x
+    return out
+
+
+def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    """Resizes the leading ``len(shape)`` axes of ``array``; trailing axes kept.
+
+    Pixel edges are aligned (``grid_mode=True``), as ``jax.image.resize`` does.
+    For order > 0 an axis shrunk by more than 1.5x is Gaussian-smoothed first
+    (anti-aliasing); order 0 (labels) is plain nearest-neighbour.
+    """
+    in_shape = array.shape[: len(shape)]
+    if tuple(in_shape) == tuple(shape):
+        return array
+    factors = [o / i for o, i in zip(shape, in_shape)] + [1.0] * (array.ndim - len(shape))
+    if order > 0:
+        sigma = [max(0.0, (1.0 / f - 1.0) / 2.0) if f < 1 / 1.5 else 0.0 for f in factors]
+        if any(sigma):
+            array = ndimage.gaussian_filter(array.astype(np.float32), sigma, mode="nearest")
+    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True,
+                       prefilter=False)
+    # zoom rounds the output shape; make it exact.
+    if out.shape[: len(shape)] != tuple(shape):
+        raise AssertionError(f"resize produced {out.shape}, wanted {shape}")
+    return out
+
+
+def to_samples(image: np.ndarray, label: np.ndarray | None, image_size: tuple[int, ...],
+               slice_axis: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Case arrays -> network samples.
+
+    image (C, *spatial), label (*spatial) -> images (N, *image_size, C) float32,
+    labels (N, *image_size) uint8. With a 2D ``image_size`` a 3D case gives one
+    sample per slice along ``slice_axis`` and a 2D case one sample; with a 3D
+    ``image_size`` a 3D case gives one sample.
+    """
+    spatial = image.shape[1:]
+    chan_last = np.moveaxis(image, 0, -1)
+    if len(image_size) == len(spatial):
+        imgs = resize(chan_last, image_size, order=1)[None]
+        labs = None if label is None else resize(label, image_size, order=0)[None]
+        return imgs.astype(np.float32), None if labs is None else labs.astype(np.uint8)
+    if len(image_size) != 2 or len(spatial) != 3:
+        raise ValueError(
+            f"cannot make {len(image_size)}D samples of size {tuple(image_size)} from a "
+            f"{len(spatial)}D image of shape {spatial}")
+    slices = np.moveaxis(chan_last, slice_axis, 0)
+    imgs = np.stack([resize(s, image_size, order=1) for s in slices]).astype(np.float32)
+    labs = None
+    if label is not None:
+        lab_slices = np.moveaxis(label, slice_axis, 0)
+        labs = np.stack([resize(s, image_size, order=0) for s in lab_slices]).astype(np.uint8)
+    return imgs, labs
+
+
+def from_samples(probs: np.ndarray, spatial_shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
+    """Predicted probabilities (N, *image_size, K) -> label map of ``spatial_shape``.
+
+    Probabilities are resized (linearly) back to the case grid, then argmax'd.
+    """
+    n_img = probs.ndim - 2
+    if n_img == len(spatial_shape):
+        return np.argmax(resize(probs[0], spatial_shape, order=1), axis=-1).astype(np.uint8)
+    in_plane = tuple(s for a, s in enumerate(spatial_shape) if a != slice_axis)
+    labels = np.stack([np.argmax(resize(p, in_plane, order=1), axis=-1) for p in probs])
+    return np.moveaxis(labels, 0, slice_axis).astype(np.uint8)

@@ -1,0 +1,103 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from medseg_jax.data import pipeline
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from conftest import tiny_config
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config()
+    dataset, plans, samples = pipeline.prepare(config, workdir)
+    return config, workdir, dataset, plans, samples
+
+
+def test_split_is_by_case_seeded_and_persisted(prepared):
+    config, workdir, dataset, _, _ = prepared
+    splits = dataset.splits
+    all_keys = [k for s in pipeline.SPLITS for k in splits[s]]
+    assert len(all_keys) == len(set(all_keys)) == len(dataset.refs)
+    tasks = {k.split("/")[0] for k in splits["test"]}
+    assert len(tasks) == 3  # every synthetic modality reaches the test split
+    with open(os.path.join(workdir, "splits.json")) as f:
+        assert json.load(f) == splits
+    again = pipeline.make_splits(dataset.infos, tuple(config.data.split_fractions), config.seed)
+    assert again == splits
+    other = pipeline.make_splits(dataset.infos, tuple(config.data.split_fractions), 1)
+    assert other != splits
+
+
+def test_user_splits_file_is_checked(prepared, tmp_path):
+    config, _, dataset, _, _ = prepared
+    keys = sorted(dataset.refs)
+    bad = tmp_path / "splits.json"
+    bad.write_text(json.dumps({"train": keys[:2], "val": [keys[1]], "test": []}))
+    config = config.copy_and_resolve_references()
+    config.data.splits_file = str(bad)
+    with pytest.raises(ValueError, match="in both 'train' and 'val'"):
+        pipeline.open_dataset(config, str(tmp_path / "w"))
+    bad.write_text(json.dumps({"train": ["nope/x"], "val": keys[:1]}))
+    with pytest.raises(ValueError, match="'nope/x'.*not in the data"):
+        pipeline.open_dataset(config, str(tmp_path / "w"))
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="splits.json: cannot read splits"):
+        pipeline.open_dataset(config, str(tmp_path / "w"))
+
+
+def test_samples_cached_and_reused(prepared):
+    config, workdir, dataset, plans, samples = prepared
+    train = samples["train"]
+    assert train.images.shape[1:] == (16, 16, 1) and train.images.dtype == np.float32
+    assert len(train) == len(train.labels) == len(train.case_index)
+    assert train.foreground.any()
+    assert plans["SynthCT"][0]["scheme"] == "ct" and plans["SynthMRI"][0]["scheme"] == "zscore"
+    mtime = os.path.getmtime(os.path.join(train.directory, "train_images.npy"))
+    _, _, again = pipeline.prepare(config, workdir)
+    assert again["train"].directory == train.directory
+    assert os.path.getmtime(os.path.join(train.directory, "train_images.npy")) == mtime
+
+
+def test_epoch_order_deterministic_with_foreground_share(prepared):
+    _, _, _, _, samples = prepared
+    train = samples["train"]
+    a = pipeline.epoch_indices(train, 8, 5, seed=0, epoch=3, foreground_fraction=0.5)
+    b = pipeline.epoch_indices(train, 8, 5, seed=0, epoch=3, foreground_fraction=0.5)
+    c = pipeline.epoch_indices(train, 8, 5, seed=0, epoch=4, foreground_fraction=0.5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (5, 8)
+    assert train.foreground[a[:, :4]].all()
+
+
+def test_process_shards_make_up_the_global_batch(prepared):
+    _, _, _, _, samples = prepared
+    train = samples["train"]
+    order = pipeline.epoch_indices(train, 8, 3, seed=0, epoch=0, foreground_fraction=0.0)
+    full = list(pipeline.train_batches(train, order, 0, 1))
+    parts = [list(pipeline.train_batches(train, order, p, 2)) for p in range(2)]
+    assert len(full) == 3
+    for step in range(3):
+        joined = np.concatenate([parts[0][step]["image"], parts[1][step]["image"]])
+        np.testing.assert_array_equal(joined, full[step]["image"])
+        np.testing.assert_array_equal(full[step]["label"], train.labels[order[step]])
+
+
+def test_padded_batches_mask_the_padding():
+    images = np.arange(10, dtype=np.float32).reshape(10, 1)
+    batches = list(pipeline.padded_batches(images, None, 4))
+    assert [b["image"].shape[0] for b in batches] == [4, 4, 4]
+    np.testing.assert_array_equal(batches[-1]["mask"], [1, 1, 0, 0])
+    assert sum(b["mask"].sum() for b in batches) == 10
+
+
+def test_missing_root_is_named(tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(**{"data.root": str(tmp_path / "nowhere")})
+    with pytest.raises(FileNotFoundError, match="nowhere is not a directory"):
+        pipeline.open_dataset(config, str(tmp_path / "w"))

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from medseg_jax.data import preprocess
+
+
+def test_zscore_per_case_and_ct_dataset_statistics():
+    rng = np.random.default_rng(0)
+    mri = rng.normal(100.0, 20.0, (1, 8, 8, 4)).astype(np.float32)
+    out = preprocess.normalize(mri, [{"scheme": "zscore"}])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(), 1.0, atol=1e-4)
+
+    ct = rng.uniform(-1000, 1000, (1, 8, 8, 4)).astype(np.float32)
+    label = np.zeros((8, 8, 4), np.uint8)
+    label[2:5, 2:5, 1:3] = 1
+    (plan,) = preprocess.intensity_plan(("CT",), [ct], [label])
+    fg = ct[0][label > 0]
+    lo, hi = np.percentile(fg, [0.5, 99.5])
+    assert plan["scheme"] == "ct"
+    assert plan["lo"] == pytest.approx(lo) and plan["hi"] == pytest.approx(hi)
+    out = preprocess.normalize(ct, [plan])
+    expected = (np.clip(ct[0], lo, hi) - plan["mean"]) / plan["std"]
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_rejects_channel_mismatch():
+    with pytest.raises(ValueError, match="2 channels"):
+        preprocess.normalize(np.zeros((2, 4, 4), np.float32), [{"scheme": "zscore"}])
+
+
+def test_resize_shapes_and_nearest_labels():
+    label = np.zeros((30, 20), np.uint8)
+    label[5:20, 4:12] = 2
+    out = preprocess.resize(label, (16, 16), order=0)
+    assert out.shape == (16, 16)
+    assert set(np.unique(out)) == {0, 2}
+    image = np.random.default_rng(0).normal(size=(30, 20, 3)).astype(np.float32)
+    assert preprocess.resize(image, (16, 16), order=1).shape == (16, 16, 3)
+    assert preprocess.resize(image, (30, 20), order=1) is image
+
+
+def test_slices_round_trip_to_case_geometry():
+    rng = np.random.default_rng(1)
+    label = np.zeros((24, 20, 5), np.uint8)
+    label[6:18, 5:15, 1:4] = 1
+    image = rng.normal(size=(1, 24, 20, 5)).astype(np.float32)
+    imgs, labs = preprocess.to_samples(image, label, (16, 16), slice_axis=2)
+    assert imgs.shape == (5, 16, 16, 1) and labs.shape == (5, 16, 16)
+    probs = np.eye(2, dtype=np.float32)[labs]  # a perfect prediction, at network size
+    back = preprocess.from_samples(probs, label.shape, slice_axis=2)
+    assert back.shape == label.shape
+    dice = 2 * np.sum((back > 0) & (label > 0)) / (np.sum(back > 0) + np.sum(label > 0))
+    assert dice > 0.95
+
+    # Slicing along another axis gives one sample per index of that axis.
+    imgs0, _ = preprocess.to_samples(image, label, (16, 8), slice_axis=0)
+    assert imgs0.shape == (24, 16, 8, 1)
+    back0 = preprocess.from_samples(np.eye(2, dtype=np.float32)[np.zeros((24, 16, 8), int)],
+                                    label.shape, slice_axis=0)
+    assert back0.shape == label.shape
+
+
+def test_3d_samples_and_2d_images():
+    image = np.zeros((2, 12, 10, 6), np.float32)
+    imgs, labs = preprocess.to_samples(image, np.zeros((12, 10, 6), np.uint8), (8, 8, 8), 2)
+    assert imgs.shape == (1, 8, 8, 8, 2) and labs.shape == (1, 8, 8, 8)
+    imgs, _ = preprocess.to_samples(np.zeros((1, 20, 30), np.float32), None, (16, 16), 2)
+    assert imgs.shape == (1, 16, 16, 1)
+    with pytest.raises(ValueError, match="cannot make 3D samples"):
+        preprocess.to_samples(np.zeros((1, 20, 30), np.float32), None, (8, 8, 8), 2)
