@@ -1,0 +1,566 @@
+"""Read Medical Segmentation Decathlon and nnU-Net raw data folders.
+
+A data set folder holds ``dataset.json``, ``imagesTr/`` and ``labelsTr/``. Two
+naming schemes are understood:
+
+* Decathlon: ``imagesTr/x.nii.gz`` and ``labelsTr/x.nii.gz`` share one file
+  name; a multi-channel image is one 4D file ``(X, Y, Z, C)``.
+* nnU-Net: ``imagesTr/x_0000.nii.gz``, ``x_0001.nii.gz``, ... one file per
+  channel, and ``labelsTr/x.nii.gz``.
+
+``read_dataset`` lists the cases without reading any image; ``load_case`` reads
+one case, reoriented to the closest canonical (RAS+) orientation, and checks it
+thoroughly (geometry, finiteness, label values). ``to_original_orientation``
+maps a label map back onto the voxel grid of the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+DATASET_JSON = "dataset.json"
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseRef:
+    """Where one case lives on disk."""
+
+    case_id: str
+    image_paths: tuple[str, ...]  # one per channel, or one 4D file
+    label_path: str | None
+    task: str
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """The contents of ``dataset.json`` plus the list of training cases."""
+
+    root: str
+    name: str
+    labels: dict[int, str]
+    modalities: tuple[str, ...]
+    tensor_dims: int | None
+    cases: list[CaseRef]
+    file_ending: str = ".nii.gz"
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes (largest label value + 1)."""
+        return max(self.labels) + 1
+
+    @property
+    def is_2d(self) -> bool:
+        return self.tensor_dims == 2
+
+
+@dataclasses.dataclass
+class Case:
+    """One loaded case. ``image`` is ``(C, *spatial)``, ``label`` ``spatial``.
+
+    ``affine`` and ``spacing`` describe the arrays as returned (after
+    reorientation); ``original_affine`` and ``original_shape`` (spatial shape
+    of the file on disk, e.g. ``(X, Y, 1)`` for a 2D image stored as 3D)
+    describe the image file, for writing predictions back.
+    """
+
+    case_id: str
+    task: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple[int, ...]
+    modalities: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------
+# dataset.json
+# --------------------------------------------------------------------------
+
+
+def _parse_labels(raw: Any, json_path: str) -> dict[int, str]:
+    """Accept ``{"0": "background"}`` (Decathlon) or ``{"background": 0}`` (nnU-Net v2)."""
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{json_path}: field 'labels' must be a non-empty mapping, got {raw!r}")
+    labels: dict[int, str] = {}
+    if all(isinstance(k, str) and k.strip().lstrip("-").isdigit() for k in raw):
+        for key, name in raw.items():
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"{json_path}: field 'labels' entry {key!r} must name the class, got {name!r}"
+                )
+            labels[int(key)] = name
+    else:
+        for name, value in raw.items():
+            if isinstance(value, (list, tuple)):
+                raise ValueError(
+                    f"{json_path}: field 'labels' entry {name!r} is an nnU-Net region "
+                    f"({value!r}); region-based labels are not supported"
+                )
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"{json_path}: field 'labels' entry {name!r} must be an integer, got {value!r}"
+                )
+            if value in labels:
+                raise ValueError(
+                    f"{json_path}: field 'labels' gives value {value} to both "
+                    f"{labels[value]!r} and {name!r}"
+                )
+            labels[value] = name
+    bad = sorted(v for v in labels if not 0 <= v <= 255)
+    if bad:
+        raise ValueError(f"{json_path}: field 'labels' values must lie in 0..255, got {bad}")
+    return dict(sorted(labels.items()))
+
+
+def _parse_modalities(meta: dict[str, Any], json_path: str) -> tuple[str, ...]:
+    for field in ("modality", "channel_names"):
+        if field in meta:
+            raw = meta[field]
+            if not isinstance(raw, dict) or not raw:
+                raise ValueError(f"{json_path}: field {field!r} must be a non-empty mapping")
+            try:
+                keys = sorted(raw, key=int)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{json_path}: field {field!r} keys must be channel numbers, got {list(raw)}"
+                ) from None
+            if [int(k) for k in keys] != list(range(len(keys))):
+                raise ValueError(
+                    f"{json_path}: field {field!r} channels must be numbered 0..{len(keys) - 1}, "
+                    f"got {keys}"
+                )
+            return tuple(str(raw[k]) for k in keys)
+    raise ValueError(
+        f"{json_path}: missing field 'modality' (Decathlon) or 'channel_names' (nnU-Net)"
+    )
+
+
+def _parse_tensor_dims(meta: dict[str, Any], json_path: str) -> int | None:
+    raw = meta.get("tensorImageSize")
+    if raw is None:
+        return None
+    match = re.fullmatch(r"\s*([234])\s*[dD]\s*", str(raw))
+    if not match:
+        raise ValueError(
+            f"{json_path}: field 'tensorImageSize' must be '2D', '3D' or '4D', got {raw!r}"
+        )
+    return int(match.group(1))
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _resolve(root: str, rel: str) -> str:
+    rel = rel[2:] if rel.startswith("./") else rel
+    return os.path.normpath(os.path.join(root, rel))
+
+
+def _strip_ending(name: str, file_ending: str) -> str | None:
+    if name.endswith(file_ending) and len(name) > len(file_ending):
+        return name[: -len(file_ending)]
+    return None
+
+
+def _channel_index(folder: str, file_ending: str) -> dict[str, dict[int, str]]:
+    """nnU-Net channel files in ``folder``: case stem -> {channel: path}."""
+    index: dict[str, dict[int, str]] = {}
+    if not os.path.isdir(folder):
+        return index
+    for name in os.listdir(folder):
+        stem = _strip_ending(name, file_ending)
+        match = _CHANNEL_RE.match(stem) if stem and not _is_hidden(name) else None
+        if match:
+            channel = int(match.group("channel"))
+            index.setdefault(match.group("case"), {})[channel] = os.path.join(folder, name)
+    return index
+
+
+def _cases_from_training_list(
+    root: str,
+    meta: dict[str, Any],
+    json_path: str,
+    task: str,
+    modalities: tuple[str, ...],
+    file_ending: str,
+) -> list[CaseRef]:
+    """Cases from the Decathlon ``training`` list (nnU-Net v1 channel files accepted)."""
+    entries = meta["training"]
+    if not isinstance(entries, list):
+        raise ValueError(f"{json_path}: field 'training' must be a list")
+    cases = []
+    seen: set[str] = set()
+    indices: dict[str, dict[str, dict[int, str]]] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise ValueError(
+                f"{json_path}: 'training' entry {i} must be a mapping with an 'image' path"
+            )
+        image = _resolve(root, str(entry["image"]))
+        if _is_hidden(os.path.basename(image)):
+            continue
+        label = _resolve(root, str(entry["label"])) if entry.get("label") else None
+        if os.path.isfile(image):
+            image_paths: tuple[str, ...] = (image,)
+        else:
+            folder, name = os.path.split(image)
+            if folder not in indices:
+                indices[folder] = _channel_index(folder, file_ending)
+            found = indices[folder].get(_strip_ending(name, file_ending) or "", {})
+            channels = [found[k] for k in sorted(found)]
+            if not channels:
+                what = f" (label {label})" if label else ""
+                raise FileNotFoundError(
+                    f"{json_path}: image {image} listed in 'training'{what} does not exist"
+                )
+            if len(channels) != len(modalities):
+                raise ValueError(
+                    f"{image}: found {len(channels)} channel files "
+                    f"{[os.path.basename(c) for c in channels]} but dataset.json declares "
+                    f"{len(modalities)} modalities {modalities}"
+                )
+            image_paths = tuple(channels)
+        if label is not None and not os.path.isfile(label):
+            raise FileNotFoundError(
+                f"{json_path}: label {label} listed in 'training' does not exist"
+            )
+        name = os.path.basename(image)
+        case_id = _strip_ending(name, file_ending) or name.split(".")[0]
+        if case_id in seen:
+            raise ValueError(f"{json_path}: case {case_id!r} is listed twice in 'training'")
+        seen.add(case_id)
+        cases.append(CaseRef(case_id, image_paths, label, task))
+    return cases
+
+
+def _cases_from_folders(
+    root: str, task: str, modalities: tuple[str, ...], file_ending: str
+) -> list[CaseRef]:
+    """Cases found by scanning ``imagesTr``/``labelsTr`` (nnU-Net or Decathlon naming)."""
+    images_dir = os.path.join(root, "imagesTr")
+    labels_dir = os.path.join(root, "labelsTr")
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(
+            f"{images_dir}: no 'training' list in dataset.json and no imagesTr folder"
+        )
+
+    def listing(folder: str) -> dict[str, str]:
+        if not os.path.isdir(folder):
+            return {}
+        return {
+            stem: os.path.join(folder, f)
+            for f in sorted(os.listdir(folder))
+            if not _is_hidden(f) and (stem := _strip_ending(f, file_ending)) is not None
+        }
+
+    images = listing(images_dir)
+    labels = listing(labels_dir)
+    # nnU-Net naming: every image is CASE_XXXX and no label shares an image's name.
+    nnunet = (
+        bool(images)
+        and all(_CHANNEL_RE.match(s) for s in images)
+        and not set(images) & set(labels)
+    )
+    grouped: dict[str, dict[int, str]] = {}
+    for stem, path in images.items():
+        if nnunet:
+            match = _CHANNEL_RE.match(stem)
+            assert match is not None
+            grouped.setdefault(match.group("case"), {})[int(match.group("channel"))] = path
+        else:
+            grouped[stem] = {0: path}
+    for stem, path in labels.items():
+        if stem not in grouped:
+            expected = f"{stem}{'_0000' if nnunet else ''}{file_ending}"
+            raise ValueError(f"{path}: label without image (no {expected} in {images_dir})")
+    cases = []
+    for case_id, channels in sorted(grouped.items()):
+        if nnunet and sorted(channels) != list(range(len(modalities))):
+            raise ValueError(
+                f"{channels[min(channels)]}: case {case_id!r} has channel files "
+                f"{sorted(os.path.basename(p) for p in channels.values())} but dataset.json "
+                f"declares {len(modalities)} modalities {modalities}"
+            )
+        label = labels.get(case_id)
+        if label is None and os.path.isdir(labels_dir):
+            raise FileNotFoundError(
+                f"{channels[min(channels)]}: no label {case_id}{file_ending} in {labels_dir}"
+            )
+        cases.append(CaseRef(case_id, tuple(channels[k] for k in sorted(channels)), label, task))
+    return cases
+
+
+def read_dataset(root: str) -> DatasetInfo:
+    """Read ``root/dataset.json`` and list the training cases (no image is read)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    json_path = os.path.join(root, DATASET_JSON)
+    if not os.path.isfile(json_path):
+        raise FileNotFoundError(
+            f"{json_path}: missing dataset.json (is {root} a Decathlon/nnU-Net data folder?)"
+        )
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: invalid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{json_path}: must hold a JSON object, got {type(meta).__name__}")
+    if "labels" not in meta:
+        raise ValueError(f"{json_path}: missing field 'labels'")
+    labels = _parse_labels(meta["labels"], json_path)
+    modalities = _parse_modalities(meta, json_path)
+    tensor_dims = _parse_tensor_dims(meta, json_path)
+    file_ending = str(meta.get("file_ending", ".nii.gz"))
+    name = str(meta.get("name") or os.path.basename(root))
+    if meta.get("training"):
+        cases = _cases_from_training_list(root, meta, json_path, name, modalities, file_ending)
+    else:
+        cases = _cases_from_folders(root, name, modalities, file_ending)
+    if not cases:
+        raise ValueError(
+            f"{json_path}: no cases found ('training' list empty, nothing in {root}/imagesTr)"
+        )
+    return DatasetInfo(root, name, labels, modalities, tensor_dims, cases, file_ending)
+
+
+# --------------------------------------------------------------------------
+# NIfTI loading
+# --------------------------------------------------------------------------
+
+
+def _load_nifti(path: str) -> nib.Nifti1Image:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file does not exist")
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise ValueError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    return img
+
+
+def _read_array(img: nib.Nifti1Image, path: str) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ...
+        raise ValueError(f"{path}: cannot read NIfTI data ({type(e).__name__}: {e})") from e
+
+
+def _in_plane_ornt(affine: np.ndarray) -> np.ndarray:
+    """Reorientation of a 2D image (as X, Y, 1) that keeps the singleton axis last.
+
+    The two in-plane axes are flipped / swapped so that they point along
+    increasing world axes, in world-axis order, like ``as_closest_canonical``.
+    """
+    ornt = orientations.io_orientation(affine)
+    world = ornt[:2, 0]
+    order = np.argsort(world)  # rank of each in-plane axis
+    rank = np.empty(2, dtype=float)
+    rank[order] = [0, 1]
+    return np.array([[rank[0], ornt[0, 1]], [rank[1], ornt[1, 1]], [2, 1]], dtype=float)
+
+
+def _reorient(
+    img: nib.Nifti1Image, data: np.ndarray, is_2d: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient ``data`` (spatial axes first) to closest canonical; return data, affine."""
+    if not is_2d:
+        canonical = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
+        return np.asanyarray(canonical.dataobj), canonical.affine
+    flat = data.ndim == 2
+    data3 = data[:, :, None] if flat else data
+    ornt = _in_plane_ornt(img.affine)
+    out = orientations.apply_orientation(data3, ornt)
+    affine = img.affine @ orientations.inv_ornt_aff(ornt, data3.shape[:3])
+    return (out[:, :, 0] if flat else out), affine
+
+
+def _spatial(data: np.ndarray, path: str, is_2d: bool, channels: bool) -> np.ndarray:
+    """Bring ``data`` to ``(X, Y[, Z])`` or ``(X, Y[, Z], C)`` with ``C`` only when ``channels``."""
+    shape = data.shape
+    if is_2d:
+        if data.ndim == 2:
+            return data[..., None] if channels else data
+        if data.ndim == 3 and shape[2] == 1:
+            return data[:, :, 0][..., None] if channels else data[:, :, 0]
+        if channels and data.ndim == 4 and shape[2] == 1:
+            return data[:, :, 0, :]
+        if channels and data.ndim == 3:
+            return data  # (X, Y, C)
+        raise ValueError(
+            f"{path}: shape {shape} is not a 2D image (expected (X, Y) or (X, Y, 1))"
+        )
+    if data.ndim == 3:
+        return data[..., None] if channels else data
+    if data.ndim == 4 and (channels or shape[3] == 1):
+        return data if channels else data[..., 0]
+    raise ValueError(f"{path}: shape {shape} is not a 3D {'image' if channels else 'label map'}")
+
+
+def _file_is_2d(img: nib.Nifti1Image, info: DatasetInfo) -> bool:
+    shape = img.shape
+    return len(shape) == 2 or (info.tensor_dims == 2 and len(shape) >= 3 and shape[2] == 1)
+
+
+def _voxel_sizes(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.sqrt((affine[:3, :ndim] ** 2).sum(axis=0)))
+
+
+def _check_same_grid(
+    path_a: str, shape_a: tuple[int, ...], aff_a: np.ndarray,
+    path_b: str, shape_b: tuple[int, ...], aff_b: np.ndarray, what: str,
+) -> None:
+    if tuple(shape_a) != tuple(shape_b):
+        raise ValueError(
+            f"{what} spatial shapes differ: {path_a} has {tuple(shape_a)}, "
+            f"{path_b} has {tuple(shape_b)}"
+        )
+    tol = 1e-3 * max(_voxel_sizes(aff_a, 3))
+    diff = float(np.max(np.abs(aff_a - aff_b)))
+    if diff > tol:
+        raise ValueError(
+            f"{what} affines differ by {diff:.4g} (> {tol:.3g}): {path_a} has "
+            f"{np.round(aff_a[:3], 4).tolist()}, {path_b} has {np.round(aff_b[:3], 4).tolist()}"
+        )
+
+
+def _label_values(label: np.ndarray) -> np.ndarray:
+    """Distinct values of an integer array (bincount when the range is small)."""
+    lo, hi = int(label.min()), int(label.max())
+    if hi - lo < 1 << 16:
+        counts = np.bincount((label.ravel().astype(np.int64) - lo))
+        return np.nonzero(counts)[0] + lo
+    return np.unique(label)
+
+
+def _to_uint8_label(data: np.ndarray, path: str, labels: dict[int, str]) -> np.ndarray:
+    if data.size == 0:
+        raise ValueError(f"{path}: empty label map")
+    if np.issubdtype(data.dtype, np.floating):
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise ValueError(f"{path}: label map holds {int((~finite).sum())} NaN/inf voxels")
+        rounded = np.rint(data)
+        frac = rounded != data
+        if frac.any():
+            examples = np.unique(data[frac])[:5].tolist()
+            raise ValueError(f"{path}: label map holds non-integer values, e.g. {examples}")
+        data = rounded.astype(np.int64)
+    elif not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:
+        raise ValueError(f"{path}: label map has unsupported dtype {data.dtype}")
+    values = _label_values(data)
+    undeclared = sorted(set(values.tolist()) - set(labels))
+    if undeclared:
+        raise ValueError(
+            f"{path}: label values {undeclared[:10]} are not declared in dataset.json "
+            f"'labels' {sorted(labels)}"
+        )
+    return data.astype(np.uint8)
+
+
+def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
+    """Load and check one case; with ``canonical`` reorient to closest RAS+."""
+    n_mod = len(info.modalities)
+    channels: list[np.ndarray] = []
+    ref_path, ref_shape, ref_is_2d = "", (), False
+    ref_affine: np.ndarray | None = None
+    original_affine: np.ndarray | None = None
+    original_shape: tuple[int, ...] = ()
+    for path in ref.image_paths:
+        img = _load_nifti(path)
+        is_2d = _file_is_2d(img, info)
+        data = _spatial(_read_array(img, path), path, is_2d, channels=True)
+        if len(ref.image_paths) > 1 and data.shape[-1] != 1:
+            raise ValueError(f"{path}: channel file holds {data.shape[-1]} channels, expected 1")
+        if np.issubdtype(data.dtype, np.floating):
+            bad = ~np.isfinite(data)
+            if bad.any():
+                raise ValueError(
+                    f"{path}: image holds {int(bad.sum())} non-finite (NaN/inf) voxels"
+                )
+        elif not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
+            raise ValueError(f"{path}: unsupported image dtype {data.dtype}")
+        data = data.astype(np.float32, copy=False)
+        if original_affine is None:
+            original_affine = img.affine.copy()
+            original_shape = tuple(int(s) for s in img.shape[: 2 if len(img.shape) == 2 else 3])
+        affine = img.affine
+        if canonical:
+            data, affine = _reorient(img, data, is_2d)
+        if ref_affine is None:
+            ref_path, ref_shape, ref_affine, ref_is_2d = path, data.shape[:-1], affine, is_2d
+        else:
+            if is_2d != ref_is_2d:
+                raise ValueError(f"{path}: channel files mix 2D and 3D images ({ref_path})")
+            _check_same_grid(
+                ref_path, ref_shape, ref_affine, path, data.shape[:-1], affine, "channel"
+            )
+        channels.extend(np.moveaxis(data, -1, 0))
+    if len(channels) != n_mod:
+        raise ValueError(
+            f"{ref.image_paths[0]}: image holds {len(channels)} channel(s) but dataset.json "
+            f"declares {n_mod} modalities {info.modalities}"
+        )
+    image = np.ascontiguousarray(np.stack(channels).astype(np.float32, copy=False))
+    assert ref_affine is not None and original_affine is not None
+    label = None
+    if ref.label_path is not None:
+        limg = _load_nifti(ref.label_path)
+        lpath = ref.label_path
+        lshape = limg.shape
+        lis_2d = ref_is_2d and (len(lshape) == 2 or (len(lshape) == 3 and lshape[2] == 1))
+        ldata = _spatial(_read_array(limg, lpath), lpath, lis_2d, channels=False)
+        ldata = _to_uint8_label(ldata, lpath, info.labels)
+        laffine = limg.affine
+        if canonical:
+            ldata, laffine = _reorient(limg, ldata, lis_2d)
+        _check_same_grid(
+            ref_path, ref_shape, ref_affine, lpath, ldata.shape, laffine, "image/label"
+        )
+        label = np.ascontiguousarray(ldata)
+    spacing = _voxel_sizes(ref_affine, image.ndim - 1)
+    return Case(
+        case_id=ref.case_id,
+        task=ref.task,
+        image=image,
+        label=label,
+        spacing=spacing,
+        affine=np.asarray(ref_affine, dtype=np.float64),
+        original_affine=np.asarray(original_affine, dtype=np.float64),
+        original_shape=original_shape,
+        modalities=info.modalities,
+    )
+
+
+def to_original_orientation(array: np.ndarray, case: Case) -> np.ndarray:
+    """Map a label map on ``case``'s (reoriented) grid back to the file's voxel grid.
+
+    Returns an array of shape ``case.original_shape``; write it with
+    ``case.original_affine`` to get a mask in the original geometry.
+    """
+    array = np.asarray(array)
+    spatial = case.image.shape[1:]
+    if array.shape != spatial:
+        raise ValueError(
+            f"array shape {array.shape} does not match case {case.case_id} grid {spatial}"
+        )
+    arr3 = array[..., None] if array.ndim == 2 else array
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(case.affine), orientations.io_orientation(case.original_affine)
+    )
+    out = orientations.apply_orientation(arr3, transform)
+    return np.ascontiguousarray(out.reshape(case.original_shape))

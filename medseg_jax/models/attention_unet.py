@@ -1,0 +1,73 @@
+"""Attention U-Net (Oktay et al., 2018) for 2D and 3D: U-Net with additive attention gates."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medseg_jax.models import layers
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate; returns ``(alpha * x, alpha)`` with alpha on x's grid.
+
+    ``x`` is the skip feature, ``g`` the gating signal at half x's resolution.
+    q = ReLU(W_x x (1x1, stride 2) + W_g g (1x1) + b); alpha = sigmoid(psi(q)).
+    """
+
+    inter_features: int
+    spatial_dims: int = 2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        dims, dtype = self.spatial_dims, self.dtype
+        inter = self.inter_features
+        theta_x = layers.conv(inter, 1, dims, dtype, use_bias=False, strides=2, name="W_x")(x)
+        phi_g = layers.conv(inter, 1, dims, dtype, use_bias=True, name="W_g")(g)
+        q = nn.relu(theta_x + phi_g)
+        alpha = nn.sigmoid(layers.conv(1, 1, dims, dtype, name="psi")(q))
+        alpha = jax.image.resize(alpha, x.shape[:-1] + (1,), method="linear")
+        return alpha * x, alpha
+
+
+class AttentionUNet(nn.Module):
+    """U-Net whose skip connections pass through attention gates, gated by the coarser
+    decoder feature. Gate coefficients are sown as ``intermediates/attention_{level}``
+    (float32, shape ``(B, *spatial_level, 1)``); see :func:`attention_maps`.
+
+    Input ``(B, *spatial, C_in)``, output float32 logits ``(B, *spatial, num_classes)``.
+    """
+
+    num_classes: int
+    spatial_dims: int = 2
+    base_features: int = 32
+    depth: int = 4
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        layers.check_config("attention_unet", self.spatial_dims, self.depth, self.norm)
+        layers.check_input("attention_unet", x, self.spatial_dims, self.depth)
+        dims, dtype = self.spatial_dims, self.dtype
+        features = [self.base_features * 2**i for i in range(self.depth)]
+        skips = layers.encoder(x, train, features, dims, self.norm, dtype)
+        x = skips[-1]
+        for i in reversed(range(self.depth - 1)):
+            gate = AttentionGate(max(features[i] // 2, 1), dims, dtype, name=f"gate_{i}")
+            gated, alpha = gate(skips[i], x)
+            self.sow("intermediates", f"attention_{i}", alpha.astype(jnp.float32))
+            x = layers.up_conv(features[i], dims, dtype, name=f"up_{i}")(x)
+            x = jnp.concatenate([gated, x], axis=-1)
+            x = layers.ConvBlock(features[i], dims, self.norm, dtype, name=f"dec_{i}")(x, train)
+        x = layers.conv(self.num_classes, 1, dims, dtype, name="head")(x)
+        return x.astype(jnp.float32)
+
+
+def attention_maps(model: nn.Module, variables: Any, x: jax.Array) -> dict[str, jax.Array]:
+    """Runs ``model`` in eval mode and returns ``{"attention_{level}": alpha}``."""
+    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    inter = state.get("intermediates", {})
+    return {name: value[0] if isinstance(value, tuple) else value for name, value in inter.items()}

@@ -1,0 +1,217 @@
+"""Tests for medseg_jax.models: shapes, dtypes, BatchNorm state, errors, FCN upsampling, attention.
+
+Compiling a threefry-keyed init is slow on CPU (seconds per model), so the tests initialise
+with an "rbg" key and share one set of variables per (model, dims).
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medseg_jax.models import MODELS, attention_maps, count_params, create_model, init_model
+from medseg_jax.models.fcn import BilinearUpsample, bilinear_kernel
+
+NAMES = sorted(MODELS)
+SHAPES = {2: (2, 16, 16, 1), 3: (2, 8, 8, 8, 1)}
+
+
+def tiny(name: str, dims: int, **kwargs):
+    depth = 4 if name == "fcn" else 3  # FCN needs depth >= 3; 4 exercises its final upsampling
+    kwargs = {"num_classes": 3, "spatial_dims": dims, "base_features": 4, "depth": depth, **kwargs}
+    return create_model(name, **kwargs)
+
+
+def inputs(dims: int, seed: int = 0) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), SHAPES[dims])
+
+
+def init_key() -> jax.Array:
+    return jax.random.key(0, impl="rbg")
+
+
+@functools.cache
+def tiny_variables(name: str, dims: int) -> dict:
+    """Variables of ``tiny(name, dims)``; valid for any dtype/dropout_rate of that model."""
+    return init_model(tiny(name, dims), init_key(), SHAPES[dims])
+
+
+def abstract_init(model, shape: tuple[int, ...]):
+    """Variable shapes without computing anything."""
+    return jax.eval_shape(lambda: model.init(init_key(), jnp.zeros(shape), train=False))
+
+
+def apply_fn(model, **kwargs):
+    return jax.jit(functools.partial(model.apply, **kwargs))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shapes_and_batch_stats(name, dims):
+    model = tiny(name, dims)
+    x = inputs(dims)
+    variables = tiny_variables(name, dims)
+    assert set(variables) == {"params", "batch_stats"}
+
+    logits = apply_fn(model, train=False)(variables, x)  # no mutable collection needed
+    assert logits.shape == x.shape[:-1] + (3,)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+    out, state = apply_fn(model, train=True, mutable=["batch_stats"])(variables, x)
+    assert out.shape == logits.shape and out.dtype == jnp.float32
+    old = jax.tree_util.tree_leaves(variables["batch_stats"])
+    new = jax.tree_util.tree_leaves(state["batch_stats"])
+    assert len(old) == len(new)
+    assert all(not np.allclose(a, b) for a, b in zip(old, new))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_finite(name):
+    model = tiny(name, 2)
+    x = inputs(2)
+    variables = tiny_variables(name, 2)
+
+    @jax.jit
+    def grad_fn(params):
+        def loss_fn(p):
+            out, _ = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(out**2)
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    loss, grads = grad_fn(variables["params"])
+    assert np.isfinite(float(loss))
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_compute_gives_float32_logits(name):
+    model = tiny(name, 2, dtype=jnp.bfloat16)
+    x = inputs(2)
+    variables = tiny_variables(name, 2)
+    shapes = jax.eval_shape(lambda: model.init(init_key(), x, train=False))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes["params"]))
+    logits = apply_fn(model, train=False)(variables, x)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    reference = apply_fn(tiny(name, 2), train=False)(variables, x)
+    np.testing.assert_allclose(logits, reference, atol=0.1 * float(jnp.abs(reference).max()) + 1e-3)
+
+
+@pytest.mark.parametrize("norm", ["instance", "none"])
+def test_other_norms_have_no_batch_stats(norm):
+    model = tiny("unet", 2, norm=norm)
+    x = inputs(2)
+    # init_model also takes (*spatial, C).
+    shapes = jax.eval_shape(lambda: init_model(model, init_key(), x.shape[1:]))
+    assert set(shapes) == {"params"}
+    # Random values in place of a real init: it would cost seconds of compilation here.
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map(
+        lambda s: 0.3 * rng.standard_normal(s.shape, np.float32), shapes
+    )
+    out = apply_fn(model, train=True)(variables, x)
+    assert out.shape == x.shape[:-1] + (3,)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_unet_reference_parameter_count():
+    model = create_model(
+        "unet", num_classes=2, spatial_dims=2, base_features=32, depth=4, norm="batch"
+    )
+    shapes = abstract_init(model, (1, 64, 64, 1))
+    n = count_params(shapes["params"])
+    assert abs(n - 1.93e6) / 1.93e6 < 0.01, n
+    assert count_params(shapes) == n  # a full variables dict counts its params only
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_indivisible_shape_error(name):
+    model = create_model(name, num_classes=2, depth=4)
+    msg = f"{name} with depth=4 needs spatial sizes divisible by 8, got (30, 64)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        abstract_init(model, (1, 30, 64, 1))
+
+
+def test_wrong_rank_error():
+    model = create_model("unet", num_classes=2, spatial_dims=3)
+    with pytest.raises(ValueError, match="spatial_dims=3"):
+        abstract_init(model, (1, 16, 16, 1))
+
+
+def test_unknown_model_error():
+    msg = "unknown model 'xyz'; valid models: attention_unet, fcn, unet"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        create_model("xyz", num_classes=2)
+
+
+def test_fcn_needs_depth_3():
+    model = create_model("fcn", num_classes=2, depth=2)
+    with pytest.raises(ValueError, match="depth >= 3"):
+        abstract_init(model, (1, 16, 16, 1))
+
+
+@pytest.mark.parametrize("dims,factor", [(2, 2), (2, 4), (3, 2)])
+def test_bilinear_upsample_init(dims, factor):
+    n = 8
+    module = BilinearUpsample(factor, dims)
+    const = jnp.full((1,) + (n,) * dims + (2,), 3.0)
+    variables = module.init(jax.random.key(0), const)
+    out = module.apply(variables, const)
+    assert out.shape == (1,) + (n * factor,) * dims + (2,)
+    interior = (slice(None),) + (slice(factor, -factor),) * dims
+    np.testing.assert_allclose(out[interior], 3.0, rtol=1e-6)
+    # A random map matches (bi/tri)linear resizing away from the zero-padded border.
+    x = jax.random.normal(jax.random.key(1), const.shape)
+    ref = jax.image.resize(x, out.shape, method="linear")
+    np.testing.assert_allclose(module.apply(variables, x)[interior], ref[interior], atol=1e-5)
+
+
+def test_fcn_upsampling_kernels_are_bilinear():
+    params = tiny_variables("fcn", 2)["params"]  # depth 4: two 2x fusions, then a final 2x
+    for key in ("upscore_2", "upscore_1", "upscore_final"):
+        kernel = params[key]["ConvTranspose_0"]["kernel"]
+        np.testing.assert_allclose(kernel, bilinear_kernel(2, 2, 3))
+
+
+def test_fcn_dropout_needs_rng_only_in_training():
+    model = tiny("fcn", 2, dropout_rate=0.5)
+    x = inputs(2)
+    variables = tiny_variables("fcn", 2)
+    eval_fn = apply_fn(model, train=False)
+    np.testing.assert_array_equal(eval_fn(variables, x), eval_fn(variables, x))
+
+    @jax.jit
+    def train_fn(v, x, key):
+        return model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
+
+    a = train_fn(variables, x, jax.random.key(1))
+    b = train_fn(variables, x, jax.random.key(2))
+    assert a.shape == x.shape[:-1] + (3,)
+    assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_attention_maps(dims):
+    model = tiny("attention_unet", dims)
+    x = inputs(dims)
+    variables = tiny_variables("attention_unet", dims)
+    maps = jax.jit(functools.partial(attention_maps, model))(variables, x)
+    assert sorted(maps) == ["attention_0", "attention_1"]
+    for level in (0, 1):
+        alpha = maps[f"attention_{level}"]
+        spatial = tuple(s // 2**level for s in x.shape[1:-1])
+        assert alpha.shape == (x.shape[0],) + spatial + (1,)
+        assert alpha.dtype == jnp.float32
+        assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
