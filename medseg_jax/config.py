@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     train.lr_schedule = "constant"  # constant | cosine
     train.weight_decay = 0.0  # >0 switches Adam to AdamW
     train.grad_clip_norm = 0.0  # 0: no clipping
-    train.num_epochs = 40
+    train.num_epochs = 30
     train.steps_per_epoch = 0  # 0: one pass over the training samples
     train.patience = 8  # early stopping on validation loss, in epochs (0: off)
     train.min_delta = 0.0

@@ -25,12 +25,19 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
                FloatingPointError)
 
 
+def _quiet_libraries(record) -> bool:
+    """Keeps Orbax's per-save INFO chatter out of the progress log (warnings pass)."""
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from medseg_jax import evaluate, train  # noqa: PLC0415 (after flag parsing)
 
-    logging.get_absl_handler().setFormatter(None)
+    handler = logging.get_absl_handler()
+    handler.setFormatter(None)  # plain progress lines
+    handler.addFilter(_quiet_libraries)
     config = FLAGS.config
     try:
         if FLAGS.mode == "train":

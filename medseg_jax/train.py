@@ -260,7 +260,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return meta
 
     t_run = time.time()
-    images_seen, time_in_steps = 0, 0.0
+    try:
+        _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mesh,
+                      train_samples, val_samples, start_epoch, steps_per_epoch)
+    finally:  # also on Ctrl-C: let a pending checkpoint save finish
+        checkpointer.close()
+    logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
+    return meta
+
+
+def _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mesh,
+                  train_samples, val_samples, start_epoch, steps_per_epoch) -> None:
+    """The epoch loop; updates ``meta`` in place and checkpoints every epoch."""
+    batch = config.train.batch_size
+    total_steps = steps_per_epoch * config.train.num_epochs
+    images_seen, time_in_steps, first = 0, 0.0, True
     for epoch in range(start_epoch, config.train.num_epochs):
         order = pipeline.epoch_indices(train_samples, batch, steps_per_epoch, config.seed,
                                        epoch, config.data.foreground_fraction)
@@ -274,7 +288,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             losses_epoch.append(out["loss"])
             window_images += batch
             step = int(epoch * steps_per_epoch + i + 1)
-            if step == 1:
+            if first:
+                first = False
                 loss0 = float(out["loss"])  # waits: includes the compile
                 logging.info("First step (compilation included) took %.1f s, loss %.4f",
                              time.time() - t0, loss0)
@@ -283,7 +298,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
                 loss = float(out["loss"])
                 if not np.isfinite(loss):
-                    checkpointer.close()
                     raise FloatingPointError(
                         f"loss is {loss} at step {step}; the last good checkpoint is kept in "
                         f"{checkpointer.directory}. Lower config.train.learning_rate or set "
@@ -330,9 +344,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("Early stopping: validation loss has not improved for %d epochs",
                          patience)
             break
-    checkpointer.close()
-    logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
-    return meta
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
