@@ -195,10 +195,10 @@ class MetricsLog:
                 rows = [line for line in f if line.strip()]
             kept = [r for r in rows if json.loads(r).get("step", 0) <= restored_step]
             if len(kept) != len(rows):
-                pipeline_tmp = self.path + ".tmp"
-                with open(pipeline_tmp, "w") as f:
+                tmp = self.path + ".tmp"
+                with open(tmp, "w") as f:
                     f.writelines(kept)
-                os.replace(pipeline_tmp, self.path)
+                os.replace(tmp, self.path)
 
     def write(self, **row) -> None:
         if self.enabled:

@@ -101,3 +101,15 @@ def test_missing_root_is_named(tmp_path):
     config = tiny_config(**{"data.root": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="nowhere is not a directory"):
         pipeline.open_dataset(config, str(tmp_path / "w"))
+
+
+def test_worker_processes_give_the_same_batches(prepared):
+    _, _, _, _, samples = prepared
+    train = samples["train"]
+    order = pipeline.epoch_indices(train, 8, 3, seed=0, epoch=1, foreground_fraction=0.3)
+    inline = list(pipeline.train_batches(train, order, 0, 1, num_workers=0))
+    workers = list(pipeline.train_batches(train, order, 0, 1, num_workers=2))
+    assert len(workers) == len(inline) == 3
+    for a, b in zip(inline, workers):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])

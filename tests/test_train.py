@@ -128,3 +128,11 @@ def test_workdir_of_another_model_is_refused(make_tiny_config, tmp_path):
 def test_eval_without_training_is_a_clear_error(make_tiny_config, tmp_path):
     with pytest.raises(FileNotFoundError, match="train in this workdir first"):
         evaluate.evaluate(make_tiny_config(), str(tmp_path))
+
+
+def test_3d_model_trains_and_evaluates_on_volumes(make_tiny_config, tmp_path):
+    config = make_tiny_config(**{"model.spatial_dims": 3, "data.image_size": (8, 8, 8),
+                                 "model.name": "attention_unet", "train.num_epochs": 1})
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert set(results["aggregate"]) == {"all", "SynthCT", "SynthMRI"}  # no 2D ultrasound
+    assert results["samples"] == len(results["per_case"])  # one whole volume per case

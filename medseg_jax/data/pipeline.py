@@ -53,9 +53,12 @@ def data_roots(config, workdir: str) -> list[str]:
                 raise FileNotFoundError(f"config.data.root: {r} is not a directory")
         return roots
     target = os.path.join(workdir, "synthetic_data")
-    return synthetic.make_synthetic(
+    roots = synthetic.make_synthetic(
         target, seed=config.data.synthetic_seed, num_cases=config.data.synthetic_cases,
         size=config.data.synthetic_size, depth=config.data.synthetic_depth)
+    if config.model.spatial_dims == 3:  # the 2D ultrasound task has no volumes
+        roots = [r for r in roots if not decathlon.read_dataset(r).is_2d]
+    return roots
 
 
 @dataclasses.dataclass

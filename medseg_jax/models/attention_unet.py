@@ -19,9 +19,11 @@ class AttentionGate(nn.Module):
     inter_features: int
     spatial_dims: int = 2
     dtype: Any = jnp.float32
+    norm: str = "batch"
+    output_transform: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, g: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         dims, dtype = self.spatial_dims, self.dtype
         inter = self.inter_features
         theta_x = layers.conv(inter, 1, dims, dtype, use_bias=False, strides=2, name="W_x")(x)
@@ -29,7 +31,12 @@ class AttentionGate(nn.Module):
         q = nn.relu(theta_x + phi_g)
         alpha = nn.sigmoid(layers.conv(1, 1, dims, dtype, name="psi")(q))
         alpha = jax.image.resize(alpha, x.shape[:-1] + (1,), method="linear")
-        return alpha * x, alpha
+        y = alpha * x
+        if self.output_transform:  # W_y: 1x1 conv + norm on the gated skip, as in the paper
+            y = layers.conv(x.shape[-1], 1, dims, dtype, use_bias=self.norm == "none",
+                            name="W_y")(y)
+            y = layers.make_norm(self.norm, train, dtype, name="W_y_norm")(y)
+        return y, alpha
 
 
 class AttentionUNet(nn.Module):
@@ -46,6 +53,7 @@ class AttentionUNet(nn.Module):
     depth: int = 4
     norm: str = "batch"
     dtype: Any = jnp.float32
+    output_transform: bool = True  # W_y after each gate (Oktay et al.'s implementation)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -56,8 +64,9 @@ class AttentionUNet(nn.Module):
         skips = layers.encoder(x, train, features, dims, self.norm, dtype)
         x = skips[-1]
         for i in reversed(range(self.depth - 1)):
-            gate = AttentionGate(max(features[i] // 2, 1), dims, dtype, name=f"gate_{i}")
-            gated, alpha = gate(skips[i], x)
+            gate = AttentionGate(max(features[i] // 2, 1), dims, dtype, self.norm,
+                                 self.output_transform, name=f"gate_{i}")
+            gated, alpha = gate(skips[i], x, train)
             self.sow("intermediates", f"attention_{i}", alpha.astype(jnp.float32))
             x = layers.up_conv(features[i], dims, dtype, name=f"up_{i}")(x)
             x = jnp.concatenate([gated, x], axis=-1)

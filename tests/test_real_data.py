@@ -1,0 +1,22 @@
+"""The whole path on real data: Task04_Hippocampus from ../shared/data (or $MEDSEG_DATA)."""
+
+import json
+
+from medseg_jax import train
+
+
+def test_hippocampus_trains_and_evaluates_in_mm(make_tiny_config, shared_data_dir, tmp_path):
+    root = shared_data_dir / "Task04_Hippocampus"
+    cases = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006",
+             "hippocampus_007", "hippocampus_243"]  # 003 and 243 store float32 labels
+    keys = [f"Hippocampus/{c}" for c in cases]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": keys[:4], "val": keys[4:5], "test": keys[5:]}))
+    config = make_tiny_config(**{"data.root": str(root), "data.splits_file": str(splits),
+                                 "data.image_size": (32, 32), "train.num_epochs": 1})
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    (case,) = results["per_case"]
+    assert case["case"] == "Hippocampus/hippocampus_243"
+    assert case["spacing"] == [1.0, 1.0, 1.0]
+    assert set(case["metrics"]) == {"Anterior", "Posterior"}
+    assert set(results["aggregate"]["all"]) == {"Anterior", "Posterior"}
