@@ -6,6 +6,7 @@ workdir, then evaluate the best checkpoint on the test split) and ``eval``
 ``--config.train.learning_rate=3e-4``.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -26,8 +27,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 
 
 def _quiet_libraries(record) -> bool:
-    """Keeps Orbax's per-save INFO chatter out of the progress log (warnings pass)."""
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    """Keeps library INFO chatter (Orbax per save, JAX backend probing) and Orbax's
+    read-only notices (evaluation opens checkpoints read-only on purpose) out of the log."""
+    library = "/orbax/" in record.pathname or record.name.startswith("jax")
+    if not library:
+        return True
+    if record.levelno < std_logging.WARNING:
+        return False
+    return "read only" not in str(record.msg) and "read_only" not in str(record.msg)
 
 
 def main(argv):
@@ -37,7 +44,8 @@ def main(argv):
 
     handler = logging.get_absl_handler()
     handler.setFormatter(None)  # plain progress lines
-    handler.addFilter(_quiet_libraries)
+    handler.addFilter(_quiet_libraries)  # records of other loggers (jax)
+    logging.get_absl_logger().addFilter(_quiet_libraries)  # absl.logging calls (orbax)
     config = FLAGS.config
     try:
         if FLAGS.mode == "train":

@@ -247,7 +247,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if latest is not None:
         state, meta = checkpointer.restore(
             latest, ckpt_lib.abstract_like(state, sharding.replicated(mesh)))
-        logging.info("Resumed from the checkpoint of step %d (epoch %d)", latest,
+        logging.info("Resumed from the checkpoint of step %d (after epoch %d)", latest,
                      meta["epoch"] + 1)
     log = MetricsLog(workdir, int(state.step))
 

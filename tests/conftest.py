@@ -40,6 +40,7 @@ def tiny_config(**overrides):
     config.train.steps_per_epoch = 2
     config.train.log_every_steps = 1
     config.eval.batch_size = 8
+    config.train.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")

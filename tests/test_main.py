@@ -15,6 +15,7 @@ TINY = [
     "--config.model.base_features=4", "--config.model.depth=3",
     "--config.train.batch_size=4", "--config.train.num_epochs=1",
     "--config.train.steps_per_epoch=2", "--config.eval.batch_size=4",
+    f"--config.train.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
 ]
 
 
