@@ -34,6 +34,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Axis (of the canonical RAS volume) along which 3D volumes are sliced for
     # 2D models; 2 = axial.
     data.slice_axis = 2
+    # 3D models: volumes are resampled to this voxel size (mm, RAS axes) and trained
+    # on random patches of `image_size`; empty = the median spacing of the training
+    # cases. (2D models resize each slice to `image_size` instead.)
+    data.target_spacing = ()
     data.split_fractions = (0.7, 0.15, 0.15)  # train / val / test, by case
     # A JSON file {"train": [...], "val": [...], "test": [...]} of case ids
     # ("Task/case"). Empty: made from `seed` and written to <workdir>/splits.json.
@@ -75,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     ev.batch_size = 32
     ev.split = "test"
     ev.checkpoint = "best"  # best | latest | a step number
+    ev.sw_overlap = 0.5  # 3D sliding window: overlap of neighbouring patches (0 to <1)
 
     return config
 

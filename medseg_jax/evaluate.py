@@ -20,25 +20,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
-
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import metrics, report, sharding, train
-from medseg_jax.data import pipeline, preprocess
-
-
-def predict_samples(predict_fn, state, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-    """Softmax probabilities of all samples, in padded batches over the mesh."""
-    out = []
-    n = len(images)
-    for batch in pipeline.padded_batches(images, None, batch_size, jax.process_index(),
-                                         jax.process_count()):
-        probs = predict_fn(state, sharding.to_global({"image": batch["image"]}, mesh)["image"])
-        if jax.process_count() > 1:
-            probs = multihost_utils.process_allgather(probs, tiled=True)
-        out.append(np.asarray(probs))
-    return np.concatenate(out)[:n]
+from medseg_jax import inference, metrics, report, sharding, train
+from medseg_jax.data import pipeline
 
 
 def load_plans(workdir: str) -> dict:
@@ -82,10 +67,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
     per_case, t0, n_samples = [], time.time(), 0
     for key in keys:
         case = dataset.load(key)
-        images, _ = pipeline.case_samples(case, plans, config)
-        probs = predict_samples(predict_fn, state, images, config.eval.batch_size, mesh)
-        n_samples += len(images)
-        pred = preprocess.from_samples(probs, case.label.shape, config.data.slice_axis)
+        pred, n = inference.predict_case(case, plans, config, state, predict_fn, mesh)
+        n_samples += n
         per_case.append({"case": key, "task": case.task,
                          "spacing": [float(s) for s in case.spacing],
                          "metrics": metrics.evaluate_case(pred, case.label, case.spacing,
@@ -105,7 +88,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
                "step": step, "epoch": meta.get("epoch", -1) + 1,
                "aggregate": groups, "per_case": per_case,
                "seconds": seconds, "cases_per_second": len(keys) / max(seconds, 1e-9),
-               "samples": n_samples}
+               "network_inputs": n_samples}
     if jax.process_index() == 0:
         pipeline.write_json_atomic(os.path.join(workdir, f"{split}_metrics.json"), results)
         tmp = os.path.join(workdir, f".{split}_metrics.md.tmp")

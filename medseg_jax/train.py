@@ -224,11 +224,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset, _, samples = pipeline.prepare(config, workdir)
     train_samples, val_samples = samples["train"], samples["val"]
     batch = config.train.batch_size
-    steps_per_epoch = config.train.steps_per_epoch or max(1, len(train_samples) // batch)
+    if isinstance(train_samples, pipeline.Volumes):  # 3D: patches covering the data once
+        n_train = train_samples.patches_per_pass(tuple(config.data.image_size))
+    else:
+        n_train = len(train_samples)
+    steps_per_epoch = config.train.steps_per_epoch or max(1, n_train // batch)
     total_steps = steps_per_epoch * config.train.num_epochs
-    logging.info("Data: %d train / %d val / %d test cases; %d train and %d val samples of "
+    logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples of "
                  "shape %s x %d channel(s); %d classes %s",
                  *(len(dataset.splits[s]) for s in pipeline.SPLITS), len(train_samples),
+                 "volumes" if isinstance(train_samples, pipeline.Volumes) else "samples",
                  len(val_samples), tuple(config.data.image_size), dataset.num_channels,
                  dataset.num_classes, dataset.labels)
 
@@ -276,10 +281,7 @@ def _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mes
     total_steps = steps_per_epoch * config.train.num_epochs
     images_seen, time_in_steps, first = 0, 0.0, True
     for epoch in range(start_epoch, config.train.num_epochs):
-        order = pipeline.epoch_indices(train_samples, batch, steps_per_epoch, config.seed,
-                                       epoch, config.data.foreground_fraction)
-        batches = pipeline.train_batches(train_samples, order, jax.process_index(),
-                                         jax.process_count(), config.data.num_workers)
+        batches = pipeline.epoch_batches(train_samples, config, epoch, steps_per_epoch)
         t_epoch = t_window = time.time()
         window_images, losses_epoch = 0, []
         for i, host_batch in enumerate(batches):

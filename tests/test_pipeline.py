@@ -55,7 +55,9 @@ def test_samples_cached_and_reused(prepared):
     assert train.images.shape[1:] == (16, 16, 1) and train.images.dtype == np.float32
     assert len(train) == len(train.labels) == len(train.case_index)
     assert train.foreground.any()
-    assert plans["SynthCT"][0]["scheme"] == "ct" and plans["SynthMRI"][0]["scheme"] == "zscore"
+    intensity = plans["intensity"]
+    assert intensity["SynthCT"][0]["scheme"] == "ct" and intensity["SynthMRI"][0]["scheme"] == "zscore"
+    assert plans["target_spacing"] is None  # 2D models resize slices instead
     mtime = os.path.getmtime(os.path.join(train.directory, "train_images.npy"))
     _, _, again = pipeline.prepare(config, workdir)
     assert again["train"].directory == train.directory
@@ -113,3 +115,26 @@ def test_worker_processes_give_the_same_batches(prepared):
     for a, b in zip(inline, workers):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_3d_patches_centred_on_foreground(tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(**{"model.spatial_dims": 3, "data.image_size": (8, 8, 8)})
+    dataset, plans, samples = pipeline.prepare(config, str(tmp_path))
+    volumes = samples["train"]
+    assert isinstance(volumes, pipeline.Volumes) and len(volumes) == len(dataset.splits["train"])
+    assert len(plans["target_spacing"]) == 3
+    records = pipeline.patch_records(volumes, 8, 3, seed=0, epoch=0, foreground_fraction=0.5)
+    again = pipeline.patch_records(volumes, 8, 3, seed=0, epoch=0, foreground_fraction=0.5)
+    np.testing.assert_array_equal(records, again)
+    batches = list(pipeline.patch_batches(volumes, records, (8, 8, 8), 0, 1))
+    assert len(batches) == 3
+    assert batches[0]["image"].shape == (8, 8, 8, 8, 1) and batches[0]["label"].shape == (8, 8, 8, 8)
+    for rec, b in zip(records, batches):  # the first half is centred on labelled voxels
+        has_fg = np.array([len(volumes.case(int(c))[2]) > 0 for c in rec[:4, 0]])
+        assert has_fg.any()
+        np.testing.assert_array_equal(b["label"][:4].reshape(4, -1).max(axis=1) > 0, has_fg)
+    # Validation tiles cover each resampled volume exactly once.
+    val = samples["val"]
+    assert val.images.shape[1:] == (8, 8, 8, 1)

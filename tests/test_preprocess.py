@@ -70,3 +70,30 @@ def test_3d_samples_and_2d_images():
     assert imgs.shape == (1, 16, 16, 1)
     with pytest.raises(ValueError, match="cannot make 3D samples"):
         preprocess.to_samples(np.zeros((1, 20, 30), np.float32), None, (8, 8, 8), 2)
+
+
+def test_tiles_cover_the_volume_once():
+    rng = np.random.default_rng(2)
+    label = (rng.random((10, 7, 5)) > 0.7).astype(np.uint8)
+    image = rng.normal(size=(10, 7, 5, 2)).astype(np.float32)
+    imgs, labs = preprocess.tiles(image, label, (4, 4, 4))
+    assert imgs.shape == (3 * 2 * 2, 4, 4, 4, 2)
+    assert labs.sum() == label.sum()  # padding is background, nothing counted twice
+
+
+def test_window_starts_and_gaussian():
+    assert preprocess.window_starts(8, 8, 0.5) == [0]
+    assert preprocess.window_starts(5, 8, 0.5) == [0]
+    starts = preprocess.window_starts(20, 8, 0.5)
+    assert starts[0] == 0 and starts[-1] == 12 and all(b - a <= 4 for a, b in zip(starts, starts[1:]))
+    g = preprocess.gaussian_importance((9, 9))
+    assert g.max() == 1.0 and g[4, 4] == 1.0 and g.min() > 0
+
+
+def test_resample_to_target_spacing():
+    image = np.zeros((1, 10, 10, 4), np.float32)
+    label = np.zeros((10, 10, 4), np.uint8)
+    label[2:8, 2:8, 1:3] = 1
+    out, lab = preprocess.resample(image, label, (1.0, 1.0, 3.0), (2.0, 2.0, 1.5))
+    assert out.shape == (5, 5, 8, 1) and lab.shape == (5, 5, 8)
+    assert set(np.unique(lab)) == {0, 1}

@@ -135,4 +135,6 @@ def test_3d_model_trains_and_evaluates_on_volumes(make_tiny_config, tmp_path):
                                  "model.name": "attention_unet", "train.num_epochs": 1})
     results = train.train_and_evaluate(config, str(tmp_path))
     assert set(results["aggregate"]) == {"all", "SynthCT", "SynthMRI"}  # no 2D ultrasound
-    assert results["samples"] == len(results["per_case"])  # one whole volume per case
+    assert results["network_inputs"] >= len(results["per_case"])  # sliding windows
+    with open(os.path.join(str(tmp_path), "preprocess.json")) as f:
+        assert len(json.load(f)["target_spacing"]) == 3  # median spacing of the training set

@@ -25,7 +25,7 @@ from absl import logging
 from medseg_jax.data import decathlon, preprocess, synthetic
 
 SPLITS = ("train", "val", "test")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -189,6 +189,8 @@ def _fingerprint(config, dataset: Dataset) -> str:
         "version": _CACHE_VERSION,
         "image_size": list(config.data.image_size),
         "slice_axis": config.data.slice_axis,
+        "spatial_dims": config.model.spatial_dims,
+        "target_spacing": list(config.data.target_spacing),
         "files": files,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
@@ -209,9 +211,42 @@ def intensity_plans(dataset: Dataset) -> dict[str, list[dict]]:
 
 
 def case_samples(case: decathlon.Case, plans, config):
-    image = preprocess.normalize(case.image, plans[case.task])
+    """2D models: the case's slices (or 2D image) at network size."""
+    image = preprocess.normalize(case.image, plans["intensity"][case.task])
     return preprocess.to_samples(image, case.label, tuple(config.data.image_size),
                                  config.data.slice_axis)
+
+
+def case_volume(case: decathlon.Case, plans):
+    """3D models: the normalised case resampled to the target spacing, channels-last."""
+    image = preprocess.normalize(case.image, plans["intensity"][case.task])
+    return preprocess.resample(image, case.label, case.spacing, plans["target_spacing"])
+
+
+def canonical_spacing(path: str) -> tuple[float, ...]:
+    """Voxel size (mm) of a NIfTI file along the RAS axes, from its header only."""
+    import nibabel as nib  # noqa: PLC0415
+
+    img = nib.load(path)
+    zooms = img.header.get_zooms()[:3]
+    ornt = nib.io_orientation(img.affine)
+    spacing = [0.0] * len(zooms)
+    for axis, (target, _) in enumerate(ornt[: len(zooms)]):
+        spacing[int(target)] = float(zooms[axis])
+    return tuple(spacing)
+
+
+def target_spacing(config, dataset: Dataset) -> list[float]:
+    """config.data.target_spacing, or the median spacing of the training cases."""
+    if len(config.data.target_spacing):
+        if len(config.data.target_spacing) != 3 or min(config.data.target_spacing) <= 0:
+            raise ValueError(
+                f"config.data.target_spacing: {tuple(config.data.target_spacing)} must be "
+                "three positive numbers (mm) or empty (median of the training cases)")
+        return [float(x) for x in config.data.target_spacing]
+    spacings = np.array([canonical_spacing(dataset.refs[k][0].image_paths[0])
+                         for k in dataset.splits["train"]])
+    return [float(x) for x in np.median(spacings, axis=0)]
 
 
 @dataclasses.dataclass
@@ -243,22 +278,34 @@ class Samples:
 
 
 def prepare(config, workdir: str, dataset: Dataset | None = None):
-    """Returns (dataset, plans, {"train": Samples, "val": Samples})."""
+    """Returns (dataset, plans, {"train": Samples or Volumes (3D), "val": Samples}).
+
+    ``plans`` = {"intensity": {task: per-channel normalisation}, "target_spacing":
+    mm per axis for 3D models (None for 2D)}.
+    """
     dataset = dataset or open_dataset(config, workdir)
     cache_root = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "cache"))
     directory = os.path.join(cache_root, _fingerprint(config, dataset))
     plan_path = os.path.join(directory, "plan.json")
+    volumetric = config.model.spatial_dims == 3
     if not os.path.exists(plan_path):
         logging.info("Preprocessing %d training and %d validation cases into %s",
                      len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
-        plans = intensity_plans(dataset)
+        plans = {"intensity": intensity_plans(dataset),
+                 "target_spacing": target_spacing(config, dataset) if volumetric else None}
         os.makedirs(cache_root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
         try:
-            for split in ("train", "val"):
+            if volumetric:
+                _write_volumes(tmp, "train", dataset, plans)
+            for split in ("val",) if volumetric else ("train", "val"):
                 images, labels, case_idx = [], [], []
                 for i, key in enumerate(dataset.splits[split]):
-                    imgs, labs = case_samples(dataset.load(key), plans, config)
+                    if volumetric:
+                        imgs, labs = preprocess.tiles(
+                            *case_volume(dataset.load(key), plans), tuple(config.data.image_size))
+                    else:
+                        imgs, labs = case_samples(dataset.load(key), plans, config)
                     images.append(imgs)
                     labels.append(labs)
                     case_idx.append(np.full(len(imgs), i, np.int32))
@@ -278,7 +325,130 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
     with open(plan_path) as f:
         plans = json.load(f)
     write_json_atomic(os.path.join(workdir, "preprocess.json"), plans)
-    return dataset, plans, {s: Samples(directory, s) for s in ("train", "val")}
+    train = Volumes(directory, "train") if volumetric else Samples(directory, "train")
+    return dataset, plans, {"train": train, "val": Samples(directory, "val")}
+
+
+_MAX_FG_COORDS = 20_000  # labelled voxels kept per case for foreground-centred patches
+
+
+def _write_volumes(directory: str, split: str, dataset: Dataset, plans) -> None:
+    shapes, mins = [], []
+    for i, key in enumerate(dataset.splits[split]):
+        image, label = case_volume(dataset.load(key), plans)
+        mins.append(float(image.min()))
+        fg = np.argwhere(label > 0).astype(np.int32)
+        if len(fg) > _MAX_FG_COORDS:
+            fg = fg[:: len(fg) // _MAX_FG_COORDS + 1]
+        base = os.path.join(directory, f"{split}_vol{i:05d}")
+        np.save(base + "_image.npy", image)
+        np.save(base + "_label.npy", label)
+        np.save(base + "_fg.npy", fg)
+        shapes.append(list(label.shape))
+    write_json_atomic(os.path.join(directory, f"{split}_volumes.json"),
+                      {"shapes": shapes, "mins": mins})
+
+
+class Volumes:
+    """Preprocessed whole volumes of one split (3D models), memory-mapped from the cache."""
+
+    def __init__(self, directory: str, split: str):
+        self.directory, self.split = directory, split
+        with open(os.path.join(directory, f"{split}_volumes.json")) as f:
+            meta = json.load(f)
+        self.shapes = [tuple(s) for s in meta["shapes"]]
+        self.mins = meta["mins"]
+        self._cache: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def patches_per_pass(self, patch: tuple[int, ...]) -> int:
+        """How many patches hold as many voxels as the whole split (one 'epoch')."""
+        voxels = sum(int(np.prod(s)) for s in self.shapes)
+        return max(1, voxels // int(np.prod(patch)))
+
+    def case(self, i: int):
+        """(image (*spatial, C), label (*spatial), foreground voxel coordinates)."""
+        if i not in self._cache:
+            base = os.path.join(self.directory, f"{self.split}_vol{i:05d}")
+            self._cache[i] = (np.load(base + "_image.npy", mmap_mode="r"),
+                              np.load(base + "_label.npy", mmap_mode="r"),
+                              np.load(base + "_fg.npy"))
+        return self._cache[i]
+
+    def __getstate__(self):  # grain workers re-open the memmaps
+        return {"directory": self.directory, "split": self.split}
+
+    def __setstate__(self, state):
+        self.__init__(state["directory"], state["split"])
+
+
+def patch_records(volumes: Volumes, batch_size: int, steps: int, seed: int, epoch: int,
+                  foreground_fraction: float) -> np.ndarray:
+    """Patch draws of one epoch: (steps, batch, 3) of (case, centred-on-foreground, seed)."""
+    rng = np.random.default_rng([seed, epoch, 3])
+    n = len(volumes)
+    reps = -(-steps * batch_size // n)
+    cases = np.concatenate([rng.permutation(n) for _ in range(reps)])[: steps * batch_size]
+    records = np.zeros((steps, batch_size, 3), np.int64)
+    records[..., 0] = cases.reshape(steps, batch_size)
+    records[:, : int(round(foreground_fraction * batch_size)), 1] = 1
+    records[..., 2] = rng.integers(0, 2**31 - 1, size=(steps, batch_size))
+    return records
+
+
+class _Patch:
+    """Picklable record -> random patch (centred on a labelled voxel when asked)."""
+
+    def __init__(self, volumes: Volumes, patch: tuple[int, ...]):
+        self.volumes, self.patch = volumes, tuple(patch)
+
+    def __call__(self, record) -> dict:
+        case, on_fg, seed = (int(x) for x in record)
+        image, label, fg = self.volumes.case(case)
+        rng = np.random.default_rng(seed)
+        shape = label.shape
+        if on_fg and len(fg):
+            centre = fg[rng.integers(len(fg))]
+        else:
+            centre = [rng.integers(n) for n in shape]
+        start = [int(np.clip(c - p // 2, 0, max(n - p, 0)))
+                 for c, p, n in zip(centre, self.patch, shape)]
+        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
+        img = preprocess.pad_to(np.asarray(image[box]), self.patch, self.volumes.mins[case])
+        lab = preprocess.pad_to(np.asarray(label[box]), self.patch, 0)
+        return {"image": img, "label": lab}
+
+
+def patch_batches(volumes: Volumes, records: np.ndarray, patch: tuple[int, ...],
+                  process_index: int, process_count: int, num_workers: int = 0) -> Iterator[dict]:
+    """This process's rows of each global batch of patches."""
+    steps, batch_size, _ = records.shape
+    local = batch_size // process_count
+    rows = records[:, process_index * local:(process_index + 1) * local].reshape(-1, 3)
+    ds = grain.MapDataset.source(list(rows)).map(_Patch(volumes, patch)).batch(
+        local, drop_remainder=True)
+    if num_workers > 0:
+        ds = ds.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ds)
+
+
+def epoch_batches(train: "Samples | Volumes", config, epoch: int, steps: int) -> Iterator[dict]:
+    """The training batches of one epoch (slices for 2D models, patches for 3D)."""
+    import jax  # noqa: PLC0415
+
+    batch = config.train.batch_size
+    if isinstance(train, Volumes):
+        records = patch_records(train, batch, steps, config.seed, epoch,
+                                config.data.foreground_fraction)
+        return patch_batches(train, records, tuple(config.data.image_size),
+                             jax.process_index(), jax.process_count(), config.data.num_workers)
+    order = epoch_indices(train, batch, steps, config.seed, epoch,
+                          config.data.foreground_fraction)
+    return train_batches(train, order, jax.process_index(), jax.process_count(),
+                         config.data.num_workers)
 
 
 # --------------------------------------------------------------------------

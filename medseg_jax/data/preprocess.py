@@ -125,3 +125,66 @@ def from_samples(probs: np.ndarray, spatial_shape: tuple[int, ...], slice_axis: 
     in_plane = tuple(s for a, s in enumerate(spatial_shape) if a != slice_axis)
     labels = np.stack([np.argmax(resize(p, in_plane, order=1), axis=-1) for p in probs])
     return np.moveaxis(labels, 0, slice_axis).astype(np.uint8)
+
+
+def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...],
+                    target_spacing: tuple[float, ...]) -> tuple[int, ...]:
+    """Grid size after resampling ``shape`` from ``spacing`` to ``target_spacing`` (mm)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
+
+
+def resample(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float, ...],
+             target_spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(C, *spatial) image (linear) and label (nearest) onto a grid of ``target_spacing``.
+
+    Returns the image channels-last, (*new_spatial, C), as the network takes it.
+    """
+    shape = resampled_shape(image.shape[1:], spacing, target_spacing)
+    out = resize(np.moveaxis(image, 0, -1), shape, order=1).astype(np.float32)
+    lab = None if label is None else resize(label, shape, order=0).astype(np.uint8)
+    return out, lab
+
+
+def pad_to(array: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.ndarray:
+    """Pads the leading axes of ``array`` at the end up to ``shape`` (never crops)."""
+    pads = [(0, max(0, s - n)) for n, s in zip(array.shape, shape)]
+    pads += [(0, 0)] * (array.ndim - len(shape))
+    if not any(p for _, p in pads):
+        return array
+    return np.pad(array, pads, constant_values=value)
+
+
+def tiles(image: np.ndarray, label: np.ndarray, patch: tuple[int, ...]):
+    """Non-overlapping patches covering a channels-last volume (padded at the end).
+
+    Every voxel lies in exactly one tile, so Dice counts summed over the tiles are
+    the counts of the whole (resampled) volume; padding is background.
+    """
+    full = tuple(-(-n // p) * p for n, p in zip(label.shape, patch))
+    image = pad_to(image, full, float(image.min()))
+    label = pad_to(label, full, 0)
+    grid = [range(0, n, p) for n, p in zip(full, patch)]
+    starts = np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, len(patch))
+    boxes = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in starts]
+    return (np.stack([image[b] for b in boxes]).astype(np.float32),
+            np.stack([label[b] for b in boxes]).astype(np.uint8))
+
+
+def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weights over a patch (centre 1, sigma = patch/8), as nnU-Net uses."""
+    axes = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / max(p * sigma_scale, 1e-3)) ** 2)
+            for p in patch]
+    weight = axes[0]
+    for a in axes[1:]:
+        weight = np.multiply.outer(weight, a)
+    weight = weight / weight.max()
+    return np.maximum(weight, 1e-3).astype(np.float32)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start offsets of sliding windows along one axis (first at 0, last at the end)."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    n = -(-(size - patch) // step) + 1
+    return sorted({int(round(x)) for x in np.linspace(0, size - patch, n)})
