@@ -18,7 +18,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib

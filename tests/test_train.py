@@ -7,7 +7,6 @@ import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, sharding, train
-from medseg_jax.data import pipeline
 
 
 def _batch(config, n=8, seed=0):
