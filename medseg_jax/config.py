@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Axis (of the canonical RAS volume) along which 3D volumes are sliced for
     # 2D models; 2 = axial.
     data.slice_axis = 2
+    # After the modality's normalisation, optionally min-max rescale each case and
+    # channel to [0, 1].
+    data.rescale_01 = False
     # 3D models: volumes are resampled to this voxel size (mm, RAS axes) and trained
     # on random patches of `image_size`; empty = the median spacing of the training
     # cases. (2D models resize each slice to `image_size` instead.)

@@ -59,7 +59,7 @@ def predict_case(case: decathlon.Case, plans: dict, config, state, predict_fn,
     """Returns (label map of the case's spatial shape, number of network inputs)."""
     spatial = case.image.shape[1:]
     if config.model.spatial_dims == 3:
-        image = preprocess.normalize(case.image, plans["intensity"][case.task])
+        image = pipeline.normalized(case, plans, config)
         volume, _ = preprocess.resample(image, None, case.spacing, plans["target_spacing"])
         probs, n = sliding_window(predict_fn, state, volume, tuple(config.data.image_size),
                                config.eval.sw_overlap, config.eval.batch_size, mesh)

@@ -138,3 +138,11 @@ def test_3d_patches_centred_on_foreground(tmp_path):
     # Validation tiles cover each resampled volume exactly once.
     val = samples["val"]
     assert val.images.shape[1:] == (8, 8, 8, 1)
+
+
+def test_rescale_01_reaches_the_cached_samples(tmp_path):
+    from conftest import tiny_config
+
+    _, _, samples = pipeline.prepare(tiny_config(**{"data.rescale_01": True}), str(tmp_path))
+    images = np.asarray(samples["train"].images)
+    assert images.min() >= 0.0 and images.max() <= 1.0

@@ -97,3 +97,10 @@ def test_resample_to_target_spacing():
     out, lab = preprocess.resample(image, label, (1.0, 1.0, 3.0), (2.0, 2.0, 1.5))
     assert out.shape == (5, 5, 8, 1) and lab.shape == (5, 5, 8)
     assert set(np.unique(lab)) == {0, 1}
+
+
+def test_rescale_01_per_channel():
+    image = np.stack([np.linspace(-3, 5, 24), np.full(24, 2.0)]).reshape(2, 4, 6).astype(np.float32)
+    out = preprocess.rescale_01(image)
+    assert out[0].min() == 0.0 and out[0].max() == 1.0
+    assert (out[1] == 0.0).all()  # a constant channel maps to 0, not NaN

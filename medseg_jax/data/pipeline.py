@@ -191,6 +191,7 @@ def _fingerprint(config, dataset: Dataset) -> str:
         "slice_axis": config.data.slice_axis,
         "spatial_dims": config.model.spatial_dims,
         "target_spacing": list(config.data.target_spacing),
+        "rescale_01": bool(config.data.rescale_01),
         "files": files,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
@@ -210,16 +211,22 @@ def intensity_plans(dataset: Dataset) -> dict[str, list[dict]]:
     return plans
 
 
+def normalized(case: decathlon.Case, plans, config) -> np.ndarray:
+    """The case's image normalised as its task's plan says (+ optional [0, 1] rescale)."""
+    image = preprocess.normalize(case.image, plans["intensity"][case.task])
+    return preprocess.rescale_01(image) if config.data.rescale_01 else image
+
+
 def case_samples(case: decathlon.Case, plans, config):
     """2D models: the case's slices (or 2D image) at network size."""
-    image = preprocess.normalize(case.image, plans["intensity"][case.task])
+    image = normalized(case, plans, config)
     return preprocess.to_samples(image, case.label, tuple(config.data.image_size),
                                  config.data.slice_axis)
 
 
-def case_volume(case: decathlon.Case, plans):
+def case_volume(case: decathlon.Case, plans, config):
     """3D models: the normalised case resampled to the target spacing, channels-last."""
-    image = preprocess.normalize(case.image, plans["intensity"][case.task])
+    image = normalized(case, plans, config)
     return preprocess.resample(image, case.label, case.spacing, plans["target_spacing"])
 
 
@@ -297,13 +304,14 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
         tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
         try:
             if volumetric:
-                _write_volumes(tmp, "train", dataset, plans)
+                _write_volumes(tmp, "train", dataset, plans, config)
             for split in ("val",) if volumetric else ("train", "val"):
                 images, labels, case_idx = [], [], []
                 for i, key in enumerate(dataset.splits[split]):
                     if volumetric:
-                        imgs, labs = preprocess.tiles(
-                            *case_volume(dataset.load(key), plans), tuple(config.data.image_size))
+                        volume, label = case_volume(dataset.load(key), plans, config)
+                        imgs, labs = preprocess.tiles(volume, label,
+                                                      tuple(config.data.image_size))
                     else:
                         imgs, labs = case_samples(dataset.load(key), plans, config)
                     images.append(imgs)
@@ -332,10 +340,10 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
 _MAX_FG_COORDS = 20_000  # labelled voxels kept per case for foreground-centred patches
 
 
-def _write_volumes(directory: str, split: str, dataset: Dataset, plans) -> None:
+def _write_volumes(directory: str, split: str, dataset: Dataset, plans, config) -> None:
     shapes, mins = [], []
     for i, key in enumerate(dataset.splits[split]):
-        image, label = case_volume(dataset.load(key), plans)
+        image, label = case_volume(dataset.load(key), plans, config)
         mins.append(float(image.min()))
         fg = np.argwhere(label > 0).astype(np.int32)
         if len(fg) > _MAX_FG_COORDS:

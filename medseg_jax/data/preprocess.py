@@ -63,6 +63,15 @@ def normalize(image: np.ndarray, plan: list[dict]) -> np.ndarray:
     return out
 
 
+def rescale_01(image: np.ndarray) -> np.ndarray:
+    """Min-max rescales each channel of a (C, *spatial) image to [0, 1]."""
+    out = np.empty(image.shape, np.float32)
+    for c in range(image.shape[0]):
+        lo, hi = float(image[c].min()), float(image[c].max())
+        out[c] = (image[c] - lo) / (hi - lo) if hi > lo else 0.0
+    return out
+
+
 def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
     """Resizes the leading ``len(shape)`` axes of ``array``; trailing axes kept.
 
