@@ -15,7 +15,6 @@ same as a ``Report`` for use from Python.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -215,31 +214,10 @@ def _task_summary(task: TaskSummary) -> list[str]:
 
 
 def _read_header(root: str) -> tuple[dict[str, Any], decathlon.DatasetInfo]:
-    """Parse dataset.json without listing cases; raises what ``read_dataset`` raises."""
-    json_path = os.path.join(root, decathlon.DATASET_JSON)
-    if not os.path.isfile(json_path):
-        raise FileNotFoundError(
-            f"{json_path}: missing dataset.json (is {root} a Decathlon/nnU-Net data folder?)"
-        )
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: invalid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{json_path}: must hold a JSON object, got {type(meta).__name__}")
-    if "labels" not in meta:
-        raise ValueError(f"{json_path}: missing field 'labels'")
-    info = decathlon.DatasetInfo(
-        root=root,
-        name=str(meta.get("name") or os.path.basename(root)),
-        labels=decathlon._parse_labels(meta["labels"], json_path),
-        modalities=decathlon._parse_modalities(meta, json_path),
-        tensor_dims=decathlon._parse_tensor_dims(meta, json_path),
-        cases=[],
-        file_ending=str(meta.get("file_ending", ".nii.gz")),
-    )
+    """``decathlon.read_header`` plus a check that ``training`` is a list."""
+    meta, info = decathlon.read_header(root)
     if meta.get("training") and not isinstance(meta["training"], list):
+        json_path = os.path.join(info.root, decathlon.DATASET_JSON)
         raise ValueError(f"{json_path}: field 'training' must be a list")
     return meta, info
 

@@ -303,8 +303,8 @@ def _cases_from_folders(
     return cases
 
 
-def read_dataset(root: str) -> DatasetInfo:
-    """Read ``root/dataset.json`` and list the training cases (no image is read)."""
+def read_header(root: str) -> tuple[dict[str, Any], DatasetInfo]:
+    """Parse ``root/dataset.json`` without listing cases: (raw JSON, info with no cases)."""
     root = os.path.abspath(os.path.expanduser(root))
     json_path = os.path.join(root, DATASET_JSON)
     if not os.path.isfile(json_path):
@@ -320,20 +320,33 @@ def read_dataset(root: str) -> DatasetInfo:
         raise ValueError(f"{json_path}: must hold a JSON object, got {type(meta).__name__}")
     if "labels" not in meta:
         raise ValueError(f"{json_path}: missing field 'labels'")
-    labels = _parse_labels(meta["labels"], json_path)
-    modalities = _parse_modalities(meta, json_path)
-    tensor_dims = _parse_tensor_dims(meta, json_path)
-    file_ending = str(meta.get("file_ending", ".nii.gz"))
-    name = str(meta.get("name") or os.path.basename(root))
+    info = DatasetInfo(
+        root=root,
+        name=str(meta.get("name") or os.path.basename(root)),
+        labels=_parse_labels(meta["labels"], json_path),
+        modalities=_parse_modalities(meta, json_path),
+        tensor_dims=_parse_tensor_dims(meta, json_path),
+        cases=[],
+        file_ending=str(meta.get("file_ending", ".nii.gz")),
+    )
+    return meta, info
+
+
+def read_dataset(root: str) -> DatasetInfo:
+    """Read ``root/dataset.json`` and list the training cases (no image is read)."""
+    meta, info = read_header(root)
+    json_path = os.path.join(info.root, DATASET_JSON)
     if meta.get("training"):
-        cases = _cases_from_training_list(root, meta, json_path, name, modalities, file_ending)
+        info.cases = _cases_from_training_list(info.root, meta, json_path, info.name,
+                                               info.modalities, info.file_ending)
     else:
-        cases = _cases_from_folders(root, name, modalities, file_ending)
-    if not cases:
+        info.cases = _cases_from_folders(info.root, info.name, info.modalities,
+                                         info.file_ending)
+    if not info.cases:
         raise ValueError(
-            f"{json_path}: no cases found ('training' list empty, nothing in {root}/imagesTr)"
+            f"{json_path}: no cases found ('training' list empty, nothing in {info.root}/imagesTr)"
         )
-    return DatasetInfo(root, name, labels, modalities, tensor_dims, cases, file_ending)
+    return info
 
 
 # --------------------------------------------------------------------------
