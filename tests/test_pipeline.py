@@ -146,3 +146,28 @@ def test_rescale_01_reaches_the_cached_samples(tmp_path):
     _, _, samples = pipeline.prepare(tiny_config(**{"data.rescale_01": True}), str(tmp_path))
     images = np.asarray(samples["train"].images)
     assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def test_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import tiny_config
+
+    config, workdir = tiny_config(), str(tmp_path)
+    dataset = pipeline.open_dataset(config, workdir)
+    final = os.path.join(workdir, "cache", pipeline._fingerprint(config, dataset))
+    real = pipeline.write_json_atomic
+
+    def racing(path, obj):  # another process completes the same cache just before us
+        real(path, obj)
+        if path.endswith("plan.json") and ".tmp_" in path:
+            shutil.copytree(os.path.dirname(path), final)
+            with open(os.path.join(final, "theirs"), "w") as f:
+                f.write("x")
+
+    monkeypatch.setattr(pipeline, "write_json_atomic", racing)
+    _, _, samples = pipeline.prepare(config, workdir, dataset)
+    assert samples["train"].directory == final
+    assert os.path.exists(os.path.join(final, "theirs"))  # theirs kept, not replaced
+    leftovers = [d for d in os.listdir(os.path.join(workdir, "cache")) if d.startswith(".tmp_")]
+    assert leftovers == []

@@ -324,9 +324,12 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
                 np.save(base + "_case.npy", np.concatenate(case_idx))
                 np.save(base + "_fg.npy", labels.reshape(len(labels), -1).max(axis=1) > 0)
             write_json_atomic(os.path.join(tmp, "plan.json"), plans)
-            if os.path.exists(directory):  # an earlier, interrupted attempt
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+            try:  # atomic: the cache folder is complete or absent
+                os.replace(tmp, directory)
+            except OSError:
+                if not os.path.exists(plan_path):
+                    raise
+                shutil.rmtree(tmp)  # another process finished the same cache first
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
