@@ -260,16 +260,8 @@ def _list_folders(info: decathlon.DatasetInfo, report: Report) -> None:
     labels_dir = os.path.join(info.root, "labelsTr")
     ending = info.file_ending
 
-    def listing(folder: str) -> dict[str, str]:
-        if not os.path.isdir(folder):
-            return {}
-        return {
-            stem: os.path.join(folder, f)
-            for f in sorted(os.listdir(folder))
-            if not f.startswith(".") and (stem := decathlon._strip_ending(f, ending)) is not None
-        }
-
-    images, labels = listing(images_dir), listing(labels_dir)
+    images = decathlon.list_folder(images_dir, ending)
+    labels = decathlon.list_folder(labels_dir, ending)
     pattern = decathlon._CHANNEL_RE
     nnunet = (
         bool(images) and all(pattern.match(s) for s in images) and not set(images) & set(labels)

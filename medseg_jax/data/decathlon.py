@@ -246,6 +246,17 @@ def _cases_from_training_list(
     return cases
 
 
+def list_folder(folder: str, file_ending: str) -> dict[str, str]:
+    """{file stem: path} of the ``file_ending`` files in ``folder`` (hidden ones skipped)."""
+    if not os.path.isdir(folder):
+        return {}
+    return {
+        stem: os.path.join(folder, f)
+        for f in sorted(os.listdir(folder))
+        if not _is_hidden(f) and (stem := _strip_ending(f, file_ending)) is not None
+    }
+
+
 def _cases_from_folders(
     root: str, task: str, modalities: tuple[str, ...], file_ending: str
 ) -> list[CaseRef]:
@@ -257,17 +268,8 @@ def _cases_from_folders(
             f"{images_dir}: no 'training' list in dataset.json and no imagesTr folder"
         )
 
-    def listing(folder: str) -> dict[str, str]:
-        if not os.path.isdir(folder):
-            return {}
-        return {
-            stem: os.path.join(folder, f)
-            for f in sorted(os.listdir(folder))
-            if not _is_hidden(f) and (stem := _strip_ending(f, file_ending)) is not None
-        }
-
-    images = listing(images_dir)
-    labels = listing(labels_dir)
+    images = list_folder(images_dir, file_ending)
+    labels = list_folder(labels_dir, file_ending)
     # nnU-Net naming: every image is CASE_XXXX and no label shares an image's name.
     nnunet = (
         bool(images)

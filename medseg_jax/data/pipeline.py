@@ -197,15 +197,21 @@ def _fingerprint(config, dataset: Dataset) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def intensity_plans(dataset: Dataset) -> dict[str, list[dict]]:
-    """Per task, per channel normalisation, from that task's training cases only."""
+def intensity_plans(dataset: Dataset, loaded: dict | None = None) -> dict[str, list[dict]]:
+    """Per task, per channel normalisation, from that task's training cases only.
+
+    Cases read for the CT statistics are left in ``loaded`` (key -> Case) for reuse.
+    """
     plans = {}
+    loaded = {} if loaded is None else loaded
     for info in dataset.infos:
         keys = [k for k in dataset.splits["train"] if dataset.refs[k][1] is info]
         if not any(preprocess.is_ct(m) for m in info.modalities):
             plans[info.name] = [{"scheme": "zscore"} for _ in info.modalities]
             continue
-        cases = [dataset.load(k) for k in keys]
+        for k in keys:
+            loaded[k] = dataset.load(k)
+        cases = [loaded[k] for k in keys]
         plans[info.name] = preprocess.intensity_plan(
             info.modalities, [c.image for c in cases], [c.label for c in cases])
     return plans
@@ -298,22 +304,24 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
     if not os.path.exists(plan_path):
         logging.info("Preprocessing %d training and %d validation cases into %s",
                      len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
-        plans = {"intensity": intensity_plans(dataset),
+        loaded: dict = {}  # cases already read for the CT statistics, used once more below
+        plans = {"intensity": intensity_plans(dataset, loaded),
                  "target_spacing": target_spacing(config, dataset) if volumetric else None}
         os.makedirs(cache_root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
         try:
             if volumetric:
-                _write_volumes(tmp, "train", dataset, plans, config)
+                _write_volumes(tmp, "train", dataset, plans, config, loaded)
             for split in ("val",) if volumetric else ("train", "val"):
                 images, labels, case_idx = [], [], []
                 for i, key in enumerate(dataset.splits[split]):
+                    case = loaded.pop(key, None) or dataset.load(key)
                     if volumetric:
-                        volume, label = case_volume(dataset.load(key), plans, config)
+                        volume, label = case_volume(case, plans, config)
                         imgs, labs = preprocess.tiles(volume, label,
                                                       tuple(config.data.image_size))
                     else:
-                        imgs, labs = case_samples(dataset.load(key), plans, config)
+                        imgs, labs = case_samples(case, plans, config)
                     images.append(imgs)
                     labels.append(labs)
                     case_idx.append(np.full(len(imgs), i, np.int32))
@@ -343,10 +351,11 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
 _MAX_FG_COORDS = 20_000  # labelled voxels kept per case for foreground-centred patches
 
 
-def _write_volumes(directory: str, split: str, dataset: Dataset, plans, config) -> None:
+def _write_volumes(directory: str, split: str, dataset: Dataset, plans, config,
+                   loaded: dict) -> None:
     shapes, mins = [], []
     for i, key in enumerate(dataset.splits[split]):
-        image, label = case_volume(dataset.load(key), plans, config)
+        image, label = case_volume(loaded.pop(key, None) or dataset.load(key), plans, config)
         mins.append(float(image.min()))
         fg = np.argwhere(label > 0).astype(np.int32)
         if len(fg) > _MAX_FG_COORDS:
