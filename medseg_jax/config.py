@@ -83,6 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
     ev.split = "test"
     ev.checkpoint = "best"  # best | latest | a step number
     ev.sw_overlap = 0.5  # 3D sliding window: overlap of neighbouring patches (0 to <1)
+    ev.tta = False  # test-time augmentation: average the softmax over all axis flips
+    ev.nsd_tolerance_mm = 1.0  # normalised surface Dice: surface distance counted as a hit
+    ev.bootstrap_samples = 2000  # resamples for the 95% interval of each mean
+    ev.figures = True  # overlays, uncertainty / attention maps and curves in <workdir>/figures
 
     return config
 
@@ -140,6 +144,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.foreground_fraction: {config.data.foreground_fraction} "
             "is not in [0, 1]")
+    if not config.eval.nsd_tolerance_mm >= 0:
+        raise ValueError(
+            f"config.eval.nsd_tolerance_mm: {config.eval.nsd_tolerance_mm} must be >= 0 (mm)")
+    if int(config.eval.bootstrap_samples) < 1:
+        raise ValueError(
+            f"config.eval.bootstrap_samples: must be positive, got {config.eval.bootstrap_samples}")
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():
         raise ValueError(

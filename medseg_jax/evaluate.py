@@ -2,27 +2,38 @@
 
 Each case of the split is read from its NIfTI files, normalised with the plan
 of the training run (``preprocess.json``), cut into network samples (slices or
-the whole volume), predicted, and the class probabilities are resized back to
-the case's own grid before the argmax. Metrics are computed per case on the
-whole volume with the case's voxel spacing, so Hausdorff distances are in mm.
+sliding-window patches), predicted (optionally with flip test-time
+augmentation), and the class probabilities are resized back to the case's own
+grid before the argmax. Metrics are computed per case on the whole volume with
+the case's voxel spacing, so distances are in mm.
 
-Writes ``<split>_metrics.json`` (per case and aggregated, overall and per task)
-and ``<split>_metrics.md`` (the table that is also printed).
+Writes to the workdir, for a split ``<split>``:
+- ``<split>_metrics.json``   per case and aggregated (overall and per task)
+- ``<split>_metrics.md``     the table that is also printed
+- ``<split>_per_case.csv``   one row per case and class, every metric
+- ``<split>_summary.csv``    mean, std, median, 95% bootstrap interval, n per metric
+- ``figures/``               overlays of the best, median and worst case with an
+                             uncertainty map (and attention maps for Attention
+                             U-Net), and the training curves
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
 from medseg_jax import inference, metrics, report, sharding, train
-from medseg_jax.data import pipeline
+from medseg_jax.data import decathlon, pipeline, preprocess
+from medseg_jax.models import attention_unet
 
 
 def load_plans(workdir: str) -> dict:
@@ -33,11 +44,32 @@ def load_plans(workdir: str) -> dict:
         return json.load(f)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None = None,
-             checkpoint: str | None = None) -> dict:
-    """Evaluates a checkpoint of the run in ``workdir`` on a split; returns the results."""
+@dataclasses.dataclass
+class Run:
+    """A trained run restored for inference."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    plans: dict
+    dataset: pipeline.Dataset
+    model: object
+    state: train.TrainState
+    step: int
+    epoch: int
+    which: str
+    predict_fn: object
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Foreground label value -> class name."""
+        return {v: n for v, n in self.dataset.labels.items() if v != 0}
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str,
+                checkpoint: str | None = None) -> Run:
+    """Restores the ``checkpoint`` (best, latest or a step) of the run in ``workdir``."""
     config_lib.validate(config)
-    split = split or config.eval.split
     which = str(checkpoint or config.eval.checkpoint)
     train.setup_compilation_cache(config)
     mesh = sharding.make_mesh()
@@ -46,10 +78,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
         raise FileNotFoundError(f"{workdir}/splits.json not found: train in this workdir first")
     plans = load_plans(workdir)
     dataset = pipeline.open_dataset(config, workdir)
-    keys = dataset.splits[split]
-    if not keys:
-        raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases")
-
     model = train.build_model(config, dataset.num_classes)
     input_shape = (config.train.batch_size, *config.data.image_size, dataset.num_channels)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
@@ -58,43 +86,153 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
     abstract = train.abstract_state(config, model, input_shape, 1, mesh)
     state, meta = checkpointer.restore(step, abstract)
     checkpointer.close()
-    _, _, predict_fn = train.jit_steps(config, mesh, dataset.num_classes)
-    labels = {v: n for v, n in dataset.labels.items() if v != 0}
-    logging.info("Evaluating the %s checkpoint (step %d, epoch %d) on %d %s cases", which,
-                 step, meta.get("epoch", -1) + 1, len(keys), split)
+    return Run(config, workdir, mesh, plans, dataset, model, state, step,
+               meta.get("epoch", -1) + 1, which, inference.make_predict_fn(config, mesh))
 
-    per_case, t0, n_samples = [], time.time(), 0
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None = None,
+             checkpoint: str | None = None) -> dict:
+    """Evaluates a checkpoint of the run in ``workdir`` on a split; returns the results."""
+    split = split or config.eval.split
+    run = restore_run(config, workdir, checkpoint)
+    keys = run.dataset.splits[split]
+    if not keys:
+        raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases")
+    logging.info("Evaluating the %s checkpoint (step %d, epoch %d) on %d %s cases%s", run.which,
+                 run.step, run.epoch, len(keys), split, " with flip TTA" if config.eval.tta else "")
+
+    per_case, n_samples, t_predict, t_metrics = [], 0, 0.0, 0.0
     for key in keys:
-        case = dataset.load(key)
-        pred, n = inference.predict_case(case, plans, config, state, predict_fn, mesh)
-        n_samples += n
+        case = run.dataset.load(key)
+        t0 = time.time()
+        pred, n = inference.predict_case(case, run.plans, config, run.state, run.predict_fn,
+                                         run.mesh)
+        t1 = time.time()
+        case_metrics = metrics.evaluate_case(pred, case.label, case.spacing, run.labels,
+                                             config.eval.nsd_tolerance_mm)
+        t_predict, t_metrics, n_samples = t_predict + t1 - t0, t_metrics + time.time() - t1, \
+            n_samples + n
         per_case.append({"case": key, "task": case.task,
                          "spacing": [float(s) for s in case.spacing],
-                         "metrics": metrics.evaluate_case(pred, case.label, case.spacing,
-                                                          labels)})
-    seconds = time.time() - t0
+                         "metrics": case_metrics})
 
-    groups = {"all": metrics.aggregate([c["metrics"] for c in per_case])}
+    def summarise(cases):
+        return metrics.aggregate([c["metrics"] for c in cases], config.eval.bootstrap_samples,
+                                 config.seed)
+
+    groups = {"all": summarise(per_case)}
     tasks = sorted({c["task"] for c in per_case})
     if len(tasks) > 1:
         for task in tasks:
-            groups[task] = metrics.aggregate(
-                [c["metrics"] for c in per_case if c["task"] == task])
-    title = (f"{config.model.name}: {split} split, {which} checkpoint (step {step}, "
-             f"epoch {meta.get('epoch', -1) + 1})")
-    table = report.metrics_table(groups, title)
-    results = {"model": config.model.name, "split": split, "checkpoint": which,
-               "step": step, "epoch": meta.get("epoch", -1) + 1,
+            groups[task] = summarise([c for c in per_case if c["task"] == task])
+    title = (f"{config.model.name}: {split} split, {run.which} checkpoint (step {run.step}, "
+             f"epoch {run.epoch}){', flip TTA' if config.eval.tta else ''}")
+    table = report.metrics_table(groups, title, config.eval.nsd_tolerance_mm)
+    results = {"model": config.model.name, "split": split, "checkpoint": run.which,
+               "step": run.step, "epoch": run.epoch, "tta": bool(config.eval.tta),
+               "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
                "aggregate": groups, "per_case": per_case,
-               "seconds": seconds, "cases_per_second": len(keys) / max(seconds, 1e-9),
+               "seconds": t_predict + t_metrics, "predict_seconds": t_predict,
+               "metrics_seconds": t_metrics,
+               "cases_per_second": len(keys) / max(t_predict, 1e-9),
                "network_inputs": n_samples}
     if jax.process_index() == 0:
         pipeline.write_json_atomic(os.path.join(workdir, f"{split}_metrics.json"), results)
-        tmp = os.path.join(workdir, f".{split}_metrics.md.tmp")
-        with open(tmp, "w") as f:
-            f.write(table)
-        os.replace(tmp, os.path.join(workdir, f"{split}_metrics.md"))
+        report.write_text_atomic(os.path.join(workdir, f"{split}_metrics.md"), table)
+        report.write_text_atomic(os.path.join(workdir, f"{split}_per_case.csv"),
+                                 report.per_case_csv(per_case, metrics.METRIC_NAMES))
+        report.write_text_atomic(os.path.join(workdir, f"{split}_summary.csv"),
+                                 report.summary_csv(groups))
     print(table, flush=True)
-    logging.info("Evaluated %d cases in %.1f s; wrote %s", len(keys), seconds,
-                 os.path.join(workdir, f"{split}_metrics.json"))
+    logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
+                 "%.1f s; wrote %s", len(keys), t_predict, results["cases_per_second"],
+                 n_samples, t_metrics, os.path.join(workdir, f"{split}_metrics.json"))
+    if config.eval.figures and jax.process_index() == 0:
+        results["figures"] = write_figures(run, per_case, split)
     return results
+
+
+# --------------------------------------------------------------------------- #
+# Figures
+# --------------------------------------------------------------------------- #
+
+
+def mean_dice(case_metrics: dict[str, dict[str, float]]) -> float:
+    """Mean Dice over the classes of one case (undefined classes skipped)."""
+    values = [m["dice"] for m in case_metrics.values() if math.isfinite(m["dice"])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def select_cases(per_case: list[dict]) -> list[tuple[str, str]]:
+    """[(role, case key)] for the best, median and worst case by mean Dice."""
+    scored = sorted(((mean_dice(c["metrics"]), c["case"]) for c in per_case
+                     if math.isfinite(mean_dice(c["metrics"]))), reverse=True)
+    if not scored:
+        return []
+    picks = [("best", scored[0]), ("median", scored[len(scored) // 2]), ("worst", scored[-1])]
+    out, seen = [], set()
+    for role, (dice, key) in picks:
+        if key not in seen:
+            seen.add(key)
+            out.append((f"{role}: {key} (Dice {dice:.3f})", key))
+    return out
+
+
+def _lesion_slice(label: np.ndarray, pred: np.ndarray, axis: int) -> int:
+    """Index along ``axis`` of the slice with the most reference (else predicted) foreground."""
+    for mask in (label > 0, pred > 0):
+        area = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis))
+        if area.any():
+            return int(np.argmax(area))
+    return label.shape[axis] // 2
+
+
+def _attention(run: Run, case: decathlon.Case, index: int | None,
+               in_plane: tuple[int, ...]) -> np.ndarray:
+    """Finest attention-gate coefficients of a 2D Attention U-Net on one slice, case grid."""
+    samples, _ = pipeline.case_samples(case, run.plans, run.config)
+    x = samples[0 if index is None else index][None]
+    maps = attention_unet.attention_maps(run.model, train._variables(run.state), x)
+    finest = max(maps.values(), key=lambda a: int(np.prod(a.shape[1:-1])))
+    return preprocess.resize(np.asarray(finest[0], np.float32), in_plane, order=1)[..., 0]
+
+
+def case_view(run: Run, key: str, title: str) -> dict:
+    """A 2D view of one case for ``report.plot_cases``: image, reference, prediction, maps."""
+    config = run.config
+    case = run.dataset.load(key)
+    probs, _ = inference.predict_probs(case, run.plans, config, run.state, run.predict_fn,
+                                       run.mesh)
+    pred = np.argmax(probs, axis=-1)
+    unc = inference.entropy(probs)
+    image = case.image[0]
+    index = None
+    if image.ndim == 3:  # a volume: the slice through the most lesion
+        axis = config.data.slice_axis if config.model.spatial_dims == 2 else 2
+        index = _lesion_slice(case.label, pred, axis)
+        take = lambda a: np.take(a, index, axis=axis)  # noqa: E731
+        image, gt, pred, unc = take(image), take(case.label), take(pred), take(unc)
+        title = f"{title}\nslice {index} of axis {axis}"
+    else:
+        gt = case.label
+    maps = {"uncertainty: softmax entropy": unc}
+    if config.model.name == "attention_unet" and config.model.spatial_dims == 2:
+        maps["attention: finest gate"] = _attention(run, case, index, image.shape)
+    return {"title": title, "image": image, "gt": gt, "preds": {config.model.name: pred},
+            "maps": maps}
+
+
+def write_figures(run: Run, per_case: list[dict], split: str) -> dict[str, str]:
+    """Writes the case overlays and training curves into ``<workdir>/figures``."""
+    folder = os.path.join(run.workdir, "figures")
+    out = {}
+    picks = select_cases(per_case)
+    if picks:
+        rows = [case_view(run, key, title) for title, key in picks]
+        out["cases"] = os.path.join(folder, f"{split}_cases.png")
+        report.plot_cases(rows, out["cases"], f"{run.config.model.name}, {split} split")
+    if report.read_metrics_log(run.workdir)[1]:
+        out["curves"] = os.path.join(folder, "training_curves.png")
+        report.plot_curves({run.config.model.name: run.workdir}, out["curves"])
+    logging.info("Wrote figures: %s", ", ".join(out.values()) or "none")
+    return out

@@ -1,21 +1,47 @@
-"""Whole-case inference: a label map on the case's own voxel grid.
+"""Whole-case inference: class probabilities and a label map on the case's own grid.
 
 2D models predict every slice (resized to ``data.image_size``); 3D models run a
 sliding window of ``data.image_size`` patches, with overlap and Gaussian
 weighting, over the volume resampled to the run's target spacing. Either way
 the class probabilities are resized back to the case grid before the argmax.
+With ``eval.tta`` the softmax is averaged over every combination of flips of
+the spatial axes (4 passes in 2D, 8 in 3D), inside one jitted function.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medseg_jax import sharding
+from medseg_jax import sharding, train
 from medseg_jax.data import decathlon, pipeline, preprocess
+
+
+def flip_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a (B, *spatial, C) batch, () first."""
+    axes = range(1, spatial_dims + 1)
+    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
+
+
+def _tta_predict_step(state, images, flips: tuple[tuple[int, ...], ...]):
+    total = 0.0
+    for axes in flips:
+        probs = train.predict_step(state, jnp.flip(images, axes) if axes else images)
+        total = total + (jnp.flip(probs, axes) if axes else probs)
+    return total / len(flips)
+
+
+def make_predict_fn(config, mesh):
+    """Jitted ``(state, images) -> softmax``, averaged over flips when ``eval.tta``."""
+    flips = tuple(flip_axes(config.model.spatial_dims)) if config.eval.tta else ((),)
+    return jax.jit(functools.partial(_tta_predict_step, flips=flips),
+                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                   out_shardings=sharding.batch_sharded(mesh))
 
 
 def predict_batches(predict_fn, state, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
@@ -54,17 +80,29 @@ def sliding_window(predict_fn, state, volume: np.ndarray, patch: tuple[int, ...]
     return probs[tuple(slice(0, n) for n in spatial)], len(starts)
 
 
-def predict_case(case: decathlon.Case, plans: dict, config, state, predict_fn,
-                 mesh) -> tuple[np.ndarray, int]:
-    """Returns (label map of the case's spatial shape, number of network inputs)."""
+def predict_probs(case: decathlon.Case, plans: dict, config, state, predict_fn,
+                  mesh) -> tuple[np.ndarray, int]:
+    """(class probabilities (*spatial, K) on the case grid, number of network inputs)."""
     spatial = case.image.shape[1:]
     if config.model.spatial_dims == 3:
         image = pipeline.normalized(case, plans, config)
         volume, _ = preprocess.resample(image, None, case.spacing, plans["target_spacing"])
         probs, n = sliding_window(predict_fn, state, volume, tuple(config.data.image_size),
-                               config.eval.sw_overlap, config.eval.batch_size, mesh)
-        labels = np.argmax(preprocess.resize(probs, spatial, order=1), axis=-1)
-        return labels.astype(np.uint8), n
+                                  config.eval.sw_overlap, config.eval.batch_size, mesh)
+        return preprocess.resize(probs, spatial, order=1), n
     images, _ = pipeline.case_samples(case, plans, config)
     probs = predict_batches(predict_fn, state, images, config.eval.batch_size, mesh)
     return preprocess.from_samples(probs, spatial, config.data.slice_axis), len(images)
+
+
+def predict_case(case: decathlon.Case, plans: dict, config, state, predict_fn,
+                 mesh) -> tuple[np.ndarray, int]:
+    """Returns (label map of the case's spatial shape, number of network inputs)."""
+    probs, n = predict_probs(case, plans, config, state, predict_fn, mesh)
+    return np.argmax(probs, axis=-1).astype(np.uint8), n
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Per-voxel entropy of the softmax (nats), the uncertainty map: 0 = certain."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return -np.sum(p * np.log(p), axis=-1)

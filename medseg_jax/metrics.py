@@ -1,4 +1,4 @@
-"""Segmentation metrics: overlap (Dice, IoU) and surface distances (HD, HD95, ASSD).
+"""Segmentation metrics: overlap, surface distances and volumes, in physical units.
 
 The host-side metrics use numpy + ``scipy.ndimage`` and work on 2D or 3D binary
 masks (any bool/int array; nonzero = foreground). ``dice_counts`` /
@@ -15,8 +15,20 @@ Conventions
 * Hausdorff at ``percentile=p`` is ``max(P_p(d(A->B)), P_p(d(B->A)))`` with
   numpy's linear-interpolated percentile (MONAI's definition). ASSD is the mean
   over the union of both directed distance sets.
-* Empty masks: both pred and gt empty -> dice = iou = 1, hd = hd95 = assd = 0.
-  Exactly one empty -> dice = iou = 0, hd = hd95 = assd = nan (undefined);
+* Normalised surface Dice (NSD) at tolerance ``tau`` mm is the share of surface
+  voxels of both masks lying within ``tau`` of the other surface:
+  ``(#{d(A->B) <= tau} + #{d(B->A) <= tau}) / (|S_A| + |S_B|)`` (MONAI's
+  ``compute_surface_dice``; DeepMind weights surfels by area instead).
+* Precision ``|A&B| / |A|``, recall ``|A&B| / |B|``, volume difference
+  ``(|A| - |B|) * voxel volume`` in ml (3D only; nan for 2D images).
+* Empty masks (A = prediction, B = reference):
+  both empty -> every metric is nan: the class is absent, there is nothing to
+  score (MONAI, DeepMind's surface-distance and nnU-Net all agree), except the
+  volume difference, 0.
+  Exactly one empty -> dice = iou = nsd = 0, hd = hd95 = assd = nan
+  (undefined; MONAI and DeepMind return inf, which would make any mean inf),
+  precision = 0 and recall = nan when only the reference is empty, and the
+  reverse when only the prediction is empty.
   ``aggregate`` skips non-finite values and counts them in ``n_nan``.
 """
 
@@ -29,7 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-METRIC_NAMES = ("dice", "iou", "hd", "hd95", "assd")
+from medseg_jax import stats
+
+METRIC_NAMES = ("dice", "iou", "hd", "hd95", "assd", "nsd", "precision", "recall",
+                "vol_diff_ml")
+DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 
 # --------------------------------------------------------------------------- #
@@ -65,22 +81,32 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
 # --------------------------------------------------------------------------- #
 
 
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else float("nan")
+
+
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice coefficient 2|A&B| / (|A| + |B|); 1.0 when both masks are empty."""
+    """Dice coefficient 2|A&B| / (|A| + |B|); nan when both masks are empty."""
     pred, gt = _check_pair(pred, gt)
-    total = int(pred.sum()) + int(gt.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(pred, gt).sum()) / total
+    return _ratio(2 * int(np.logical_and(pred, gt).sum()), int(pred.sum()) + int(gt.sum()))
 
 
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Intersection over union |A&B| / |A|B|; 1.0 when both masks are empty."""
+    """Intersection over union |A&B| / |A|B|; nan when both masks are empty."""
     pred, gt = _check_pair(pred, gt)
-    union = int(np.logical_or(pred, gt).sum())
-    if union == 0:
-        return 1.0
-    return int(np.logical_and(pred, gt).sum()) / union
+    return _ratio(int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum()))
+
+
+def overlap_metrics(pred: np.ndarray, gt: np.ndarray,
+                    spacing: Sequence[float] | None = None) -> dict[str, float]:
+    """Dice, IoU, precision, recall and volume difference (ml, 3D) from one count pass."""
+    pred, gt = _check_pair(pred, gt)
+    sampling = _check_spacing(spacing, pred.ndim)
+    tp, n_pred, n_gt = int(np.logical_and(pred, gt).sum()), int(pred.sum()), int(gt.sum())
+    voxel_ml = float(np.prod(sampling)) / 1000.0 if pred.ndim == 3 else float("nan")
+    return {"dice": _ratio(2 * tp, n_pred + n_gt), "iou": _ratio(tp, n_pred + n_gt - tp),
+            "precision": _ratio(tp, n_pred), "recall": _ratio(tp, n_gt),
+            "vol_diff_ml": (n_pred - n_gt) * voxel_ml}
 
 
 # --------------------------------------------------------------------------- #
@@ -149,13 +175,34 @@ def _hd_from_distances(d_ab: np.ndarray, d_ba: np.ndarray, percentile: float) ->
 
 
 def _empty_case(pred: np.ndarray, gt: np.ndarray) -> float | None:
-    """Surface-distance value for empty masks (0 or nan), else ``None``."""
+    """Surface-distance value (nan) when a mask is empty, else ``None``."""
+    return float("nan") if not pred.any() or not gt.any() else None
+
+
+def _nsd_from_distances(d_ab: np.ndarray, d_ba: np.ndarray, tolerance: float) -> float:
+    close = int((d_ab <= tolerance).sum()) + int((d_ba <= tolerance).sum())
+    return close / (d_ab.size + d_ba.size)
+
+
+def normalized_surface_dice(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+) -> float:
+    """Share of both surfaces within ``tolerance`` (mm) of the other surface.
+
+    Both empty -> nan, exactly one empty -> 0.0.
+    """
+    pred, gt = _check_pair(pred, gt)
+    _check_spacing(spacing, pred.ndim)
+    if not tolerance >= 0:
+        raise ValueError(f"NSD tolerance must be >= 0 mm, got {tolerance}")
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
-    if not has_pred and not has_gt:
-        return 0.0
-    if has_pred != has_gt:
-        return float("nan")
-    return None
+    if not (has_pred and has_gt):
+        return 0.0 if has_pred or has_gt else float("nan")
+    d_ab, d_ba = surface_distances(pred, gt, spacing)
+    return _nsd_from_distances(d_ab, d_ba, tolerance)
 
 
 def hausdorff(
@@ -170,7 +217,7 @@ def hausdorff(
     ``percentile=100`` is the classic Hausdorff distance; ``percentile=95``
     gives HD95 = max(P95(d(A->B)), P95(d(B->A))) as in MONAI. DeepMind's
     surface-distance library instead takes surfel-area-weighted percentiles
-    and can differ slightly. Both empty -> 0.0, one empty -> nan. ``crop``
+    and can differ slightly. Either mask empty -> nan. ``crop``
     only selects the (equivalent, faster) bounding-box computation.
     """
     pred, gt = _check_pair(pred, gt)
@@ -192,7 +239,7 @@ def average_surface_distance(
 ) -> float:
     """Average symmetric surface distance: mean over both directed distance sets.
 
-    Both empty -> 0.0, one empty -> nan.
+    Either mask empty -> nan.
     """
     pred, gt = _check_pair(pred, gt)
     _check_spacing(spacing, pred.ndim)
@@ -209,21 +256,25 @@ def average_surface_distance(
 
 
 def binary_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
 ) -> dict[str, float]:
-    """All of dice, iou, hd, hd95, assd for one binary pair (one distance pass)."""
+    """Every metric of ``METRIC_NAMES`` for one binary pair (one distance pass)."""
+    out = overlap_metrics(pred, gt, spacing)
     pred, gt = _check_pair(pred, gt)
-    _check_spacing(spacing, pred.ndim)
-    out = {"dice": dice(pred, gt), "iou": iou(pred, gt)}
-    empty = _empty_case(pred, gt)
-    if empty is not None:
-        out.update(hd=empty, hd95=empty, assd=empty)
-        return out
-    d_ab, d_ba = surface_distances(pred, gt, spacing)
-    out["hd"] = _hd_from_distances(d_ab, d_ba, 100)
-    out["hd95"] = _hd_from_distances(d_ab, d_ba, 95)
-    out["assd"] = float(np.concatenate([d_ab, d_ba]).mean())
-    return out
+    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    if not (has_pred and has_gt):
+        nan = float("nan")
+        out.update(hd=nan, hd95=nan, assd=nan, nsd=0.0 if has_pred or has_gt else nan)
+    else:
+        d_ab, d_ba = surface_distances(pred, gt, spacing)
+        out["hd"] = _hd_from_distances(d_ab, d_ba, 100)
+        out["hd95"] = _hd_from_distances(d_ab, d_ba, 95)
+        out["assd"] = float(np.concatenate([d_ab, d_ba]).mean())
+        out["nsd"] = _nsd_from_distances(d_ab, d_ba, nsd_tolerance)
+    return {name: out[name] for name in METRIC_NAMES}
 
 
 def evaluate_case(
@@ -231,6 +282,7 @@ def evaluate_case(
     gt_labels: np.ndarray,
     spacing: Sequence[float] | None,
     labels: dict[int, str],
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
 ) -> dict[str, dict[str, float]]:
     """Metrics for each foreground label of one case: ``{name: {metric: value}}``.
 
@@ -245,7 +297,7 @@ def evaluate_case(
         )
     _check_spacing(spacing, gt_labels.ndim)
     return {
-        name: binary_metrics(pred_labels == value, gt_labels == value, spacing)
+        name: binary_metrics(pred_labels == value, gt_labels == value, spacing, nsd_tolerance)
         for value, name in labels.items()
         if int(value) != 0
     }
@@ -253,11 +305,15 @@ def evaluate_case(
 
 def aggregate(
     per_case: list[dict[str, dict[str, float]]],
+    bootstrap_samples: int = stats.DEFAULT_BOOTSTRAP_SAMPLES,
+    seed: int = 0,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Per class, per metric: mean, std (ddof=0), median over finite values, n, n_nan.
+    """Per class, per metric over finite values: mean, std (ddof=0), median,
+    95% bootstrap interval of the mean (``ci_low``, ``ci_high``), n, n_nan.
 
     Non-finite values (nan, inf) are skipped and counted in ``n_nan``; with no
-    finite value mean/std/median are nan.
+    finite value mean/std/median are nan, and with fewer than two the interval
+    is nan. The bootstrap is seeded, so the same cases give the same interval.
     """
     values: dict[str, dict[str, list[float]]] = {}
     for case in per_case:
@@ -271,10 +327,13 @@ def aggregate(
             arr = np.asarray(vals, dtype=np.float64)
             finite = arr[np.isfinite(arr)]
             has = finite.size > 0
+            lo, hi = stats.bootstrap_ci(finite, samples=bootstrap_samples, seed=seed)
             out[cls][metric] = {
                 "mean": float(finite.mean()) if has else float("nan"),
                 "std": float(finite.std()) if has else float("nan"),
                 "median": float(np.median(finite)) if has else float("nan"),
+                "ci_low": lo,
+                "ci_high": hi,
                 "n": int(finite.size),
                 "n_nan": int(arr.size - finite.size),
             }
@@ -314,8 +373,9 @@ def dice_counts(
 
 
 def dice_from_counts(inter: np.ndarray, pred_sum: np.ndarray, gt_sum: np.ndarray) -> np.ndarray:
-    """Per-class Dice 2*inter / (pred_sum + gt_sum); 1.0 where both are empty."""
+    """Per-class Dice 2*inter / (pred_sum + gt_sum); nan where both are empty
+    (as ``dice``)."""
     inter = np.asarray(inter, dtype=np.float64)
     total = np.asarray(pred_sum, dtype=np.float64) + np.asarray(gt_sum, dtype=np.float64)
     safe = np.where(total > 0, total, 1.0)
-    return np.where(total > 0, 2.0 * inter / safe, 1.0)
+    return np.where(total > 0, 2.0 * inter / safe, np.nan)

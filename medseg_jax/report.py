@@ -1,11 +1,23 @@
-"""Human-readable tables of evaluation results."""
+"""Reports of evaluation results: markdown tables, CSV files and figures.
+
+Figures use matplotlib's Agg backend (files only, no display needed). Every
+file is written to a temporary name and renamed, so a report is never left
+half-written.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
+import os
+
+import numpy as np
 
 _COLUMNS = (("dice", "Dice", 4), ("iou", "IoU", 4), ("hd95", "HD95 (mm)", 2),
-            ("hd", "HD (mm)", 2), ("assd", "ASSD (mm)", 2))
+            ("hd", "HD (mm)", 2), ("assd", "ASSD (mm)", 2), ("nsd", "NSD", 4))
+_STATS = ("mean", "std", "median", "ci_low", "ci_high", "n", "n_nan")
 
 
 def _cell(stats: dict, digits: int) -> str:
@@ -18,21 +30,213 @@ def _cell(stats: dict, digits: int) -> str:
     return text
 
 
-def metrics_table(groups: dict[str, dict], title: str = "") -> str:
+def metrics_table(groups: dict[str, dict], title: str = "",
+                  nsd_tolerance_mm: float = 1.0) -> str:
     """Markdown table: one row per (group, class), mean ± std over cases.
 
     ``groups`` maps a group name ("all", a task name, ...) to
     ``metrics.aggregate`` output {class: {metric: {mean, std, median, n, n_nan}}}.
     """
-    header = ["data", "class", "cases"] + [name for _, name, _ in _COLUMNS]
+    header = (["data", "class", "cases"] + [name for _, name, _ in _COLUMNS]
+              + ["Dice 95% CI"])
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, classes in groups.items():
         for cls, stats in classes.items():
             n = stats.get("dice", {}).get("n", 0) + stats.get("dice", {}).get("n_nan", 0)
             row = [group, cls, str(n)] + [_cell(stats.get(key, {}), d) for key, _, d in _COLUMNS]
+            dice = stats.get("dice", {})
+            lo, hi = dice.get("ci_low", math.nan), dice.get("ci_high", math.nan)
+            row.append(f"{lo:.4f} to {hi:.4f}" if math.isfinite(lo) else "n/a")
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "mean ± std over cases; distances in mm from the voxel spacing; "
-              "'undef.' counts cases where exactly one of prediction and reference is "
-              "empty (distances undefined, left out of the mean)."]
+    lines += ["", "mean ± std over cases; distances in mm from the voxel spacing; NSD: share "
+              f"of surface within {nsd_tolerance_mm:g} mm; 95% CI: bootstrap interval of the "
+              "mean Dice; 'undef.' counts cases where the metric is undefined (a distance "
+              "with one mask empty, or the class absent from both), left out of the mean."]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- #
+# Files
+# --------------------------------------------------------------------------- #
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _num(value: float) -> str:
+    return "nan" if not math.isfinite(float(value)) else repr(float(value))
+
+
+def per_case_csv(per_case: list[dict], metric_names: tuple[str, ...]) -> str:
+    """One row per (case, class): case, task, class, then every metric ('nan' = undefined)."""
+    rows = []
+    for case in per_case:
+        for cls, values in case["metrics"].items():
+            rows.append([case["case"], case["task"], cls]
+                        + [_num(values[m]) for m in metric_names])
+    return _csv_text(["case", "task", "class", *metric_names], rows)
+
+
+def summary_csv(groups: dict[str, dict]) -> str:
+    """One row per (group, class, metric) with mean, std, median, 95% CI, n, n_nan."""
+    rows = []
+    for group, classes in groups.items():
+        for cls, metrics in classes.items():
+            for metric, stats in metrics.items():
+                rows.append([group, cls, metric] + [
+                    str(stats[k]) if k in ("n", "n_nan") else _num(stats[k]) for k in _STATS])
+    return _csv_text(["data", "class", "metric", *_STATS], rows)
+
+
+# --------------------------------------------------------------------------- #
+# Figures
+# --------------------------------------------------------------------------- #
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415 (only runs that draw pay for the import)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    plt = _pyplot()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.getpid()}.{os.path.basename(path)}")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.rsplit(".", 1)[-1])
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_metrics_log(workdir: str) -> tuple[list[dict], list[dict]]:
+    """(per-step rows, per-epoch rows) of a run's ``metrics.jsonl``."""
+    steps, epochs = [], []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    (epochs if "val_loss" in row else steps).append(row)
+    return steps, epochs
+
+
+def plot_curves(runs: dict[str, str], path: str) -> None:
+    """Training loss, validation loss and validation Dice per epoch, one line per run.
+
+    ``runs`` maps a label (e.g. the architecture) to its workdir.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, workdir in runs.items():
+        _, epochs = read_metrics_log(workdir)
+        x = [r["epoch"] for r in epochs]
+        axes[0].plot(x, [r["train_loss"] for r in epochs], label=label)
+        axes[1].plot(x, [r["val_loss"] for r in epochs], label=label)
+        axes[2].plot(x, [r["val_dice"] for r in epochs], label=label)
+    for ax, name in zip(axes, ("training loss", "validation loss", "validation Dice")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    _save(fig, path)
+
+
+_REFERENCE, _PREDICTION = "lime", "red"
+
+
+def _outlines(ax, labels: np.ndarray, color: str, style: str = "solid") -> None:
+    """Draws the outline of every foreground class of a 2D label map."""
+    for value in np.unique(labels):
+        mask = labels == value
+        if value != 0 and not mask.all():
+            ax.contour(mask.T.astype(np.float32), levels=[0.5], colors=[color],
+                       linestyles=style, linewidths=1.1, origin="lower")
+
+
+def plot_cases(rows: list[dict], path: str, title: str = "") -> None:
+    """A grid of slices: one row per case, one overlay column per prediction, then maps.
+
+    Each row is ``{"title", "image" (2D), "gt" (2D labels), "preds": {name: 2D labels},
+    "maps": {name: 2D array}}``. Overlays draw the reference outline in green and
+    the prediction in red (every class); maps are drawn with the reference
+    outline for orientation. Arrays are indexed (x, y), drawn with x to the right
+    and y up.
+    """
+    plt = _pyplot()
+    cols = max(len(r["preds"]) + len(r.get("maps", {})) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.1 * cols, 3.3 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        image = row["image"].T
+        lo, hi = np.percentile(image, [1, 99])
+        panels = [(name, pred, None) for name, pred in row["preds"].items()]
+        panels += [(name, None, values) for name, values in row.get("maps", {}).items()]
+        for c, (name, pred, values) in enumerate(panels):
+            ax = axes[r, c]
+            if values is None:
+                ax.imshow(image, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+                _outlines(ax, pred, _PREDICTION, "dashed")
+            else:
+                shown = ax.imshow(values.T, cmap="magma", origin="lower")
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            _outlines(ax, row["gt"], _REFERENCE)
+            ax.set_title((row["title"] + "\n" if c == 0 else "\n") + name, fontsize=8,
+                         loc="left")
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in axes[r, len(panels):]:
+            ax.axis("off")
+    fig.suptitle((title + ": " if title else "")
+                 + "reference outline green, prediction red (dashed)", fontsize=9)
+    _save(fig, path)
+
+
+def plot_boxplots(values: dict[str, dict[str, list[float]]], path: str) -> None:
+    """Box plots of per-case values: ``{metric: {model: [values]}}``, one panel per metric.
+
+    Non-finite values are left out (the panel title says how many).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(values), figsize=(4.5 * len(values), 3.6), squeeze=False)
+    for ax, (metric, by_model) in zip(axes[0], values.items()):
+        data, skipped = [], 0
+        for vals in by_model.values():
+            arr = np.asarray(vals, dtype=np.float64)
+            data.append(arr[np.isfinite(arr)])
+            skipped += int((~np.isfinite(arr)).sum())
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(data) + 1), list(by_model), fontsize=8)
+        ax.set_title(metric + (f" ({skipped} undefined left out)" if skipped else ""),
+                     fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)

@@ -151,10 +151,11 @@ def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
         out = eval_fn(state, sharding.to_global(batch, mesh))
         loss_sum, n, counts = loss_sum + out["loss_sum"], n + out["n"], counts + out["counts"]
     counts = np.asarray(counts)
-    dice = metrics.dice_from_counts(counts[0], counts[1], counts[2])
+    dice = metrics.dice_from_counts(counts[0], counts[1], counts[2])[1:]
+    present = dice[np.isfinite(dice)]  # a class absent from the whole split is skipped
     return {"val_loss": float(loss_sum) / max(float(n), 1.0),
-            "val_dice": float(np.mean(dice[1:])),
-            "val_dice_per_class": [float(d) for d in dice[1:]]}
+            "val_dice": float(present.mean()) if present.size else 0.0,
+            "val_dice_per_class": [float(d) for d in dice]}
 
 
 def write_config(config, workdir: str) -> None:

@@ -145,17 +145,74 @@ def test_empty_conventions():
     empty = np.zeros((8, 8), bool)
     some = empty.copy()
     some[2:4, 2:4] = True
-    assert metrics.dice(empty, empty) == 1.0
-    assert metrics.iou(empty, empty) == 1.0
-    assert metrics.hausdorff(empty, empty) == 0.0
-    assert metrics.hausdorff(empty, empty, percentile=95) == 0.0
-    assert metrics.average_surface_distance(empty, empty) == 0.0
+    # Both empty: the class is absent, nothing to score (MONAI / DeepMind / nnU-Net).
+    for fn in (metrics.dice, metrics.iou, metrics.hausdorff, metrics.average_surface_distance,
+               metrics.normalized_surface_dice):
+        assert math.isnan(fn(empty, empty))
+    both = metrics.binary_metrics(empty, empty)
+    assert all(math.isnan(v) for k, v in both.items() if k != "vol_diff_ml")
     for pred, gt in [(some, empty), (empty, some)]:
         assert metrics.dice(pred, gt) == 0.0
         assert metrics.iou(pred, gt) == 0.0
+        assert metrics.normalized_surface_dice(pred, gt) == 0.0
         assert math.isnan(metrics.hausdorff(pred, gt))
         assert math.isnan(metrics.hausdorff(pred, gt, percentile=95))
         assert math.isnan(metrics.average_surface_distance(pred, gt))
+    false_positive = metrics.binary_metrics(some, empty)
+    assert false_positive["precision"] == 0.0 and math.isnan(false_positive["recall"])
+    missed = metrics.binary_metrics(empty, some)
+    assert missed["recall"] == 0.0 and math.isnan(missed["precision"])
+
+
+def _shifted_squares():
+    gt = np.zeros((10, 10), bool)
+    gt[2:6, 2:6] = True
+    pred = np.zeros_like(gt)
+    pred[3:7, 2:6] = True  # one row down
+    return pred, gt
+
+
+def test_nsd_hand_computed():
+    # Each 12-voxel square outline: 6 voxels lie on the other outline (distance 0);
+    # 4 (the far row) are one step along axis 0 from it, 2 (inner voxels of the
+    # near row) one step along either axis.
+    pred, gt = _shifted_squares()
+    assert metrics.normalized_surface_dice(pred, gt, (1.0, 1.0), tolerance=0.5) == 0.5
+    assert metrics.normalized_surface_dice(pred, gt, (1.0, 1.0), tolerance=1.0) == 1.0
+    # Axis 0 at 2 mm: the far rows are 2 mm away, the inner near-row voxels 1 mm.
+    assert metrics.normalized_surface_dice(pred, gt, (2.0, 1.0), tolerance=1.0) == 8 / 12
+    assert metrics.normalized_surface_dice(pred, gt, (2.0, 1.0), tolerance=2.0) == 1.0
+    with pytest.raises(ValueError, match="tolerance"):
+        metrics.normalized_surface_dice(pred, gt, tolerance=-1)
+
+
+def test_nsd_against_brute_force():
+    rng = np.random.default_rng(11)
+    spacing = (1.5, 0.7, 2.0)
+    for _ in range(3):
+        a, b = _blob(rng, (12, 14, 10)), _blob(rng, (12, 14, 10))
+        d_ab, d_ba = _brute_force_distances(a, b, spacing)
+        for tol in (0.5, 1.0, 2.5):
+            expected = (np.sum(d_ab <= tol) + np.sum(d_ba <= tol)) / (d_ab.size + d_ba.size)
+            assert metrics.normalized_surface_dice(a, b, spacing, tol) == pytest.approx(expected)
+            assert metrics.binary_metrics(a, b, spacing, tol)["nsd"] == pytest.approx(expected)
+
+
+def test_precision_recall_volume_hand_computed():
+    pred, gt = _shifted_squares()  # 12 of 16 voxels shared
+    m = metrics.binary_metrics(pred, gt, (1.0, 1.0))
+    assert (m["dice"], m["iou"], m["precision"], m["recall"]) == (0.75, 12 / 20, 0.75, 0.75)
+    assert math.isnan(m["vol_diff_ml"])  # 2D: no volume
+    gt3 = np.zeros((6, 6, 6), bool)
+    gt3[2:3, 2:4, 2:4] = True  # 4 voxels
+    pred3 = np.zeros_like(gt3)
+    pred3[2:4, 2:4, 2:4] = True  # 8 voxels, all 4 of gt inside
+    m3 = metrics.binary_metrics(pred3, gt3, (2.0, 1.0, 0.5))  # 1 mm^3 voxels
+    assert m3["precision"] == 0.5 and m3["recall"] == 1.0
+    assert m3["vol_diff_ml"] == pytest.approx(4 / 1000)
+    m3 = metrics.binary_metrics(gt3, pred3, (4.0, 5.0, 5.0))  # 100 mm^3 voxels
+    assert m3["vol_diff_ml"] == pytest.approx(-0.4)
+    assert tuple(m3) == metrics.METRIC_NAMES
 
 
 # ---- evaluate_case / aggregate ------------------------------------------- #
@@ -168,7 +225,9 @@ def test_evaluate_case_and_aggregate():
     labels = {0: "background", 1: "liver", 2: "tumour"}
     perfect = metrics.evaluate_case(gt, gt, (1.0, 1.0), labels)
     assert set(perfect) == {"liver", "tumour"}
-    assert perfect["liver"] == {"dice": 1.0, "iou": 1.0, "hd": 0.0, "hd95": 0.0, "assd": 0.0}
+    liver = perfect["liver"]
+    assert {k: liver[k] for k in ("dice", "iou", "hd", "hd95", "assd", "nsd")} == {
+        "dice": 1.0, "iou": 1.0, "hd": 0.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0}
 
     missed = gt.copy()
     missed[missed == 2] = 0  # tumour missed: dice 0, distances nan
@@ -177,10 +236,16 @@ def test_evaluate_case_and_aggregate():
     assert math.isnan(case2["tumour"]["hd95"])
 
     agg = metrics.aggregate([perfect, case2])
-    assert agg["liver"]["dice"] == {"mean": 1.0, "std": 0.0, "median": 1.0, "n": 2, "n_nan": 0}
+    dice = agg["liver"]["dice"]
+    assert {k: dice[k] for k in ("mean", "std", "median", "n", "n_nan")} == {
+        "mean": 1.0, "std": 0.0, "median": 1.0, "n": 2, "n_nan": 0}
+    assert dice["ci_low"] == dice["ci_high"] == 1.0
     assert agg["tumour"]["dice"]["mean"] == pytest.approx(0.5)
     assert agg["tumour"]["dice"]["std"] == pytest.approx(0.5)
-    assert agg["tumour"]["hd"] == {"mean": 0.0, "std": 0.0, "median": 0.0, "n": 1, "n_nan": 1}
+    assert agg["tumour"]["dice"]["ci_low"] == 0.0 and agg["tumour"]["dice"]["ci_high"] == 1.0
+    hd = agg["tumour"]["hd"]
+    assert (hd["mean"], hd["n"], hd["n_nan"]) == (0.0, 1, 1)
+    assert math.isnan(hd["ci_low"])  # one finite value: no interval
     only_nan = metrics.aggregate([case2])["tumour"]["assd"]
     assert only_nan["n"] == 0 and only_nan["n_nan"] == 1 and math.isnan(only_nan["mean"])
 
@@ -194,13 +259,13 @@ def test_dice_counts_matches_numpy():
     pred = rng.integers(0, k, size=(3, 6, 7))
     gt = rng.integers(0, k, size=(3, 6, 7))
     pred[pred == 3] = 0
-    gt[gt == 3] = 0  # class 3 absent everywhere -> dice 1.0 by convention
+    gt[gt == 3] = 0  # class 3 absent everywhere -> dice nan, as the numpy one
     counts = metrics.dice_counts(jnp.asarray(pred), jnp.asarray(gt), k)
     assert all(c.shape == (k,) and c.dtype == jnp.float32 for c in counts)
     got = metrics.dice_from_counts(*[np.asarray(c) for c in counts])
     expected = [metrics.dice(pred == c, gt == c) for c in range(k)]
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    assert got[3] == 1.0
+    np.testing.assert_allclose(got, expected, rtol=1e-6)  # nan == nan here
+    assert math.isnan(got[3])
 
     # Padding: the mask drops sample 2, and counts sum over batches.
     mask = jnp.array([1.0, 1.0, 0.0])

@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
-from medseg_jax import evaluate, sharding, train
+from medseg_jax import evaluate, metrics, sharding, train
 
 
 def _batch(config, n=8, seed=0):
@@ -107,13 +108,26 @@ def test_train_and_evaluate_then_eval_reproduces(make_tiny_config, tmp_path):
     config = make_tiny_config()
     results = train.train_and_evaluate(config, workdir)
     for name in ("config.json", "splits.json", "preprocess.json", "metrics.jsonl",
-                 "test_metrics.json", "test_metrics.md"):
+                 "test_metrics.json", "test_metrics.md", "test_per_case.csv",
+                 "test_summary.csv", "figures/test_cases.png", "figures/training_curves.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
     agg = results["aggregate"]
     assert set(agg) == {"all", "SynthCT", "SynthMRI", "SynthUS"}
-    assert set(agg["all"]["lesion"]) >= {"dice", "iou", "hd", "hd95"}
+    assert set(agg["all"]["lesion"]) == set(metrics.METRIC_NAMES)
     again = evaluate.evaluate(config, workdir)
-    assert again["per_case"] == results["per_case"]
+    # nan (e.g. the volume of a 2D case) != nan: compare the serialised values.
+    assert json.dumps(again["per_case"]) == json.dumps(results["per_case"])
+    with open(os.path.join(workdir, "test_per_case.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == [c["case"] for c in results["per_case"]]
+    first = results["per_case"][0]["metrics"]["lesion"]
+    assert float(rows[0]["dice"]) == first["dice"] and float(rows[0]["hd95"]) == first["hd95"]
+    with open(os.path.join(workdir, "test_summary.csv")) as f:
+        summary = {(r["data"], r["metric"]): r for r in csv.DictReader(f)}
+    dice = agg["all"]["lesion"]["dice"]
+    row = summary[("all", "dice")]
+    assert float(row["mean"]) == dice["mean"] and int(row["n"]) == dice["n"]
+    assert float(row["ci_low"]) <= dice["mean"] <= float(row["ci_high"])
     with open(os.path.join(workdir, "splits.json")) as f:
         assert [c["case"] for c in results["per_case"]] == json.load(f)["test"]
 

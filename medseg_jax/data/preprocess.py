@@ -124,16 +124,16 @@ def to_samples(image: np.ndarray, label: np.ndarray | None, image_size: tuple[in
 
 
 def from_samples(probs: np.ndarray, spatial_shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
-    """Predicted probabilities (N, *image_size, K) -> label map of ``spatial_shape``.
+    """Predicted probabilities (N, *image_size, K) -> probabilities (*spatial_shape, K).
 
-    Probabilities are resized (linearly) back to the case grid, then argmax'd.
+    Each sample's probabilities are resized (linearly) back to the case grid;
+    take the argmax afterwards for the label map.
     """
     n_img = probs.ndim - 2
     if n_img == len(spatial_shape):
-        return np.argmax(resize(probs[0], spatial_shape, order=1), axis=-1).astype(np.uint8)
+        return resize(probs[0], spatial_shape, order=1)
     in_plane = tuple(s for a, s in enumerate(spatial_shape) if a != slice_axis)
-    labels = np.stack([np.argmax(resize(p, in_plane, order=1), axis=-1) for p in probs])
-    return np.moveaxis(labels, 0, slice_axis).astype(np.uint8)
+    return np.stack([resize(p, in_plane, order=1) for p in probs], axis=slice_axis)
 
 
 def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...],
