@@ -1,9 +1,10 @@
 """Command line: ``python -m medseg_jax.main --config=configs/unet.py --workdir=runs/unet``.
 
 Modes: ``train`` (default: train, resuming from the latest checkpoint in the
-workdir, then evaluate the best checkpoint on the test split) and ``eval``
-(restore a checkpoint and evaluate). Any config field can be overridden, e.g.
-``--config.train.learning_rate=3e-4``.
+workdir, then evaluate the best checkpoint on the test split), ``eval``
+(restore a checkpoint and evaluate) and ``predict`` (NIfTI in, NIfTI label maps
+out: ``--mode=predict --input=DIR_OR_FILE --output=DIR``). Any config field can
+be overridden, e.g. ``--config.train.learning_rate=3e-4``.
 """
 
 import logging as std_logging
@@ -16,8 +17,15 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, e.g. configs/unet.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "train: train (or resume) then evaluate; eval: evaluate a checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                  "train: train (or resume) then evaluate; eval: evaluate a checkpoint; "
+                  "predict: write label maps for NIfTI inputs.")
+flags.DEFINE_string("input", None, "predict: a NIfTI file or a folder of them.")
+flags.DEFINE_string("output", None, "predict: folder for the predicted label maps.")
+flags.DEFINE_string("task", None, "predict: the task (dataset.json name) whose intensity "
+                    "normalisation the inputs need; only for runs trained on several tasks.")
+flags.DEFINE_bool("save_probabilities", False, "predict: also write the softmax "
+                  "probabilities as <case>_probabilities.nii.gz.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of input/config errors.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -40,7 +48,9 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from medseg_jax import evaluate, train  # noqa: PLC0415 (after flag parsing)
+    if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
+        raise app.UsageError("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
+    from medseg_jax import evaluate, predict, train  # noqa: PLC0415 (after flag parsing)
 
     handler = logging.get_absl_handler()
     handler.setFormatter(None)  # plain progress lines
@@ -50,8 +60,11 @@ def main(argv):
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
-        else:
+        elif FLAGS.mode == "eval":
             evaluate.evaluate(config, FLAGS.workdir)
+        else:
+            predict.predict(config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.task,
+                            FLAGS.save_probabilities)
     except USER_ERRORS as e:
         if FLAGS.traceback:
             raise

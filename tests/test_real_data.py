@@ -2,7 +2,10 @@
 
 import json
 
-from medseg_jax import train
+import nibabel as nib
+import numpy as np
+
+from medseg_jax import predict, train
 
 
 def test_hippocampus_trains_and_evaluates_in_mm(make_tiny_config, shared_data_dir, tmp_path):
@@ -20,3 +23,13 @@ def test_hippocampus_trains_and_evaluates_in_mm(make_tiny_config, shared_data_di
     assert case["spacing"] == [1.0, 1.0, 1.0]
     assert set(case["metrics"]) == {"Anterior", "Posterior"}
     assert set(results["aggregate"]["all"]) == {"Anterior", "Posterior"}
+
+    # Prediction writes label maps in each input's own geometry, label values as dataset.json.
+    out = tmp_path / "pred"
+    inputs = [root / "imagesTr" / f"{c}.nii.gz" for c in ("hippocampus_243", "hippocampus_004")]
+    for path in inputs:
+        predict.predict(config, str(tmp_path / "run"), str(path), str(out))
+        src, dst = nib.load(path), nib.load(out / path.name)
+        assert dst.shape == src.shape and dst.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(dst.affine, src.affine)
+        assert set(np.unique(np.asarray(dst.dataobj))) <= {0, 1, 2}
