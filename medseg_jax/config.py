@@ -69,6 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
     train.steps_per_epoch = 0  # 0: one pass over the training samples
     train.patience = 8  # early stopping on validation loss, in epochs (0: off)
     train.min_delta = 0.0
+    train.init_from = ""  # another run's workdir: start from its best checkpoint (transfer)
+    train.freeze_encoder_epochs = 0  # with init_from: keep the encoder fixed this many epochs
     train.dice_weight = 1.0
     train.ce_weight = 1.0
     train.log_every_steps = 50
@@ -144,6 +146,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.foreground_fraction: {config.data.foreground_fraction} "
             "is not in [0, 1]")
+    if int(config.train.freeze_encoder_epochs) < 0:
+        raise ValueError("config.train.freeze_encoder_epochs: must be >= 0, got "
+                         f"{config.train.freeze_encoder_epochs}")
     if not config.eval.nsd_tolerance_mm >= 0:
         raise ValueError(
             f"config.eval.nsd_tolerance_mm: {config.eval.nsd_tolerance_mm} must be >= 0 (mm)")

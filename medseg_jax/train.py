@@ -30,7 +30,7 @@ from flax.training import train_state
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import losses, metrics, sharding
+from medseg_jax import losses, metrics, sharding, transfer
 from medseg_jax.data import augment, pipeline
 from medseg_jax.models import count_params, create_model
 
@@ -92,8 +92,12 @@ def _variables(state):
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def train_step(state: TrainState, batch: dict, *, config, num_classes: int):
-    """One Adam step on a global batch: on-device augmentation, Dice + CE."""
+def train_step(state: TrainState, batch: dict, *, config, num_classes: int,
+               freeze_steps: int = 0):
+    """One Adam step on a global batch: on-device augmentation, Dice + CE.
+
+    For the first ``freeze_steps`` steps the encoder stays fixed (transfer learning).
+    """
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
     images, labels = augment.augment_batch(aug_rng, batch["image"], batch["label"],
@@ -109,7 +113,16 @@ def train_step(state: TrainState, batch: dict, *, config, num_classes: int):
         return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    if freeze_steps:
+        frozen = state.step < freeze_steps
+        grads = transfer.zero_encoder(grads, frozen)
+        old = state
+        state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+        state = state.replace(
+            params=transfer.freeze_encoder(old.params, state.params, frozen),
+            batch_stats=transfer.freeze_encoder(old.batch_stats, state.batch_stats, frozen))
+    else:
+        state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
     grad_norm = optax.tree.norm(grads)
     return state, {"loss": loss, "grad_norm": grad_norm}
 
@@ -130,10 +143,11 @@ def predict_step(state: TrainState, images):
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def jit_steps(config, mesh, num_classes: int):
+def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0):
     repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     train = jax.jit(
-        functools.partial(train_step, config=config, num_classes=num_classes),
+        functools.partial(train_step, config=config, num_classes=num_classes,
+                          freeze_steps=freeze_steps),
         in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
     evaluate = jax.jit(
         functools.partial(eval_step, config=config, num_classes=num_classes),
@@ -255,9 +269,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             latest, ckpt_lib.abstract_like(state, sharding.replicated(mesh)))
         logging.info("Resumed from the checkpoint of step %d (after epoch %d)", latest,
                      meta["epoch"] + 1)
+    elif config.train.init_from:
+        state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
     log = MetricsLog(workdir, int(state.step))
 
-    train_fn, eval_fn, _ = jit_steps(config, mesh, dataset.num_classes)
+    freeze_steps = (config.train.freeze_encoder_epochs * steps_per_epoch
+                    if config.train.init_from else 0)
+    train_fn, eval_fn, _ = jit_steps(config, mesh, dataset.num_classes, freeze_steps)
     start_epoch = meta["epoch"] + 1
     if meta["stopped"] or start_epoch >= config.train.num_epochs:
         logging.info("Training already finished (epoch %d, stopped early: %s)",

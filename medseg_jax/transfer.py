@@ -1,0 +1,101 @@
+"""Transfer learning: start from another run's best checkpoint, optionally with the
+encoder frozen for the first epochs.
+
+``train.init_from=OTHER_WORKDIR`` copies every parameter (and BatchNorm
+statistic) of the other run's best checkpoint whose path and shape match the
+new model: the same architecture trained on another modality or data set
+transfers everything but, when the number of classes differs, the output
+layer, which keeps its fresh initialisation. The optimizer state starts fresh.
+``train.freeze_encoder_epochs=N`` keeps the encoder (the ``enc_*`` blocks, the
+contracting path of all three architectures) fixed for the first N epochs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from medseg_jax import checkpoint as ckpt_lib
+from medseg_jax import sharding
+
+ENCODER_PREFIX = "enc_"
+
+
+def _restore_as_saved(directory: str, step: int) -> dict:
+    """The ``state`` item of a checkpoint, restored with its own shapes onto one device."""
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree)
+    restored = checkpointer.restore(path, abstract)
+    checkpointer.close()
+    return restored
+
+
+def _flat(tree) -> dict[str, object]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_pretrained(state, source_workdir: str, mesh):
+    """``state`` with the matching params / batch_stats of ``source_workdir``'s best checkpoint.
+
+    Returns ``(state, summary)``. Raises ValueError naming the folder when it
+    holds no checkpoint or when nothing matches (another architecture).
+    """
+    directory = os.path.join(source_workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"config.train.init_from: {directory} not found: "
+                                f"{source_workdir} holds no training run")
+    reader = ckpt_lib.Checkpointer(directory, read_only=True)
+    step = reader.resolve("best")
+    reader.close()
+    source = _restore_as_saved(directory, step)
+    repl = sharding.replicated(mesh)
+    copied, kept, total = [], [], 0
+    new = {}
+    for collection in ("params", "batch_stats"):
+        src = _flat(source.get(collection, {}))
+
+        def take(path, leaf, src=src, collection=collection):
+            nonlocal total
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            total += 1
+            other = src.get(name)
+            if other is not None and tuple(other.shape) == tuple(leaf.shape):
+                copied.append(f"{collection}/{name}")
+                return jax.device_put(np.asarray(other, dtype=leaf.dtype), repl)
+            why = "absent" if other is None else f"shape {tuple(other.shape)} != {leaf.shape}"
+            kept.append(f"{collection}/{name} ({why})")
+            return leaf
+
+        new[collection] = jax.tree_util.tree_map_with_path(take, getattr(state, collection))
+    if not any(c.startswith("params/") for c in copied):
+        raise ValueError(f"config.train.init_from: no parameter of {source_workdir} (step "
+                         f"{step}) matches this model by name and shape: another architecture?")
+    summary = {"source": source_workdir, "step": int(step), "copied": len(copied),
+               "total": total, "kept_fresh": kept}
+    logging.info("Initialised %d of %d arrays from %s (best checkpoint, step %d)%s",
+                 len(copied), total, source_workdir, step,
+                 f"; kept fresh: {', '.join(kept)}" if kept else "")
+    return state.replace(params=new["params"], batch_stats=new["batch_stats"]), summary
+
+
+def freeze_encoder(old, new, frozen):
+    """``new`` with its top-level ``enc_*`` entries taken from ``old`` where ``frozen``."""
+    return {k: (jax.tree.map(lambda a, b: jnp.where(frozen, a, b), old[k], v)
+                if k.startswith(ENCODER_PREFIX) else v)
+            for k, v in new.items()}
+
+
+def zero_encoder(grads, frozen):
+    """``grads`` with the encoder's entries zeroed where ``frozen`` (no Adam moments build up)."""
+    return {k: (jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), v)
+                if k.startswith(ENCODER_PREFIX) else v)
+            for k, v in grads.items()}
