@@ -47,7 +47,8 @@ def load_pretrained(state, source_workdir: str, mesh):
     """``state`` with the matching params / batch_stats of ``source_workdir``'s best checkpoint.
 
     Returns ``(state, summary)``. Raises ValueError naming the folder when it
-    holds no checkpoint or when nothing matches (another architecture).
+    holds no checkpoint, or when fewer than half of the parameter arrays match
+    (another architecture, width or depth).
     """
     directory = os.path.join(source_workdir, "checkpoints")
     if not os.path.isdir(directory):
@@ -76,9 +77,12 @@ def load_pretrained(state, source_workdir: str, mesh):
             return leaf
 
         new[collection] = jax.tree_util.tree_map_with_path(take, getattr(state, collection))
-    if not any(c.startswith("params/") for c in copied):
-        raise ValueError(f"config.train.init_from: no parameter of {source_workdir} (step "
-                         f"{step}) matches this model by name and shape: another architecture?")
+    n_params = len(jax.tree.leaves(state.params))
+    n_copied = sum(c.startswith("params/") for c in copied)
+    if n_copied * 2 < n_params:
+        raise ValueError(f"config.train.init_from: only {n_copied} of {n_params} parameter "
+                         f"arrays of {source_workdir} (step {step}) match this model by name "
+                         "and shape: another architecture, width or depth?")
     summary = {"source": source_workdir, "step": int(step), "copied": len(copied),
                "total": total, "kept_fresh": kept}
     logging.info("Initialised %d of %d arrays from %s (best checkpoint, step %d)%s",
