@@ -197,8 +197,12 @@ def _attention(run: Run, case: decathlon.Case, index: int | None,
     return preprocess.resize(np.asarray(finest[0], np.float32), in_plane, order=1)[..., 0]
 
 
-def case_view(run: Run, key: str, title: str) -> dict:
-    """A 2D view of one case for ``report.plot_cases``: image, reference, prediction, maps."""
+def case_view(run: Run, key: str, title: str, index: int | None = None) -> dict:
+    """A 2D view of one case for ``report.plot_cases``: image, reference, prediction, maps.
+
+    Volumes are cut at slice ``index`` (default: the slice with the most lesion);
+    the view's ``index`` says which slice was taken.
+    """
     config = run.config
     case = run.dataset.load(key)
     probs, _ = inference.predict_probs(case, run.plans, config, run.state, run.predict_fn,
@@ -206,20 +210,19 @@ def case_view(run: Run, key: str, title: str) -> dict:
     pred = np.argmax(probs, axis=-1)
     unc = inference.entropy(probs)
     image = case.image[0]
-    index = None
     if image.ndim == 3:  # a volume: the slice through the most lesion
         axis = config.data.slice_axis if config.model.spatial_dims == 2 else 2
-        index = _lesion_slice(case.label, pred, axis)
+        index = _lesion_slice(case.label, pred, axis) if index is None else index
         take = lambda a: np.take(a, index, axis=axis)  # noqa: E731
         image, gt, pred, unc = take(image), take(case.label), take(pred), take(unc)
         title = f"{title}\nslice {index} of axis {axis}"
     else:
-        gt = case.label
+        gt, index = case.label, None
     maps = {"uncertainty: softmax entropy": unc}
     if config.model.name == "attention_unet" and config.model.spatial_dims == 2:
         maps["attention: finest gate"] = _attention(run, case, index, image.shape)
     return {"title": title, "image": image, "gt": gt, "preds": {config.model.name: pred},
-            "maps": maps}
+            "maps": maps, "index": index}
 
 
 def write_figures(run: Run, per_case: list[dict], split: str) -> dict[str, str]:

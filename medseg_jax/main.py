@@ -50,7 +50,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         raise app.UsageError("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
-    from medseg_jax import evaluate, predict, train  # noqa: PLC0415 (after flag parsing)
+    from medseg_jax import benchmark, evaluate, predict, train  # noqa: PLC0415 (after flags)
 
     handler = logging.get_absl_handler()
     handler.setFormatter(None)  # plain progress lines
@@ -58,7 +58,12 @@ def main(argv):
     logging.get_absl_logger().addFilter(_quiet_libraries)  # absl.logging calls (orbax)
     config = FLAGS.config
     try:
-        if FLAGS.mode == "train":
+        if "benchmark" in config:
+            if FLAGS.mode == "predict":
+                raise ValueError("--mode=predict needs one run's config and workdir, e.g. "
+                                 "--config=configs/unet.py --workdir=<bench>/unet")
+            benchmark.run(config, FLAGS.workdir)  # reuses finished runs: train or eval
+        elif FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":
             evaluate.evaluate(config, FLAGS.workdir)

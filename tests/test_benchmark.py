@@ -1,0 +1,106 @@
+"""The benchmark: several architectures, the sweep's selection rule, the report."""
+
+import csv
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from medseg_jax import benchmark, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_config(**benchmark_fields):
+    config = tiny_config(**{"train.num_epochs": 1})
+    config.benchmark = runpy.run_path(str(ROOT / "configs" / "benchmark.py"))["get_config"]().benchmark
+    for key, value in benchmark_fields.items():
+        node = config.benchmark
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def test_benchmark_with_sweep_never_chooses_on_the_test_split(tmp_path, monkeypatch):
+    calls = []  # (kind, workdir, split) in call order
+    real_fit, real_eval = train.train_and_evaluate, evaluate.evaluate
+
+    def fit(config, workdir):
+        calls.append(("fit", workdir, config.eval.split))
+        return real_fit(config, workdir)
+
+    def ev(config, workdir, split=None, checkpoint=None):
+        calls.append(("eval", workdir, split or config.eval.split))
+        return real_eval(config, workdir, split, checkpoint)
+
+    monkeypatch.setattr(train, "train_and_evaluate", fit)
+    monkeypatch.setattr(evaluate, "evaluate", ev)
+    config = bench_config(**{"models": "unet,fcn", "sweep.enabled": True,
+                             "sweep.learning_rates": "1e-3,3e-2", "sweep.batch_sizes": "8",
+                             "sweep.num_epochs": "1", "sweep.patience": "0"})
+    workdir = tmp_path / "bench"
+    results = benchmark.run(config, str(workdir))
+
+    # Every trial is trained and scored on the validation split; the test split is
+    # evaluated once per architecture, for the chosen trial, after all of its trials.
+    assert [c[2] for c in calls if c[0] == "fit"] == ["val"] * 4
+    tests = [i for i, c in enumerate(calls) if c[2] == "test"]
+    assert len(tests) == 2
+    for label, test_index in zip(("unet", "fcn"), tests):
+        trials = [t for t in results["trials"] if t["entry"] == label]
+        chosen = [t for t in trials if t.get("chosen")]
+        assert len(chosen) == 1
+        assert chosen[0]["val_dice"] == max(t["val_dice"] for t in trials)
+        assert calls[test_index][1] == chosen[0]["workdir"]
+        last_trial = max(i for i, c in enumerate(calls) if label + "/trial_" in c[1]
+                         and c[2] == "val")
+        assert last_trial < test_index
+
+    # The report and its files.
+    text = (workdir / "report.md").read_text()
+    for heading in ("## Test metrics", "## Cost", "## Paired comparisons",
+                    "## The study's figures", "## Sweep trials", "## Figures"):
+        assert heading in text
+    assert "0.85" in text and "Wilcoxon" in text and results["environment"]["jax"] in text
+    for name in ("training_curves.png", "boxplots.png", "test_cases.png"):
+        assert (workdir / "figures" / name).stat().st_size > 1000
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["entry"] for r in rows} == {"unet", "fcn"}
+    dice = [r for r in rows if r["entry"] == "unet" and r["data"] == "all"
+            and r["metric"] == "dice"]
+    assert float(dice[0]["mean"]) == results["entries"][0]["aggregate"]["all"]["lesion"]["dice"]["mean"]
+    saved = json.loads((workdir / "results.json").read_text())
+    comparison = saved["comparisons"][0]
+    assert (comparison["a"], comparison["b"]) == ("unet", "fcn")
+    assert comparison["cases"] == len(results["entries"][0]["per_case"])
+    assert saved["entries"][1]["params"] > 0
+
+
+def test_choose_trial_by_validation_dice():
+    trials = [{"val_dice": 0.5}, {"val_dice": float("nan")}, {"val_dice": 0.7},
+              {"val_dice": 0.7}]
+    assert benchmark.choose_trial(trials) == 2
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"models": "unet,resnet"}, "config.benchmark.models: unknown model 'resnet'"),
+    ({"models": "unet,unet"}, "'unet' is listed twice"),
+    ({"models": " , "}, "config.benchmark.models: empty"),
+    ({"sweep.enabled": True, "sweep.learning_rates": "1e-3,fast"},
+     "config.benchmark.sweep.learning_rates: '1e-3,fast' is not a comma-separated list"),
+])
+def test_bad_benchmark_fields_are_named(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.run(bench_config(**fields), str(tmp_path))
+
+
+def test_entries_with_3d_and_fine_tuning():
+    entries = benchmark.parse_entries(bench_config(models="unet,fcn_3d", init_from="/old"))
+    assert [(e.label, e.name, e.dims, e.init_from) for e in entries] == [
+        ("unet", "unet", 2, ""), ("fcn_3d", "fcn", 3, ""),
+        ("unet_finetuned", "unet", 2, "/old/unet"), ("fcn_3d_finetuned", "fcn", 3, "/old/fcn_3d")]
