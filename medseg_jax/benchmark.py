@@ -331,7 +331,7 @@ def report_markdown(results: dict) -> str:
                   f"{t['batch_size']}, at most {t['num_epochs']} epochs, early stopping on "
                   f"validation loss (patience {t['patience']}), Dice + CE loss, on-device "
                   "rotation / flip / scaling / intensity augmentation; best checkpoint by "
-                  f"validation Dice; input {tuple(d["image_size"])} (sweep trials override "
+                  f"validation Dice; input {tuple(d['image_size'])} (sweep trials override "
                   "lr, batch and epochs, see below)  "]
     if "wall_seconds" in results:
         lines += [f"Wall time of this invocation: {results['wall_seconds'] / 60:.1f} min", ""]
