@@ -260,8 +260,13 @@ def binary_metrics(
     gt: np.ndarray,
     spacing: Sequence[float] | None = None,
     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+    crop: bool = True,
 ) -> dict[str, float]:
-    """Every metric of ``METRIC_NAMES`` for one binary pair (one distance pass)."""
+    """Every metric of ``METRIC_NAMES`` for one binary pair (one distance pass).
+
+    ``crop=False`` runs the distance transforms on the whole volume (same values,
+    slower; for comparison).
+    """
     out = overlap_metrics(pred, gt, spacing)
     pred, gt = _check_pair(pred, gt)
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
@@ -269,7 +274,7 @@ def binary_metrics(
         nan = float("nan")
         out.update(hd=nan, hd95=nan, assd=nan, nsd=0.0 if has_pred or has_gt else nan)
     else:
-        d_ab, d_ba = surface_distances(pred, gt, spacing)
+        d_ab, d_ba = surface_distances(pred, gt, spacing, crop=crop)
         out["hd"] = _hd_from_distances(d_ab, d_ba, 100)
         out["hd95"] = _hd_from_distances(d_ab, d_ba, 95)
         out["assd"] = float(np.concatenate([d_ab, d_ba]).mean())
