@@ -223,7 +223,7 @@ def run(config, workdir: str) -> dict:
         info, entry_trials = _run_entry(config, entry, roots, workdir)
         infos.append(info)
         trials += entry_trials
-    results = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    results = {"command": command_line(),
                "environment": environment(), "seed": int(config.seed),
                "data": roots, "entries": infos, "trials": trials,
                "comparisons": compare(infos),
@@ -239,6 +239,14 @@ def run(config, workdir: str) -> dict:
         logging.info("Benchmark done in %.1f min; wrote %s", results["wall_seconds"] / 60,
                      os.path.join(workdir, "report.md"))
     return results
+
+
+def command_line() -> str:
+    """The command that started this process, as the user typed it (``-m`` for main)."""
+    argv = list(sys.argv)
+    if argv and argv[0].replace(os.sep, "/").endswith("medseg_jax/main.py"):
+        argv[0:1] = ["-m", "medseg_jax.main"]
+    return " ".join(["python"] + argv)
 
 
 def environment() -> dict:
