@@ -37,13 +37,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
              checkpoint: str | None = None) -> dict:
     """Evaluates a checkpoint of the run in ``workdir`` on a split; returns the results."""
     config_lib.validate(config)
-    split = split or config.eval.split
-    which = str(checkpoint or config.eval.checkpoint)
     train.setup_compilation_cache(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     if not os.path.exists(os.path.join(workdir, "splits.json")):
         raise FileNotFoundError(f"{workdir}/splits.json not found: train in this workdir first")
+    train.check_workdir_config(config, workdir, train.EVAL_FIELDS)
+    with train.workdir_lock(workdir):
+        return _evaluate(config, workdir, mesh, split or config.eval.split,
+                         str(checkpoint or config.eval.checkpoint))
+
+
+def _evaluate(config, workdir: str, mesh, split: str, which: str) -> dict:
     plans = load_plans(workdir)
     dataset = pipeline.open_dataset(config, workdir)
     keys = dataset.splits[split]

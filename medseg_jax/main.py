@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medseg_jax.workdir import WorkdirInUse
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, e.g. configs/unet.py.", lock_config=True)
@@ -21,9 +23,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"],
 flags.DEFINE_bool("traceback", False, "Show the full traceback of input/config errors.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Errors caused by the user's input (config, data, workdir): reported in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-               FloatingPointError)
+# Errors caused by the input, the config, the workdir or the machine (a full disk),
+# and divergence: reported in one line, exit status 1.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, WorkdirInUse)
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as if the signal had ended the process
 
 
 def _quiet_libraries(record) -> bool:
@@ -34,6 +37,7 @@ def _quiet_libraries(record) -> bool:
         return True
     if record.levelno < std_logging.WARNING:
         return False
+    record.exc_info, record.exc_text = None, None  # their message, not a traceback
     return "read only" not in str(record.msg) and "read_only" not in str(record.msg)
 
 
@@ -52,12 +56,21 @@ def main(argv):
             train.train_and_evaluate(config, FLAGS.workdir)
         else:
             evaluate.evaluate(config, FLAGS.workdir)
+    except train.Preempted as e:
+        logging.warning("%s", e)
+        print(f"medseg_jax: stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except USER_ERRORS as e:
         if FLAGS.traceback:
             raise
         logging.error("%s: %s", type(e).__name__, e)
-        print(f"medseg_jax: error: {e}", file=sys.stderr)
+        print(f"medseg_jax: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def _override_error(argv: list[str]) -> str | None:
