@@ -3,7 +3,9 @@
 ``MEDSEG_KILL_IN_SAVE=write:S`` SIGKILLs the process while it writes the
 checkpoint of step S (the arrays written, its JSON items not yet);
 ``MEDSEG_KILL_IN_SAVE=rename:S`` SIGKILLs it once that checkpoint is complete
-but before Orbax renames it into place. The package itself has no such hooks.
+but before Orbax renames it into place. ``MEDSEG_SIGNAL_AT_STEP=15:S`` sends the
+process a real SIGTERM (15) while it fetches the batch of step S. The package
+itself has no such hooks.
 """
 
 import os
@@ -13,6 +15,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from orbax.checkpoint._src.path import atomicity
 
 from medseg_jax import main
+from medseg_jax.data import pipeline
 
 SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -45,8 +48,21 @@ def _install(kind: str, step: str) -> None:
         raise ValueError(f"MEDSEG_KILL_IN_SAVE: unknown kind {kind!r}")
 
 
+def _signal_at_step(signum: str, step: str) -> None:
+    original = pipeline.epoch_batches
+
+    def epoch_batches(train, config, epoch, steps, start=0):
+        for i, batch in enumerate(original(train, config, epoch, steps, start), start):
+            if epoch * steps + i + 1 == int(step):
+                os.kill(os.getpid(), int(signum))
+            yield batch
+
+    pipeline.epoch_batches = epoch_batches
+
+
 if __name__ == "__main__":
-    fault = os.environ.get("MEDSEG_KILL_IN_SAVE")
-    if fault:
-        _install(*fault.split(":"))
+    if os.environ.get("MEDSEG_KILL_IN_SAVE"):
+        _install(*os.environ["MEDSEG_KILL_IN_SAVE"].split(":"))
+    if os.environ.get("MEDSEG_SIGNAL_AT_STEP"):
+        _signal_at_step(*os.environ["MEDSEG_SIGNAL_AT_STEP"].split(":"))
     main.run()

@@ -33,10 +33,9 @@ ARGS = [
 TMP = ".orbax-checkpoint-tmp"
 
 
-def _start(workdir, fault=None):
+def _start(workdir, **faults):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    if fault:
-        env["MEDSEG_KILL_IN_SAVE"] = fault
+    env.update(faults)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "fault_runner.py"), f"--workdir={workdir}",
          *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -48,7 +47,7 @@ def _finish(proc, head=""):
     return proc.returncode, head + err
 
 
-def _signal_at_step(workdir, step, sig, delay):
+def _signal_after_step(workdir, step, sig, delay):
     """Sends ``sig`` ``delay`` s after the run logs ``step`` (or lets it end)."""
     proc, head = _start(workdir), []
     for line in proc.stderr:
@@ -97,35 +96,36 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(make_tiny_
 
     def in_save(kind, step):  # SIGKILL inside the save of `step`: never picked up
         before = _complete(workdir)
-        rc, err = _finish(_start(workdir, f"{kind}:{step}"))
+        rc, err = _finish(_start(workdir, MEDSEG_KILL_IN_SAVE=f"{kind}:{step}"))
         assert rc == -signal.SIGKILL, (seed, err[-3000:])
         assert (workdir / "checkpoints" / f"{step}{TMP}").is_dir()
         assert _complete(workdir) == before and step not in before
         interruptions.append(f"SIGKILL {kind} of step {step}")
+        return err
 
-    def at_random_step(sig):
+    def sigterm_at(step):  # a mid-epoch checkpoint of exactly that step, then exit 143
+        rc, err = _finish(_start(workdir, MEDSEG_SIGNAL_AT_STEP=f"{signal.SIGTERM}:{step}"))
+        assert rc == 143, (seed, err[-3000:])
+        assert f"medseg_jax: stopped: SIGTERM: saved the checkpoint of step {step} " in err
+        assert max(_complete(workdir)) == step
+        interruptions.append(f"SIGTERM at step {step}")
+
+    def sigkill_after_random_step():
         latest = max(_complete(workdir), default=0)
         if latest + 2 > LAST - 1:  # a resumed run logs from its second step on
             return
-        rc, err = _signal_at_step(workdir, rng.randint(latest + 2, LAST - 1), sig,
+        rc, err = _signal_after_step(workdir, rng.randint(latest + 2, LAST - 1), signal.SIGKILL,
                                   rng.uniform(0.0, 0.05))
-        if rc == 0:
-            return  # it finished first
-        interruptions.append(f"{signal.Signals(sig).name} after step "
-                             f"{max(_complete(workdir), default=0)}")
-        if sig == signal.SIGTERM:
-            assert rc == 143, (seed, err[-3000:])
-            stopped = re.search(r"medseg_jax: stopped: SIGTERM: saved the checkpoint of step "
-                                r"(\d+) ", err)
-            assert stopped, (seed, err[-3000:])
-            assert max(_complete(workdir)) == int(stopped.group(1))
-        else:
+        if rc != 0:  # else it finished first
             assert rc == -signal.SIGKILL, (seed, err[-3000:])
+            interruptions.append(f"SIGKILL after step {max(_complete(workdir), default=0)}")
 
     in_save("write", STEPS)  # the very first save: the next run starts from scratch
-    at_random_step(signal.SIGKILL)
-    in_save("rename", (max(_complete(workdir), default=0) // STEPS + 1) * STEPS)
-    at_random_step(signal.SIGTERM)
+    stop = rng.randint(1, LAST - STEPS - 1)
+    sigterm_at(stop)
+    err = in_save("rename", (stop // STEPS + 1) * STEPS)
+    assert f"Resumed from the checkpoint of step {stop} " in err
+    sigkill_after_random_step()
     rc, err = _finish(_start(workdir))
     assert rc == 0, (seed, interruptions, err[-3000:])
     assert len(interruptions) >= 3, (seed, interruptions)
