@@ -183,3 +183,19 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(
     meta = train.train(make_tiny_config(**{"train.num_epochs": 2,
                                            "train.grad_clip_norm": 1.0}), workdir)
     assert meta["epoch"] == 1
+
+
+def test_same_seed_gives_bit_identical_numbers_with_worker_processes(make_tiny_config,
+                                                                     tmp_path):
+    config = make_tiny_config(**{"data.num_workers": 1, "train.num_epochs": 1})
+    rows, states = [], []
+    for name in ("first", "second"):
+        workdir = str(tmp_path / name)
+        train.train(config, workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows.append([{k: v for k, v in json.loads(line).items()
+                          if k not in ("images_per_second", "epoch_seconds")} for line in f])
+        states.append(_params(workdir, config)[0])
+    assert rows[0] == rows[1] and any("val_dice" in r for r in rows[0])
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
