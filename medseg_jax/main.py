@@ -4,6 +4,11 @@ Modes: ``train`` (default: train, resuming from the latest checkpoint in the
 workdir, then evaluate the best checkpoint on the test split) and ``eval``
 (restore a checkpoint and evaluate). Any config field can be overridden, e.g.
 ``--config.train.learning_rate=3e-4``.
+
+Exit status: 0 done; 1 an error, reported on one line ``medseg_jax: error: ...``
+(bad data or config, a workdir in use or not writable, a failed checkpoint save,
+divergence); 2 a bad flag or config override; 143 stopped by SIGTERM after
+saving a checkpoint (run the same command again to resume).
 """
 
 import logging as std_logging

@@ -10,6 +10,12 @@ on the test split. What it writes to ``workdir``:
 - ``metrics.jsonl``      one JSON object per log step and per epoch
 - ``checkpoints/``       Orbax checkpoints (latest and best by validation Dice)
 - ``test_metrics.json`` / ``test_metrics.md``  per-case and aggregated test metrics
+- ``.lock``              held while a run uses the workdir (a second run is refused)
+
+Every step's loss and gradient norm are checked (at the log steps, without extra
+device syncs): a non-finite one stops the run naming the step, before it is saved.
+SIGTERM makes the run save a checkpoint of its last step (mid-epoch if need be)
+and raise ``Preempted``; the next run resumes there with the same data order.
 """
 
 from __future__ import annotations
@@ -477,13 +483,13 @@ class _Loop:
         self.checkpointer.wait()
         last = self.checkpointer.latest_step()
         kept = (f"the last good checkpoint (step {last}) is kept in "
-                f"{self.checkpointer.directory}" if last is not None
-                else "no checkpoint had been saved yet")
+                f"{self.checkpointer.directory}; a new run resumes from it" if last is not None
+                else "no checkpoint had been saved yet; a new run starts from scratch")
         raise FloatingPointError(
             f"training diverged: non-finite {'loss' if not np.isfinite(loss) else 'gradient'} "
             f"at step {step} (loss {loss}, gradient norm {grad_norm}); stopped without "
-            f"saving it, {kept}. Lower config.train.learning_rate or set "
-            "config.train.grad_clip_norm, then run again to resume from that checkpoint")
+            f"saving it: {kept}. Lower config.train.learning_rate or set "
+            "config.train.grad_clip_norm, then run the same command again")
 
     def save_progress(self, state, meta, epoch: int, steps_done: int, losses, pending):
         """SIGTERM mid-epoch: checkpoints the steps done (never best), then Preempted."""
