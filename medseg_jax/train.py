@@ -433,12 +433,7 @@ class _Loop:
         for i in range(done, self.steps_per_epoch):
             if self.stop.is_set() and i > done:  # SIGTERM: save what is done, then stop
                 self.save_progress(state, meta, epoch, i, losses, pending)
-            try:
-                host_batch = next(batches)
-            except Exception:  # grain workers that got the SIGTERM too
-                if self.stop.is_set() and i > done:
-                    self.save_progress(state, meta, epoch, i, losses, pending)
-                raise
+            host_batch = next(batches)
             t0 = time.time()
             state, out = self.train_fn(state, sharding.to_global(host_batch, self.mesh))
             step = int(epoch * self.steps_per_epoch + i + 1)

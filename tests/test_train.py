@@ -199,3 +199,13 @@ def test_same_seed_gives_bit_identical_numbers_with_worker_processes(make_tiny_c
     assert rows[0] == rows[1] and any("val_dice" in r for r in rows[0])
     for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_metrics_log_drops_rows_past_the_checkpoint_and_a_cut_line(tmp_path):
+    rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')  # killed
+    log = train.MetricsLog(str(tmp_path), restored_step=2)
+    log.write(step=3, loss=0.5)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.5}]
