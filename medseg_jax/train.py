@@ -189,10 +189,10 @@ def config_differences(previous: dict, current: dict,
             dotted = f"{section}.{k}"
             if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
                 differ.append(f"{dotted}: {old!r} -> {v!r}")
-    if "train" in previous and "train" in current and fields == ("model", "data"):
-        old, new = previous["train"].get("weight_decay", 0), current["train"]["weight_decay"]
-        if (old > 0) != (new > 0):  # Adam <-> AdamW: another optimizer state
-            differ.append(f"train.weight_decay: {old!r} -> {new!r} (switches Adam/AdamW)")
+    old = previous.get("train", {}).get("weight_decay", 0.0)
+    new = current.get("train", {}).get("weight_decay", 0.0)
+    if (old > 0) != (new > 0):  # Adam <-> AdamW: another optimizer state to restore
+        differ.append(f"train.weight_decay: {old!r} -> {new!r} (switches Adam/AdamW)")
     return differ
 
 
