@@ -12,6 +12,7 @@ best one by ``val_dice`` are preserved, whatever their order (a plain
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val_dice"
+NEVER_BEST = -1.0  # below any Dice
 
 
 class Checkpointer:
@@ -38,22 +40,57 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta"))
 
-    def save(self, step: int, state, meta: dict, metrics: dict) -> None:
-        """Saves (asynchronously); waits for the previous save first."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave(meta)),
-            metrics={k: float(v) for k, v in metrics.items()},
-            force=True,
-        )
+    def save(self, step: int, state, meta: dict, metrics: dict | None) -> None:
+        """Saves (asynchronously); waits for the previous save first.
+
+        ``metrics=None`` (a mid-epoch save on SIGTERM, not validated) is never the best.
+        """
+        metrics = metrics or {BEST_METRIC: NEVER_BEST}
+        with self._save_errors():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+                metrics={k: float(v) for k, v in metrics.items()},
+                force=True,
+            )
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
+
+    def check(self) -> None:
+        """Raises the error of a finished background save, if any; never blocks.
+
+        (One process only: waiting is collective across hosts.)
+        """
+        if jax.process_count() == 1 and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """A failed write (disk full, I/O error) -> one OSError naming the directory and
+        the checkpoints left intact (Orbax only renames complete ones into place)."""
+        try:
+            yield
+        except OSError as e:
+            try:
+                self._manager.reload()
+                complete = sorted(self._manager.all_steps())
+            except Exception:  # noqa: BLE001 (the listing is for the message only)
+                complete = "unknown"
+            where = f" ({e.filename})" if e.filename else ""
+            raise OSError(
+                e.errno,
+                f"checkpoint save in {self.directory} failed: {e.strerror or e}{where}; the "
+                f"complete checkpoints are intact (steps {complete}); free space and run "
+                "the same command to resume from the latest") from e
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())

@@ -76,6 +76,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     if not os.path.exists(os.path.join(workdir, "splits.json")):
         raise FileNotFoundError(f"{workdir}/splits.json not found: train in this workdir first")
+    train.check_workdir_config(config, workdir, train.EVAL_FIELDS)
     plans = load_plans(workdir)
     dataset = pipeline.open_dataset(config, workdir)
     model = train.build_model(config, dataset.num_classes)
@@ -92,8 +93,15 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None = None,
              checkpoint: str | None = None) -> dict:
-    """Evaluates a checkpoint of the run in ``workdir`` on a split; returns the results."""
-    split = split or config.eval.split
+    """Evaluates a checkpoint of the run in ``workdir`` on a split; returns the results.
+
+    Holds the workdir's lock: a training run using the workdir makes it refuse.
+    """
+    with train.workdir_lock(workdir):
+        return _evaluate(config, workdir, split or config.eval.split, checkpoint)
+
+
+def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
     run = restore_run(config, workdir, checkpoint)
     keys = run.dataset.splits[split]
     if not keys:

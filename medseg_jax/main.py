@@ -3,8 +3,14 @@
 Modes: ``train`` (default: train, resuming from the latest checkpoint in the
 workdir, then evaluate the best checkpoint on the test split), ``eval``
 (restore a checkpoint and evaluate) and ``predict`` (NIfTI in, NIfTI label maps
-out: ``--mode=predict --input=DIR_OR_FILE --output=DIR``). Any config field can
-be overridden, e.g. ``--config.train.learning_rate=3e-4``.
+out: ``--mode=predict --input=DIR_OR_FILE --output=DIR``). A config with a
+``benchmark`` section (configs/benchmark.py) runs the whole benchmark. Any config
+field can be overridden, e.g. ``--config.train.learning_rate=3e-4``.
+
+Exit status: 0 done; 1 an error, reported on one line ``medseg_jax: error: ...``
+(bad data or config, a workdir in use or not writable, a failed checkpoint save,
+divergence); 2 a bad flag or config override; 143 stopped by SIGTERM after
+saving a checkpoint (run the same command again to resume).
 """
 
 import logging as std_logging
@@ -12,6 +18,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from medseg_jax.workdir import WorkdirInUse
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -29,9 +37,10 @@ flags.DEFINE_bool("save_probabilities", False, "predict: also write the softmax 
 flags.DEFINE_bool("traceback", False, "Show the full traceback of input/config errors.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Errors caused by the user's input (config, data, workdir): reported in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-               FloatingPointError)
+# Errors caused by the input, the config, the workdir or the machine (a full disk),
+# and divergence: reported in one line, exit status 1.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, WorkdirInUse)
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as if the signal had ended the process
 
 
 def _quiet_libraries(record) -> bool:
@@ -42,6 +51,7 @@ def _quiet_libraries(record) -> bool:
         return True
     if record.levelno < std_logging.WARNING:
         return False
+    record.exc_info, record.exc_text = None, None  # their message, not a traceback
     return "read only" not in str(record.msg) and "read_only" not in str(record.msg)
 
 
@@ -70,12 +80,21 @@ def main(argv):
         else:
             predict.predict(config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.task,
                             FLAGS.save_probabilities)
+    except train.Preempted as e:
+        logging.warning("%s", e)
+        print(f"medseg_jax: stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except USER_ERRORS as e:
         if FLAGS.traceback:
             raise
         logging.error("%s: %s", type(e).__name__, e)
-        print(f"medseg_jax: error: {e}", file=sys.stderr)
+        print(f"medseg_jax: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def _override_error(argv: list[str]) -> str | None:

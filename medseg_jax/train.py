@@ -10,13 +10,23 @@ on the test split. What it writes to ``workdir``:
 - ``metrics.jsonl``      one JSON object per log step and per epoch
 - ``checkpoints/``       Orbax checkpoints (latest and best by validation Dice)
 - ``test_metrics.json`` / ``test_metrics.md``  per-case and aggregated test metrics
+- ``.lock``              held while a run uses the workdir (a second run is refused)
+
+Every step's loss and gradient norm are checked (at the log steps, without extra
+device syncs): a non-finite one stops the run naming the step, before it is saved.
+SIGTERM makes the run save a checkpoint of its last step (mid-epoch if need be)
+and raise ``Preempted``; the next run resumes there with the same data order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -31,6 +41,7 @@ from flax.training import train_state
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
 from medseg_jax import losses, metrics, sharding, transfer
+from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import augment, pipeline
 from medseg_jax.models import count_params, create_model
 
@@ -60,9 +71,10 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     else:
         lr = t.learning_rate
     opt = optax.adamw(lr, weight_decay=t.weight_decay) if t.weight_decay > 0 else optax.adam(lr)
-    if t.grad_clip_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), opt)
-    return opt
+    # Always in the chain (a no-op at inf), so clipping can be switched on when
+    # resuming a run that diverged: the optimizer state keeps its structure.
+    max_norm = t.grad_clip_norm if t.grad_clip_norm > 0 else float("inf")
+    return optax.chain(optax.clip_by_global_norm(max_norm), opt)
 
 
 def create_state(config, model, input_shape, total_steps: int, rng) -> TrainState:
@@ -172,26 +184,77 @@ def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
             "val_dice_per_class": [float(d) for d in dice]}
 
 
-def write_config(config, workdir: str) -> None:
-    """Writes config.json; refuses to resume a workdir made with another model/data."""
+# Fields that may change between runs in one workdir (they change neither the
+# model, the data nor the checkpoint's structure).
+_FREE_FIELDS = ("data.num_workers", "data.cache_dir")
+# What evaluation compares: what the network is and what it is fed.
+EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.rescale_01",
+               "data.target_spacing")
+
+
+def config_differences(previous: dict, current: dict,
+                       fields=("model", "data")) -> list[str]:
+    """``section.field: old -> new`` for each of ``fields`` (sections or section.field)
+    that differs between two config.json contents."""
+    differ = []
+    for name in fields:
+        section, _, only = name.partition(".")
+        for k, v in current[section].items():
+            old = previous.get(section, {}).get(k)
+            dotted = f"{section}.{k}"
+            if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
+                differ.append(f"{dotted}: {old!r} -> {v!r}")
+    old = previous.get("train", {}).get("weight_decay", 0.0)
+    new = current.get("train", {}).get("weight_decay", 0.0)
+    if (old > 0) != (new > 0):  # Adam <-> AdamW: another optimizer state to restore
+        differ.append(f"train.weight_decay: {old!r} -> {new!r} (switches Adam/AdamW)")
+    return differ
+
+
+def _config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def check_workdir_config(config, workdir: str, fields=("model", "data")) -> None:
+    """Raises ValueError naming each field in which ``config`` differs from the workdir's run."""
     path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort(sort_keys=True))
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return
+    try:
         with open(path) as f:
             previous = json.load(f)
-        differ = [f"{section}.{k}: {previous.get(section, {}).get(k)!r} -> {v!r}"
-                  for section in ("model", "data")
-                  for k, v in current[section].items()
-                  if k not in ("num_workers", "cache_dir")
-                  and previous.get(section, {}).get(k) != v]
-        if differ:
-            raise ValueError(
-                f"{workdir} holds a run with a different config ({'; '.join(differ)}); "
-                "use another --workdir or the same settings")
-    current["versions"] = {"jax": jax.__version__, "medseg_jax": _version(),
-                           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the run's config: {e}") from e
+    differ = config_differences(previous, _config_json(config), fields)
+    if differ:
+        raise ValueError(
+            f"{workdir} holds a run with a different config ({'; '.join(differ)}); "
+            "use another --workdir or the same settings")
+
+
+def write_config(config, workdir: str) -> None:
+    """Writes config.json (with versions); refuses a workdir made with another model/data."""
+    check_workdir_config(config, workdir)
+    current = _config_json(config)
+    current["versions"] = versions()
     if jax.process_index() == 0:
-        pipeline.write_json_atomic(path, current)
+        pipeline.write_json_atomic(os.path.join(workdir, "config.json"), current)
+
+
+def versions() -> dict:
+    """Python, the libraries that decide the numbers, and the devices."""
+    import importlib.metadata  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+
+    out = {"python": platform.python_version(), "medseg_jax": _version(),
+           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
+                 "scipy", "nibabel"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _version() -> str:
@@ -200,15 +263,18 @@ def _version() -> str:
 
 
 class MetricsLog:
-    """metrics.jsonl, truncated on resume to what the restored checkpoint has seen."""
+    """metrics.jsonl, truncated on resume to what the restored checkpoint has seen.
+
+    A line cut short by a kill (or a full disk) is dropped then too.
+    """
 
     def __init__(self, workdir: str, restored_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
         if self.enabled and os.path.exists(self.path):
             with open(self.path) as f:
-                rows = [line for line in f if line.strip()]
-            kept = [r for r in rows if json.loads(r).get("step", 0) <= restored_step]
+                rows = f.readlines()
+            kept = [r for r in rows if _row_step(r) <= restored_step]
             if len(kept) != len(rows):
                 tmp = self.path + ".tmp"
                 with open(tmp, "w") as f:
@@ -221,22 +287,58 @@ class MetricsLog:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank, cut or unreadable line."""
+    if not line.endswith("\n"):
+        return float("inf")
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class Preempted(Exception):
+    """SIGTERM arrived: the run saved a checkpoint of its last step and stopped."""
+
+
+@contextlib.contextmanager
+def _sigterm_sets(flag: threading.Event):
+    """While inside, SIGTERM (a cluster's preemption notice) sets ``flag``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes); returns the final early-stopping/meta record."""
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
     setup_compilation_cache(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    write_config(config, workdir)
+    with workdir_lock(workdir):
+        return _train(config, workdir, mesh)
 
+
+def workdir_lock(workdir: str):
+    """The workdir's lock (process 0 holds it for all hosts of the run)."""
+    return workdir_lib.lock(workdir, enabled=jax.process_index() == 0)
+
+
+def _train(config, workdir: str, mesh) -> dict:
+    check_workdir_config(config, workdir)
     dataset, _, samples = pipeline.prepare(config, workdir)
+    write_config(config, workdir)  # once the data are read: a failed start changes nothing
     train_samples, val_samples = samples["train"], samples["val"]
     batch = config.train.batch_size
     if isinstance(train_samples, pipeline.Volumes):  # 3D: patches covering the data once
@@ -263,12 +365,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          config.train.checkpoint_max_to_keep)
     meta = {"epoch": -1, "best_val_loss": float("inf"), "bad_epochs": 0,
             "best_val_dice": -1.0, "best_epoch": -1, "stopped": False}
+    progress = None
     latest = checkpointer.latest_step()
     if latest is not None:
         state, meta = checkpointer.restore(
             latest, ckpt_lib.abstract_like(state, sharding.replicated(mesh)))
-        logging.info("Resumed from the checkpoint of step %d (after epoch %d)", latest,
-                     meta["epoch"] + 1)
+        progress = meta.pop("epoch_progress", None)
+        logging.info("Resumed from the checkpoint of step %d (epoch %d, %d of %d steps done)",
+                     latest, meta["epoch"] + 2 if progress else meta["epoch"] + 1,
+                     progress["steps"] if progress else steps_per_epoch, steps_per_epoch)
     elif config.train.init_from:
         state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
     log = MetricsLog(workdir, int(state.step))
@@ -283,62 +388,143 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.close()
         return meta
 
-    t_run = time.time()
-    try:
-        _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mesh,
-                      train_samples, val_samples, start_epoch, steps_per_epoch)
-    finally:  # also on Ctrl-C: let a pending checkpoint save finish
-        checkpointer.close()
+    t_run, stop = time.time(), threading.Event()
+    with _sigterm_sets(stop):
+        try:
+            loop = _Loop(config, checkpointer, log, train_fn, eval_fn, mesh, train_samples,
+                         val_samples, steps_per_epoch, stop)
+            loop.run(state, meta, start_epoch, progress)
+        finally:  # also on Ctrl-C or SIGTERM: let a pending checkpoint save finish
+            checkpointer.close()
     logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
     return meta
 
 
-def _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mesh,
-                  train_samples, val_samples, start_epoch, steps_per_epoch) -> None:
-    """The epoch loop; updates ``meta`` in place and checkpoints every epoch."""
-    batch = config.train.batch_size
-    total_steps = steps_per_epoch * config.train.num_epochs
-    images_seen, time_in_steps, first = 0, 0.0, True
-    for epoch in range(start_epoch, config.train.num_epochs):
-        batches = pipeline.epoch_batches(train_samples, config, epoch, steps_per_epoch)
-        t_epoch = t_window = time.time()
-        window_images, losses_epoch = 0, []
-        for i, host_batch in enumerate(batches):
-            t0 = time.time()
-            state, out = train_fn(state, sharding.to_global(host_batch, mesh))
-            losses_epoch.append(out["loss"])
-            window_images += batch
-            step = int(epoch * steps_per_epoch + i + 1)
-            if first:
-                first = False
-                loss0 = float(out["loss"])  # waits: includes the compile
-                logging.info("First step (compilation included) took %.1f s, loss %.4f",
-                             time.time() - t0, loss0)
-                t_window, window_images = time.time(), 0
-                continue
-            if step % config.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
-                loss = float(out["loss"])
-                if not np.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss} at step {step}; the last good checkpoint is kept in "
-                        f"{checkpointer.directory}. Lower config.train.learning_rate or set "
-                        "config.train.grad_clip_norm")
-                dt = time.time() - t_window
-                ips = window_images / dt if dt > 0 else float("nan")
-                images_seen += window_images
-                time_in_steps += dt
-                avg_ips = images_seen / time_in_steps if time_in_steps else ips
-                left = (total_steps - step) * batch / avg_ips if avg_ips > 0 else 0.0
-                logging.info("epoch %d/%d step %d/%d loss %.4f | %.1f images/s | ~%s left "
-                             "(training steps only)", epoch + 1, config.train.num_epochs,
-                             step, total_steps, loss, ips, _fmt_seconds(left))
-                log.write(step=step, epoch=epoch + 1, loss=loss,
-                          grad_norm=float(out["grad_norm"]), images_per_second=ips)
-                t_window, window_images = time.time(), 0
+def _first_bad(pending) -> tuple[int, float, float] | None:
+    """(step, loss, grad norm) of the first step in ``pending`` that is not finite."""
+    for step, out in pending:
+        loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            return step, loss, grad_norm
+    return None
 
-        train_loss = float(np.mean([float(x) for x in losses_epoch]))
+
+@dataclasses.dataclass
+class _Loop:
+    """The epoch loop: steps, finiteness checks, validation, checkpoints, SIGTERM."""
+
+    config: Any
+    checkpointer: ckpt_lib.Checkpointer
+    log: MetricsLog
+    train_fn: Any
+    eval_fn: Any
+    mesh: Any
+    train_samples: Any
+    val_samples: Any
+    steps_per_epoch: int
+    stop: threading.Event
+
+    def run(self, state, meta: dict, start_epoch: int, progress: dict | None) -> None:
+        """Trains epochs from ``start_epoch`` (``progress``: steps already done in it);
+        updates ``meta`` in place."""
+        self.images_seen, self.time_in_steps, self.first = 0, 0.0, True
+        for epoch in range(start_epoch, self.config.train.num_epochs):
+            done = progress["steps"] if progress else 0
+            losses = [np.float32(x) for x in progress["losses"]] if progress else []
+            progress = None
+            t_epoch = time.time()
+            state, train_loss = self.train_epoch(state, meta, epoch, done, losses)
+            self.end_epoch(state, meta, epoch, train_loss, t_epoch)
+            if self.stop.is_set():
+                self.preempted(int(state.step), epoch, self.steps_per_epoch)
+            if meta["stopped"]:
+                logging.info("Early stopping: validation loss has not improved for %d epochs",
+                             self.config.train.patience)
+                break
+
+    def train_epoch(self, state, meta, epoch: int, done: int, losses: list):
+        """The steps of one epoch from step ``done`` on; returns (state, mean loss)."""
+        config, batch = self.config, self.config.train.batch_size
+        total_steps = self.steps_per_epoch * config.train.num_epochs
+        batches = pipeline.epoch_batches(self.train_samples, config, epoch,
+                                         self.steps_per_epoch, start=done)
+        t_window, window_images, pending = time.time(), 0, []
+        for i in range(done, self.steps_per_epoch):
+            if self.stop.is_set() and i > done:  # SIGTERM: save what is done, then stop
+                self.save_progress(state, meta, epoch, i, losses, pending)
+            host_batch = next(batches)
+            t0 = time.time()
+            state, out = self.train_fn(state, sharding.to_global(host_batch, self.mesh))
+            step = int(epoch * self.steps_per_epoch + i + 1)
+            pending.append((step, out))
+            losses.append(out["loss"])
+            window_images += batch
+            if self.first:
+                self.first = False
+                logging.info("First step (compilation included) took %.1f s, loss %.4f",
+                             time.time() - t0, float(out["loss"]))
+                t_window, window_images = time.time(), 0
+                if i + 1 < self.steps_per_epoch:
+                    continue
+            if step % config.train.log_every_steps and i + 1 < self.steps_per_epoch:
+                continue
+            self.check_finite(pending)
+            pending = []
+            self.checkpointer.check()  # a save that failed (disk full) stops the run now
+            if not window_images:
+                continue
+            loss = float(out["loss"])
+            dt = time.time() - t_window
+            ips = window_images / dt if dt > 0 else float("nan")
+            self.images_seen += window_images
+            self.time_in_steps += dt
+            avg_ips = self.images_seen / self.time_in_steps if self.time_in_steps else ips
+            left = (total_steps - step) * batch / avg_ips if avg_ips > 0 else 0.0
+            logging.info("epoch %d/%d step %d/%d loss %.4f | %.1f images/s | ~%s left "
+                         "(training steps only)", epoch + 1, config.train.num_epochs,
+                         step, total_steps, loss, ips, _fmt_seconds(left))
+            self.log.write(step=step, epoch=epoch + 1, loss=loss,
+                           grad_norm=float(out["grad_norm"]), images_per_second=ips)
+            t_window, window_images = time.time(), 0
+        return state, float(np.mean([float(x) for x in losses]))
+
+    def check_finite(self, pending) -> None:
+        """Stops training (FloatingPointError) at the first non-finite loss or gradient."""
+        bad = _first_bad(pending)
+        if bad is None:
+            return
+        step, loss, grad_norm = bad
+        self.checkpointer.wait()
+        last = self.checkpointer.latest_step()
+        kept = (f"the last good checkpoint (step {last}) is kept in "
+                f"{self.checkpointer.directory}; a new run resumes from it" if last is not None
+                else "no checkpoint had been saved yet; a new run starts from scratch")
+        raise FloatingPointError(
+            f"training diverged: non-finite {'loss' if not np.isfinite(loss) else 'gradient'} "
+            f"at step {step} (loss {loss}, gradient norm {grad_norm}); stopped without "
+            f"saving it: {kept}. Lower config.train.learning_rate or set "
+            "config.train.grad_clip_norm, then run the same command again")
+
+    def save_progress(self, state, meta, epoch: int, steps_done: int, losses, pending):
+        """SIGTERM mid-epoch: checkpoints the steps done (never best), then Preempted."""
+        self.check_finite(pending)
+        step = int(state.step)
+        progress = {"steps": steps_done, "losses": [float(x) for x in losses]}
+        self.checkpointer.save(step, state, dict(meta, epoch_progress=progress), None)
+        self.preempted(step, epoch, steps_done)
+
+    def preempted(self, step: int, epoch: int, steps_done: int):
+        self.checkpointer.wait()
+        raise Preempted(
+            f"SIGTERM: saved the checkpoint of step {step} (epoch {epoch + 1}, {steps_done} "
+            f"of {self.steps_per_epoch} steps) in {self.checkpointer.directory}; run the "
+            "same command to resume")
+
+    def end_epoch(self, state, meta: dict, epoch: int, train_loss: float, t_epoch: float):
+        """Validation, early-stopping bookkeeping, the epoch's log row and checkpoint."""
+        config = self.config
         t_val = time.time()
-        val = validate(eval_fn, state, val_samples, config, mesh)
+        val = validate(self.eval_fn, state, self.val_samples, config, self.mesh)
         step = int(state.step)
         improved = val["val_loss"] < meta["best_val_loss"] - config.train.min_delta
         meta["bad_epochs"] = 0 if improved else meta["bad_epochs"] + 1
@@ -348,28 +534,29 @@ def _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mes
         meta["epoch"] = epoch
         patience = config.train.patience
         meta["stopped"] = bool(patience and meta["bad_epochs"] >= patience)
-        checkpointer.save(step, state, dict(meta, **{k: val[k] for k in ("val_loss", "val_dice")}),
-                          {"val_dice": val["val_dice"], "val_loss": val["val_loss"]})
         epoch_time = time.time() - t_epoch
-        log.write(step=step, epoch=epoch + 1, train_loss=train_loss,
-                  val_loss=val["val_loss"], val_dice=val["val_dice"],
-                  val_dice_per_class=val["val_dice_per_class"],
-                  images_per_second=steps_per_epoch * batch / (t_val - t_epoch),
-                  epoch_seconds=epoch_time)
+        # The row goes first: a run killed before the checkpoint is complete resumes
+        # from the previous one and drops this row (its step is past the checkpoint).
+        self.log.write(step=step, epoch=epoch + 1, train_loss=train_loss,
+                       val_loss=val["val_loss"], val_dice=val["val_dice"],
+                       val_dice_per_class=val["val_dice_per_class"],
+                       images_per_second=self.steps_per_epoch * config.train.batch_size
+                       / max(t_val - t_epoch, 1e-9),
+                       epoch_seconds=epoch_time)
+        self.checkpointer.save(step, state,
+                               dict(meta, **{k: val[k] for k in ("val_loss", "val_dice")}),
+                               {"val_dice": val["val_dice"], "val_loss": val["val_loss"]})
         logging.info("epoch %d/%d done in %.1f s: train loss %.4f, val loss %.4f, val Dice "
                      "%.4f (best %.4f at epoch %d)%s", epoch + 1, config.train.num_epochs,
                      epoch_time, train_loss, val["val_loss"], val["val_dice"],
                      meta["best_val_dice"], meta["best_epoch"],
                      "" if improved else f", no val-loss improvement for {meta['bad_epochs']}")
-        if meta["stopped"]:
-            logging.info("Early stopping: validation loss has not improved for %d epochs",
-                         patience)
-            break
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if possible), then evaluates the best checkpoint."""
     from medseg_jax import evaluate  # noqa: PLC0415
 
-    train(config, workdir)
-    return evaluate.evaluate(config, workdir)
+    with workdir_lock(workdir):
+        train(config, workdir)
+        return evaluate.evaluate(config, workdir)

@@ -3,11 +3,12 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
-from medseg_jax import evaluate, metrics, sharding, train
+from medseg_jax import evaluate, losses, metrics, sharding, train
 
 
 def _batch(config, n=8, seed=0):
@@ -130,12 +131,22 @@ def test_train_and_evaluate_then_eval_reproduces(make_tiny_config, tmp_path):
     assert float(row["ci_low"]) <= dice["mean"] <= float(row["ci_high"])
     with open(os.path.join(workdir, "splits.json")) as f:
         assert [c["case"] for c in results["per_case"]] == json.load(f)["test"]
+    with open(os.path.join(workdir, "config.json")) as f:
+        recorded = json.load(f)
+    assert recorded["seed"] == config.seed
+    assert recorded["versions"]["jax"] == jax.__version__
+    for name in ("python", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+        assert recorded["versions"][name], name
 
 
 def test_workdir_of_another_model_is_refused(make_tiny_config, tmp_path):
     train.write_config(make_tiny_config(), str(tmp_path))
     with pytest.raises(ValueError, match="model.name: 'unet' -> 'fcn'"):
         train.write_config(make_tiny_config(**{"model.name": "fcn"}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"train.weight_decay: 0.0 -> 0.01 \(switches Adam/AdamW"):
+        train.write_config(make_tiny_config(**{"train.weight_decay": 0.01}), str(tmp_path))
+    train.write_config(make_tiny_config(**{"train.learning_rate": 1e-4, "data.num_workers": 2,
+                                           "train.grad_clip_norm": 1.0}), str(tmp_path))
 
 
 def test_eval_without_training_is_a_clear_error(make_tiny_config, tmp_path):
@@ -151,3 +162,68 @@ def test_3d_model_trains_and_evaluates_on_volumes(make_tiny_config, tmp_path):
     assert results["network_inputs"] >= len(results["per_case"])  # sliding windows
     with open(os.path.join(str(tmp_path), "preprocess.json")) as f:
         assert len(json.load(f)["target_spacing"]) == 3  # median spacing of the training set
+
+
+def _diverging(kind):
+    """dice_ce_loss with a NaN value ('loss') or a finite value and NaN gradient."""
+    original = losses.dice_ce_loss
+
+    def loss(logits, *args, **kwargs):
+        value = original(logits, *args, **kwargs)
+        if kind == "loss":
+            return value * jnp.nan
+        return value + 0.0 * jnp.sqrt(0.0 * jnp.mean(logits))  # d sqrt(0) = inf; inf * 0
+
+    return loss
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(
+        make_tiny_config, tmp_path, monkeypatch, kind):
+    workdir = str(tmp_path)
+    config = make_tiny_config(**{"train.num_epochs": 2, "train.log_every_steps": 50})
+    train.train(make_tiny_config(**{"train.num_epochs": 1}), workdir)  # steps 1-2: good
+    good, _ = _params(workdir, config)
+    monkeypatch.setattr(losses, "dice_ce_loss", _diverging(kind))
+    with pytest.raises(FloatingPointError) as error:
+        train.train(config, workdir)  # step 3 diverges (checked at the epoch's end, step 4)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"non-finite {kind} at step 3 " in message
+    assert "the last good checkpoint (step 2) is kept in" in message
+    kept, _ = _params(workdir, config)
+    assert int(kept.step) == 2
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if kind == "loss":
+        return
+    monkeypatch.undo()  # the recovery the message suggests: clip and run again
+    meta = train.train(make_tiny_config(**{"train.num_epochs": 2,
+                                           "train.grad_clip_norm": 1.0}), workdir)
+    assert meta["epoch"] == 1
+
+
+def test_same_seed_gives_bit_identical_numbers_with_worker_processes(make_tiny_config,
+                                                                     tmp_path):
+    config = make_tiny_config(**{"data.num_workers": 1, "train.num_epochs": 1})
+    rows, states = [], []
+    for name in ("first", "second"):
+        workdir = str(tmp_path / name)
+        train.train(config, workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows.append([{k: v for k, v in json.loads(line).items()
+                          if k not in ("images_per_second", "epoch_seconds")} for line in f])
+        states.append(_params(workdir, config)[0])
+    assert rows[0] == rows[1] and any("val_dice" in r for r in rows[0])
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_metrics_log_drops_rows_past_the_checkpoint_and_a_cut_line(tmp_path):
+    rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')  # killed
+    log = train.MetricsLog(str(tmp_path), restored_step=2)
+    log.write(step=3, loss=0.5)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.5}]

@@ -362,7 +362,7 @@ def _load_nifti(path: str) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: cannot read NIfTI header ({_reason(e)})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError(f"{path}: not a NIfTI image ({type(img).__name__})")
     return img
@@ -372,7 +372,12 @@ def _read_array(img: nib.Nifti1Image, path: str) -> np.ndarray:
     try:
         return np.asanyarray(img.dataobj)
     except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ...
-        raise ValueError(f"{path}: cannot read NIfTI data ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: cannot read NIfTI data ({_reason(e)})") from e
+
+
+def _reason(e: Exception) -> str:
+    """A library's error on one line (nibabel's may span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _in_plane_ornt(affine: np.ndarray) -> np.ndarray:

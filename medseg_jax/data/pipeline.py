@@ -452,19 +452,21 @@ def patch_batches(volumes: Volumes, records: np.ndarray, patch: tuple[int, ...],
     return _iterate(ds, num_workers)
 
 
-def epoch_batches(train: "Samples | Volumes", config, epoch: int, steps: int) -> Iterator[dict]:
-    """The training batches of one epoch (slices for 2D models, patches for 3D)."""
+def epoch_batches(train: "Samples | Volumes", config, epoch: int, steps: int,
+                  start: int = 0) -> Iterator[dict]:
+    """The training batches of one epoch (slices for 2D models, patches for 3D), from
+    batch ``start`` on (a run resumed mid-epoch)."""
     import jax  # noqa: PLC0415
 
     batch = config.train.batch_size
     if isinstance(train, Volumes):
         records = patch_records(train, batch, steps, config.seed, epoch,
                                 config.data.foreground_fraction)
-        return patch_batches(train, records, tuple(config.data.image_size),
+        return patch_batches(train, records[start:], tuple(config.data.image_size),
                              jax.process_index(), jax.process_count(), config.data.num_workers)
     order = epoch_indices(train, batch, steps, config.seed, epoch,
                           config.data.foreground_fraction)
-    return train_batches(train, order, jax.process_index(), jax.process_count(),
+    return train_batches(train, order[start:], jax.process_index(), jax.process_count(),
                          config.data.num_workers)
 
 

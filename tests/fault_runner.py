@@ -1,0 +1,68 @@
+"""``python -m medseg_jax.main`` with a fault injected, for tests/test_preemption.py.
+
+``MEDSEG_KILL_IN_SAVE=write:S`` SIGKILLs the process while it writes the
+checkpoint of step S (the arrays written, its JSON items not yet);
+``MEDSEG_KILL_IN_SAVE=rename:S`` SIGKILLs it once that checkpoint is complete
+but before Orbax renames it into place. ``MEDSEG_SIGNAL_AT_STEP=15:S`` sends the
+process a real SIGTERM (15) while it fetches the batch of step S. The package
+itself has no such hooks.
+"""
+
+import os
+import signal
+
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+from orbax.checkpoint._src.path import atomicity
+
+from medseg_jax import main
+from medseg_jax.data import pipeline
+
+SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install(kind: str, step: str) -> None:
+    step_dir = f"{step}{SUFFIX}"
+    if kind == "write":
+        original_save = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+        async def save_fn(self, item, directory):
+            if f"/{step_dir}/" in str(directory):  # an item of step S being written
+                _kill()
+            return await original_save(self, item, directory)
+
+        json_checkpoint_handler.JsonCheckpointHandler._save_fn = save_fn
+    elif kind == "rename":
+        original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize(self):
+            if os.path.basename(str(self.get())) == step_dir:  # step S, complete
+                _kill()
+            return await original_finalize(self)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    else:
+        raise ValueError(f"MEDSEG_KILL_IN_SAVE: unknown kind {kind!r}")
+
+
+def _signal_at_step(signum: str, step: str) -> None:
+    original = pipeline.epoch_batches
+
+    def epoch_batches(train, config, epoch, steps, start=0):
+        for i, batch in enumerate(original(train, config, epoch, steps, start), start):
+            if epoch * steps + i + 1 == int(step):
+                os.kill(os.getpid(), int(signum))
+            yield batch
+
+    pipeline.epoch_batches = epoch_batches
+
+
+if __name__ == "__main__":
+    if os.environ.get("MEDSEG_KILL_IN_SAVE"):
+        _install(*os.environ["MEDSEG_KILL_IN_SAVE"].split(":"))
+    if os.environ.get("MEDSEG_SIGNAL_AT_STEP"):
+        _signal_at_step(*os.environ["MEDSEG_SIGNAL_AT_STEP"].split(":"))
+    main.run()
