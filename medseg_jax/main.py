@@ -19,6 +19,14 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train: train (or resume) then evaluate; eval: evaluate a checkpoint.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of input/config errors.")
+flags.DEFINE_string("coordinator_address", "",
+                    "Multi-process runs: HOST:PORT of process 0 (else JAX_COORDINATOR_ADDRESS, "
+                    "or detected on SLURM / Cloud TPU VMs).")
+flags.DEFINE_integer("num_processes", 0, "Multi-process runs: number of processes (0: detect).")
+flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's id (-1: detect).")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() even when no flag or SLURM variable asks "
+                  "for it (Cloud TPU VM pod slices: everything is detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors caused by the user's input (config, data, workdir): reported in one line.
@@ -40,7 +48,10 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from medseg_jax import evaluate, train  # noqa: PLC0415 (after flag parsing)
+    from medseg_jax import evaluate, sharding, train  # noqa: PLC0415 (after flag parsing)
+
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, FLAGS.distributed)
 
     handler = logging.get_absl_handler()
     handler.setFormatter(None)  # plain progress lines
