@@ -14,6 +14,7 @@ on the test split. What it writes to ``workdir``:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -50,7 +51,8 @@ def build_model(config, num_classes: int):
     return create_model(
         config.model.name, num_classes=num_classes, spatial_dims=config.model.spatial_dims,
         base_features=config.model.base_features, depth=config.model.depth,
-        norm=config.model.norm, dtype=jnp.dtype(config.model.dtype))
+        norm=config.model.norm, dtype=jnp.dtype(config.model.dtype),
+        remat=config.model.remat)
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
@@ -150,6 +152,7 @@ def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
                                          jax.process_count()):
         out = eval_fn(state, sharding.to_global(batch, mesh))
         loss_sum, n, counts = loss_sum + out["loss_sum"], n + out["n"], counts + out["counts"]
+    loss_sum, n, counts = jax.device_get((loss_sum, n, counts))
     counts = np.asarray(counts)
     dice = metrics.dice_from_counts(counts[0], counts[1], counts[2])
     return {"val_loss": float(loss_sum) / max(float(n), 1.0),
@@ -206,13 +209,19 @@ class MetricsLog:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
+def _transfer_guard(level: str):
+    """``jax.transfer_guard(level)``, or nothing for ""."""
+    return jax.transfer_guard(level) if level else contextlib.nullcontext()
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes); returns the final early-stopping/meta record."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool = False):
+    """Trains (or resumes); returns the final early-stopping/meta record (and, with
+    ``return_state``, the final TrainState as ``(meta, state)``)."""
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     setup_compilation_cache(config)
@@ -262,62 +271,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Training already finished (epoch %d, stopped early: %s)",
                      meta["epoch"] + 1, meta["stopped"])
         checkpointer.close()
-        return meta
+        return (meta, state) if return_state else meta
 
     t_run = time.time()
     try:
-        _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mesh,
+        state = _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mesh,
                       train_samples, val_samples, start_epoch, steps_per_epoch)
     finally:  # also on Ctrl-C: let a pending checkpoint save finish
         checkpointer.close()
     logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
-    return meta
+    return (meta, state) if return_state else meta
 
 
 def _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mesh,
-                  train_samples, val_samples, start_epoch, steps_per_epoch) -> None:
-    """The epoch loop; updates ``meta`` in place and checkpoints every epoch."""
+                  train_samples, val_samples, start_epoch, steps_per_epoch):
+    """The epoch loop; updates ``meta`` in place, checkpoints every epoch, returns the
+    final state."""
     batch = config.train.batch_size
     total_steps = steps_per_epoch * config.train.num_epochs
     images_seen, time_in_steps, first = 0, 0.0, True
     for epoch in range(start_epoch, config.train.num_epochs):
-        batches = pipeline.epoch_batches(train_samples, config, epoch, steps_per_epoch)
+        batches = sharding.prefetch_to_device(
+            pipeline.epoch_batches(train_samples, config, epoch, steps_per_epoch), mesh,
+            config.train.prefetch)
         t_epoch = t_window = time.time()
         window_images, losses_epoch = 0, []
-        for i, host_batch in enumerate(batches):
-            t0 = time.time()
-            state, out = train_fn(state, sharding.to_global(host_batch, mesh))
-            losses_epoch.append(out["loss"])
-            window_images += batch
-            step = int(epoch * steps_per_epoch + i + 1)
-            if first:
-                first = False
-                loss0 = float(out["loss"])  # waits: includes the compile
-                logging.info("First step (compilation included) took %.1f s, loss %.4f",
-                             time.time() - t0, loss0)
-                t_window, window_images = time.time(), 0
-                continue
-            if step % config.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
-                loss = float(out["loss"])
-                if not np.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss} at step {step}; the last good checkpoint is kept in "
-                        f"{checkpointer.directory}. Lower config.train.learning_rate or set "
-                        "config.train.grad_clip_norm")
-                dt = time.time() - t_window
-                ips = window_images / dt if dt > 0 else float("nan")
-                images_seen += window_images
-                time_in_steps += dt
-                avg_ips = images_seen / time_in_steps if time_in_steps else ips
-                left = (total_steps - step) * batch / avg_ips if avg_ips > 0 else 0.0
-                logging.info("epoch %d/%d step %d/%d loss %.4f | %.1f images/s | ~%s left "
-                             "(training steps only)", epoch + 1, config.train.num_epochs,
-                             step, total_steps, loss, ips, _fmt_seconds(left))
-                log.write(step=step, epoch=epoch + 1, loss=loss,
-                          grad_norm=float(out["grad_norm"]), images_per_second=ips)
-                t_window, window_images = time.time(), 0
+        with _transfer_guard(config.train.transfer_guard):
+            for i, device_batch in enumerate(batches):
+                t0 = time.time()
+                state, out = train_fn(state, device_batch)
+                losses_epoch.append(out["loss"])  # stays on the device until the epoch ends
+                window_images += batch
+                step = epoch * steps_per_epoch + i + 1
+                if first:
+                    first = False
+                    loss0 = float(jax.device_get(out["loss"]))  # waits: includes the compile
+                    logging.info("First step (compilation included) took %.1f s, loss %.4f",
+                                 time.time() - t0, loss0)
+                    t_window, window_images = time.time(), 0
+                    continue
+                if step % config.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
+                    fetched = jax.device_get(out)  # the only host round trip of the loop
+                    loss = float(fetched["loss"])
+                    if not np.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss is {loss} at step {step}; the last good checkpoint is kept "
+                            f"in {checkpointer.directory}. Lower config.train.learning_rate or "
+                            "set config.train.grad_clip_norm")
+                    dt = time.time() - t_window
+                    ips = window_images / dt if dt > 0 else float("nan")
+                    images_seen += window_images
+                    time_in_steps += dt
+                    avg_ips = images_seen / time_in_steps if time_in_steps else ips
+                    left = (total_steps - step) * batch / avg_ips if avg_ips > 0 else 0.0
+                    logging.info("epoch %d/%d step %d/%d loss %.4f | %.1f images/s | ~%s left "
+                                 "(training steps only)", epoch + 1, config.train.num_epochs,
+                                 step, total_steps, loss, ips, _fmt_seconds(left))
+                    log.write(step=step, epoch=epoch + 1, loss=loss,
+                              grad_norm=float(fetched["grad_norm"]), images_per_second=ips)
+                    t_window, window_images = time.time(), 0
 
-        train_loss = float(np.mean([float(x) for x in losses_epoch]))
+        train_loss = float(np.mean(jax.device_get(losses_epoch)))
         t_val = time.time()
         val = validate(eval_fn, state, val_samples, config, mesh)
         step = int(state.step)
@@ -346,6 +360,7 @@ def _train_epochs(config, state, meta, checkpointer, log, train_fn, eval_fn, mes
             logging.info("Early stopping: validation loss has not improved for %d epochs",
                          patience)
             break
+    return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
