@@ -27,14 +27,20 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/unet.py.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", "", "Where the data are prepared; empty: a temporary folder.")
-flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
-flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-flags.DEFINE_list("parts", ["train", "infer", "data", "loop"],
-                  "What to time: train, infer, data (input pipeline alone), loop (full loop).")
-flags.mark_flags_as_required(["config"])
+PARTS = ("train", "infer", "data", "loop")
+
+
+def define_flags() -> None:
+    """The command's flags (defined on demand: `main.py` has its own --config)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/unet.py.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "", "Where the data are prepared; empty: a temporary folder.")
+    flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+    flags.DEFINE_list("parts", list(PARTS), "What to time: train, infer, data (input pipeline "
+                      "alone), loop (full training loop).")
+    flags.mark_flags_as_required(["config"])
+
 
 # Dense peak FLOP/s per device (vendor figures), by a substring of `device_kind`:
 # (bfloat16, float32). float32 matmuls on these GPUs use TF32 tensor cores by default
@@ -98,14 +104,15 @@ def median_step(run, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, jitted, args: tuple, images: int, run_with, config) -> dict:
+def measure(name: str, jitted, args: tuple, images: int, run_with, config, steps: int,
+            warmup: int) -> dict:
     """Compiles ``jitted`` for ``args`` (timed), then times steady-state steps."""
     import jax  # noqa: PLC0415
 
     t = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - t
-    seconds = median_step(lambda: run_with(compiled), FLAGS.steps, FLAGS.warmup)
+    seconds = median_step(lambda: run_with(compiled), steps, warmup)
     flops = _cost(compiled).get("flops")
     n_dev = jax.device_count()
     peak = peak_flops(jax.devices()[0].device_kind, config.model.dtype)
@@ -173,8 +180,9 @@ def time_loop(train_fn, state, train_samples, config, mesh, steps: int) -> tuple
     return (time.perf_counter() - t) / steps, state
 
 
-def run(config, workdir: str) -> list[dict]:
-    """Measures the parts asked for; prints and returns the rows."""
+def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> dict:
+    """Measures the parts asked for; prints them and returns {"rows": [...], "data_ms",
+    "loop_ms", "wait_share"} (the last three when measured)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -203,7 +211,10 @@ def run(config, workdir: str) -> list[dict]:
     print(f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
           f"{jax.process_count()} process(es); jax {jax.__version__}; "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}")
-    rows, parts = [], set(FLAGS.parts)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"--parts: {', '.join(sorted(unknown))} not among {', '.join(PARTS)}")
+    rows, result = [], {}
     holder = {"state": state}
 
     def train_run(compiled):
@@ -212,7 +223,7 @@ def run(config, workdir: str) -> list[dict]:
 
     if "train" in parts:
         rows.append(measure("train step", train_fn, (state, device_batch), batch, train_run,
-                            config))
+                            config, steps, warmup))
     if "infer" in parts:
         images = jax.device_put(
             jnp.zeros((config.eval.batch_size, *shape[1:]), jnp.float32),
@@ -220,21 +231,25 @@ def run(config, workdir: str) -> list[dict]:
         rows.append(measure(
             "inference (predict_step)", predict_fn, (holder["state"], images),
             config.eval.batch_size,
-            lambda c: jax.block_until_ready(c(holder["state"], images)), config))
+            lambda c: jax.block_until_ready(c(holder["state"], images)), config, steps, warmup))
     print_table(rows)
     step_s = rows[0]["step_ms"] / 1e3 if "train" in parts else None
     if "data" in parts:
-        data_s = time_data(samples["train"], config, mesh, FLAGS.steps)
+        data_s = time_data(samples["train"], config, mesh, steps)
+        result["data_ms"] = 1e3 * data_s
         print(f"input pipeline alone: {1e3 * data_s:.2f} ms/batch, "
               f"{batch / data_s:,.0f} images/s")
     if "loop" in parts:
         loop_s, holder["state"] = time_loop(train_fn, holder["state"], samples["train"], config,
-                                            mesh, FLAGS.steps)
-        wait = f"{100 * max(0.0, 1 - step_s / loop_s):.1f}%" if step_s else "n/a"
+                                            mesh, steps)
+        result["loop_ms"] = 1e3 * loop_s
+        result["wait_share"] = max(0.0, 1 - step_s / loop_s) if step_s else None
+        share = result["wait_share"]
+        wait = "n/a" if share is None else f"{100 * share:.1f}%"
         print(f"full loop (pipeline + prefetch + step): {1e3 * loop_s:.1f} ms/step, "
               f"{batch / loop_s:.1f} images/s; time not in the step (data wait, dispatch): "
               f"{wait}")
-    return rows
+    return dict(result, rows=rows)
 
 
 def main(argv) -> None:
@@ -244,7 +259,7 @@ def main(argv) -> None:
                                   "medseg_jax.tools.throughput"] + sys.argv[1:]))
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="throughput_")
     try:
-        run(FLAGS.config, workdir)
+        run(FLAGS.config, workdir, FLAGS.steps, FLAGS.warmup, FLAGS.parts)
     except ValueError as e:
         print(f"medseg_jax: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -254,4 +269,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
