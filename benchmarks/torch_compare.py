@@ -20,6 +20,7 @@ PyTorch is an optional extra, never a dependency of the package:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -38,6 +39,9 @@ flags.DEFINE_integer("rounds", 4, "Interleaved rounds; medians are over all time
 flags.DEFINE_integer("warmup", 2, "Untimed steps per framework before the first round.")
 flags.DEFINE_list("torch_variants", ["eager", "channels_last", "monai"],
                   "PyTorch variants: eager (NCHW), channels_last, monai (skipped if absent).")
+flags.DEFINE_bool("flax_reference", True,
+                  "Also time the same JAX step with Flax's own nn.ConvTranspose and nn.max_pool "
+                  "(what medseg_jax used before its CPU formulations of those layers).")
 
 
 # --------------------------------------------------------------------------------------
@@ -148,6 +152,23 @@ def monai_stepper(torch, x_np, y_np, num_classes: int, base: int):
 
 # --------------------------------------------------------------------------------------
 # JAX side and checks.
+
+
+@contextlib.contextmanager
+def flax_reference_layers():
+    """medseg_jax's U-Net built with nn.ConvTranspose and nn.max_pool (same parameters)."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    from medseg_jax.models import layers  # noqa: PLC0415
+
+    saved = layers.up_conv, layers.max_pool
+    layers.up_conv = lambda f, d, dtype, name=None: nn.ConvTranspose(
+        f, (2,) * d, strides=(2,) * d, padding="VALID", dtype=dtype, name=name)
+    layers.max_pool = lambda x, d: nn.max_pool(x, (2,) * d, strides=(2,) * d)
+    try:
+        yield
+    finally:
+        layers.up_conv, layers.max_pool = saved
 
 
 def jax_setup(x_np, y_np):
@@ -274,6 +295,11 @@ def main(argv) -> None:
 
     torch.manual_seed(0)
     steppers = {"medseg_jax (jit)": jax_step}
+    if FLAGS.flax_reference:
+        with flax_reference_layers():  # traced and compiled while the layers are swapped
+            _, _, _, reference_step = jax_setup(x_np, y_np)
+            reference_step()
+        steppers["JAX, Flax nn.ConvTranspose + nn.max_pool"] = reference_step
     notes = {}
     for variant in FLAGS.torch_variants:
         if variant == "monai":
