@@ -27,8 +27,8 @@ def main(workdir: str, out: str, num_processes: int, process_id: int, port: int)
         assert sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
     from conftest import tiny_config
 
-    config = tiny_config(**{"train.batch_size": 8, "train.num_epochs": 2,
-                            "train.steps_per_epoch": 2})
+    config = tiny_config(**{"train.batch_size": 8, "train.num_epochs": 1,
+                            "train.steps_per_epoch": 3})
     _, state = train.train(config, workdir, return_state=True)
     leaves = jax.tree_util.tree_leaves_with_path((state.params, state.batch_stats))
     local = {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))

@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -91,12 +92,15 @@ def test_two_processes_train_like_one_process(make_tiny_config, tmp_path):
     procs.append(_worker(single, str(tmp_path / "single.npz"), 1, 0, 0, 4))
     _finish(procs)
     p0, p1, ref = (np.load(tmp_path / f"{n}.npz") for n in ("p0", "p1", "single"))
-    assert list(p0["__devices__"]) == list(p1["__devices__"]) == [4, 2, 2, 4]
-    assert list(ref["__devices__"]) == [4, 4, 1, 4]
+    assert list(p0["__devices__"]) == list(p1["__devices__"]) == [4, 2, 2, 3]
+    assert list(ref["__devices__"]) == [4, 4, 1, 3]
     assert set(p0.files) == set(ref.files)
     for name in set(p0.files) - {"__devices__"}:
         np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)
-        np.testing.assert_allclose(p0[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        # Summation order of the cross-process all-reduce (gloo) differs: float32 noise.
+        np.testing.assert_allclose(p0[name], ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
     # Process 0 alone wrote the reports; both wrote the Orbax checkpoints.
-    assert len(open(os.path.join(multi, "metrics.jsonl")).readlines()) == 6
-    assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["2", "4"]
+    rows = [json.loads(r) for r in open(os.path.join(multi, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows if "val_loss" in r] == [1]  # once, not once a process
+    assert [r["step"] for r in rows if "loss" in r] == [2, 3]
+    assert os.listdir(os.path.join(multi, "checkpoints")) == ["3"]
