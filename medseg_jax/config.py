@@ -56,7 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
     model.base_features = 16
     model.depth = 4  # resolution levels; sizes must be divisible by 2**(depth-1)
     model.norm = "batch"  # batch | instance | none
-    model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    # Compute dtype: float32 | bfloat16 (mixed precision: convolutions in bfloat16, the
+    # parameters, optimizer, BatchNorm statistics, logits and loss stay float32).
+    model.dtype = "float32"
+    # Rematerialise the encoder blocks in the backward pass (nn.remat): less peak memory
+    # for large 3D inputs, about one more forward pass of compute; same results.
+    model.remat = False
 
     # --- training ---------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()
@@ -73,7 +78,11 @@ def default_config() -> ml_collections.ConfigDict:
     train.freeze_encoder_epochs = 0  # with init_from: keep the encoder fixed this many epochs
     train.dice_weight = 1.0
     train.ce_weight = 1.0
-    train.log_every_steps = 50
+    train.log_every_steps = 50  # the only steps whose loss is fetched to the host
+    train.prefetch = 2  # batches put on the devices ahead of the step consuming them
+    # Debugging: run the step loop under jax.transfer_guard(...): "" (off) | "log" |
+    # "disallow" (an implicit host<->device copy in the loop raises).
+    train.transfer_guard = ""
     train.checkpoint_max_to_keep = 2  # besides the best, always kept
     train.compilation_cache_dir = "~/.cache/medseg_jax/jit"  # empty: off
 
@@ -98,6 +107,7 @@ _CHOICES = {
     "model.norm": ("batch", "instance", "none"),
     "model.dtype": ("float32", "bfloat16"),
     "train.lr_schedule": ("constant", "cosine"),
+    "train.transfer_guard": ("", "log", "disallow"),
     "eval.split": ("train", "val", "test"),
 }
 
@@ -134,7 +144,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.data.image_size: {size} must be positive multiples of "
             f"2**(depth-1) = {divisor} for config.model.depth={config.model.depth}")
     for field in ("train.batch_size", "eval.batch_size", "train.num_epochs",
-                  "model.base_features"):
+                  "model.base_features", "train.prefetch"):
         if int(_get(config, field)) <= 0:
             raise ValueError(f"config.{field}: must be positive, got {_get(config, field)}")
     fractions = tuple(config.data.split_fractions)

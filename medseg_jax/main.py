@@ -35,6 +35,14 @@ flags.DEFINE_string("task", None, "predict: the task (dataset.json name) whose i
 flags.DEFINE_bool("save_probabilities", False, "predict: also write the softmax "
                   "probabilities as <case>_probabilities.nii.gz.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of input/config errors.")
+flags.DEFINE_string("coordinator_address", "",
+                    "Multi-process runs: HOST:PORT of process 0 (else JAX_COORDINATOR_ADDRESS, "
+                    "or detected on SLURM / Cloud TPU VMs).")
+flags.DEFINE_integer("num_processes", 0, "Multi-process runs: number of processes (0: detect).")
+flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's id (-1: detect).")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() even when no flag or SLURM variable asks "
+                  "for it (Cloud TPU VM pod slices: everything is detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors caused by the input, the config, the workdir or the machine (a full disk),
@@ -60,7 +68,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         raise app.UsageError("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
-    from medseg_jax import benchmark, evaluate, predict, train  # noqa: PLC0415 (after flags)
+    # After flag parsing; the distributed runtime before any other JAX call.
+    from medseg_jax import benchmark, evaluate, predict, sharding, train  # noqa: PLC0415
+
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, FLAGS.distributed)
 
     handler = logging.get_absl_handler()
     handler.setFormatter(None)  # plain progress lines

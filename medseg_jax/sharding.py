@@ -5,6 +5,10 @@ hosts: host-local batches become global arrays with
 `jax.make_array_from_process_local_data`.
 """
 
+import collections
+import os
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -44,3 +48,57 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
         return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterator[dict], mesh: Mesh, size: int = 2) -> Iterator[dict]:
+    """Yields global device batches, keeping ``size`` host->device copies in flight.
+
+    `to_global` starts an asynchronous copy; queueing the next ones while the current
+    step runs overlaps the transfers (and the host loading) with compute.
+    """
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(to_global(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def multiprocess_requested(coordinator_address: str = "", num_processes: int = 0,
+                           force: bool = False) -> bool:
+    """Whether this run is one of several processes (flags, SLURM or JAX's variables)."""
+    if force or coordinator_address or num_processes > 1:
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return True
+    return int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1, force: bool = False) -> bool:
+    """Calls `jax.distributed.initialize()` when the run is multi-process.
+
+    Explicit flags win; missing values come from JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID, then from JAX's cluster detection (SLURM,
+    Cloud TPU VM, Open MPI). Must run before anything touches the devices.
+    Returns whether it initialised.
+    """
+    if not multiprocess_requested(coordinator_address, num_processes, force):
+        return False
+    env = os.environ
+    kwargs = {
+        "coordinator_address": coordinator_address or env.get("JAX_COORDINATOR_ADDRESS"),
+        "num_processes": num_processes or _env_int("JAX_NUM_PROCESSES"),
+        "process_id": process_id if process_id >= 0 else _env_int("JAX_PROCESS_ID"),
+    }
+    if (kwargs["num_processes"] or 0) > 1 and kwargs["coordinator_address"] is None:
+        raise ValueError("--num_processes > 1 needs --coordinator_address=HOST:PORT "
+                         "(the address of process 0)")
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None

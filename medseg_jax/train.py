@@ -61,7 +61,8 @@ def build_model(config, num_classes: int):
     return create_model(
         config.model.name, num_classes=num_classes, spatial_dims=config.model.spatial_dims,
         base_features=config.model.base_features, depth=config.model.depth,
-        norm=config.model.norm, dtype=jnp.dtype(config.model.dtype))
+        norm=config.model.norm, dtype=jnp.dtype(config.model.dtype),
+        remat=config.model.remat)
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
@@ -176,6 +177,7 @@ def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
                                          jax.process_count()):
         out = eval_fn(state, sharding.to_global(batch, mesh))
         loss_sum, n, counts = loss_sum + out["loss_sum"], n + out["n"], counts + out["counts"]
+    loss_sum, n, counts = jax.device_get((loss_sum, n, counts))
     counts = np.asarray(counts)
     dice = metrics.dice_from_counts(counts[0], counts[1], counts[2])[1:]
     present = dice[np.isfinite(dice)]  # a class absent from the whole split is skipped
@@ -295,6 +297,9 @@ def _row_step(line: str) -> float:
         return json.loads(line).get("step", 0)
     except (json.JSONDecodeError, AttributeError):
         return float("inf")
+def _transfer_guard(level: str):
+    """``jax.transfer_guard(level)``, or nothing for ""."""
+    return jax.transfer_guard(level) if level else contextlib.nullcontext()
 
 
 def _fmt_seconds(s: float) -> str:
@@ -319,15 +324,16 @@ def _sigterm_sets(flag: threading.Event):
         signal.signal(signal.SIGTERM, previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes); returns the final early-stopping/meta record."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool = False):
+    """Trains (or resumes); returns the final early-stopping/meta record (and, with
+    ``return_state``, the final TrainState as ``(meta, state)``)."""
     config_lib.validate(config)
     setup_compilation_cache(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     with workdir_lock(workdir):
-        return _train(config, workdir, mesh)
+        return _train(config, workdir, mesh, return_state)
 
 
 def workdir_lock(workdir: str):
@@ -335,7 +341,7 @@ def workdir_lock(workdir: str):
     return workdir_lib.lock(workdir, enabled=jax.process_index() == 0)
 
 
-def _train(config, workdir: str, mesh) -> dict:
+def _train(config, workdir: str, mesh, return_state: bool = False):
     check_workdir_config(config, workdir)
     dataset, _, samples = pipeline.prepare(config, workdir)
     write_config(config, workdir)  # once the data are read: a failed start changes nothing
@@ -386,23 +392,24 @@ def _train(config, workdir: str, mesh) -> dict:
         logging.info("Training already finished (epoch %d, stopped early: %s)",
                      meta["epoch"] + 1, meta["stopped"])
         checkpointer.close()
-        return meta
+        return (meta, state) if return_state else meta
 
     t_run, stop = time.time(), threading.Event()
     with _sigterm_sets(stop):
         try:
             loop = _Loop(config, checkpointer, log, train_fn, eval_fn, mesh, train_samples,
                          val_samples, steps_per_epoch, stop)
-            loop.run(state, meta, start_epoch, progress)
+            state = loop.run(state, meta, start_epoch, progress)
         finally:  # also on Ctrl-C or SIGTERM: let a pending checkpoint save finish
             checkpointer.close()
     logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
-    return meta
+    return (meta, state) if return_state else meta
 
 
 def _first_bad(pending) -> tuple[int, float, float] | None:
     """(step, loss, grad norm) of the first step in ``pending`` that is not finite."""
-    for step, out in pending:
+    fetched = jax.device_get([out for _, out in pending])  # one explicit host round trip
+    for (step, _), out in zip(pending, fetched):
         loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
             return step, loss, grad_norm
@@ -441,28 +448,37 @@ class _Loop:
                 logging.info("Early stopping: validation loss has not improved for %d epochs",
                              self.config.train.patience)
                 break
+        return state
 
     def train_epoch(self, state, meta, epoch: int, done: int, losses: list):
         """The steps of one epoch from step ``done`` on; returns (state, mean loss)."""
+        config = self.config
+        batches = sharding.prefetch_to_device(
+            pipeline.epoch_batches(self.train_samples, config, epoch, self.steps_per_epoch,
+                                   start=done), self.mesh, config.train.prefetch)
+        with _transfer_guard(config.train.transfer_guard):  # no hidden host round trip
+            state = self._steps(state, meta, epoch, done, losses, batches)
+        return state, float(np.mean(jax.device_get(losses)))
+
+    def _steps(self, state, meta, epoch: int, done: int, losses: list, batches):
         config, batch = self.config, self.config.train.batch_size
         total_steps = self.steps_per_epoch * config.train.num_epochs
-        batches = pipeline.epoch_batches(self.train_samples, config, epoch,
-                                         self.steps_per_epoch, start=done)
         t_window, window_images, pending = time.time(), 0, []
         for i in range(done, self.steps_per_epoch):
             if self.stop.is_set() and i > done:  # SIGTERM: save what is done, then stop
                 self.save_progress(state, meta, epoch, i, losses, pending)
-            host_batch = next(batches)
+            device_batch = next(batches)
             t0 = time.time()
-            state, out = self.train_fn(state, sharding.to_global(host_batch, self.mesh))
+            state, out = self.train_fn(state, device_batch)
             step = int(epoch * self.steps_per_epoch + i + 1)
             pending.append((step, out))
             losses.append(out["loss"])
             window_images += batch
             if self.first:
                 self.first = False
+                loss0 = float(jax.device_get(out["loss"]))  # waits: includes the compile
                 logging.info("First step (compilation included) took %.1f s, loss %.4f",
-                             time.time() - t0, float(out["loss"]))
+                             time.time() - t0, loss0)
                 t_window, window_images = time.time(), 0
                 if i + 1 < self.steps_per_epoch:
                     continue
@@ -473,7 +489,8 @@ class _Loop:
             self.checkpointer.check()  # a save that failed (disk full) stops the run now
             if not window_images:
                 continue
-            loss = float(out["loss"])
+            fetched = jax.device_get(out)
+            loss = float(fetched["loss"])
             dt = time.time() - t_window
             ips = window_images / dt if dt > 0 else float("nan")
             self.images_seen += window_images
@@ -484,9 +501,9 @@ class _Loop:
                          "(training steps only)", epoch + 1, config.train.num_epochs,
                          step, total_steps, loss, ips, _fmt_seconds(left))
             self.log.write(step=step, epoch=epoch + 1, loss=loss,
-                           grad_norm=float(out["grad_norm"]), images_per_second=ips)
+                           grad_norm=float(fetched["grad_norm"]), images_per_second=ips)
             t_window, window_images = time.time(), 0
-        return state, float(np.mean([float(x) for x in losses]))
+        return state
 
     def check_finite(self, pending) -> None:
         """Stops training (FloatingPointError) at the first non-finite loss or gradient."""
@@ -508,8 +525,8 @@ class _Loop:
     def save_progress(self, state, meta, epoch: int, steps_done: int, losses, pending):
         """SIGTERM mid-epoch: checkpoints the steps done (never best), then Preempted."""
         self.check_finite(pending)
-        step = int(state.step)
-        progress = {"steps": steps_done, "losses": [float(x) for x in losses]}
+        step = int(jax.device_get(state.step))
+        progress = {"steps": steps_done, "losses": [float(x) for x in jax.device_get(losses)]}
         self.checkpointer.save(step, state, dict(meta, epoch_progress=progress), None)
         self.preempted(step, epoch, steps_done)
 

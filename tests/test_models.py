@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medseg_jax.models import MODELS, attention_maps, count_params, create_model, init_model
+import flax.linen as nn
+
+from medseg_jax.models import MODELS, attention_maps, count_params, create_model, init_model, layers
 from medseg_jax.models.fcn import BilinearUpsample, bilinear_kernel
 
 NAMES = sorted(MODELS)
@@ -215,3 +217,81 @@ def test_attention_maps(dims):
         assert alpha.shape == (x.shape[0],) + spatial + (1,)
         assert alpha.dtype == jnp.float32
         assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_up_conv_is_the_transposed_convolution(dims):
+    """layers.UpConv (a matmul + reshape) = nn.ConvTranspose(k=2, s=2): same parameters
+    from the same key, same outputs and input gradients."""
+    x = jax.random.normal(jax.random.key(1), (2,) + (4,) * dims + (3,))
+    ref = nn.ConvTranspose(5, (2,) * dims, strides=(2,) * dims, padding="VALID")
+    new = layers.UpConv(5, dims)
+    v_ref, v_new = ref.init(jax.random.key(2), x), new.init(jax.random.key(2), x)
+    assert jax.tree.structure(v_ref) == jax.tree.structure(v_new)
+    for a, b in zip(jax.tree.leaves(v_ref), jax.tree.leaves(v_new)):
+        np.testing.assert_array_equal(a, b)
+    v_ref = jax.tree.map(lambda a: a + 0.1, v_ref)  # a non-zero bias too
+    np.testing.assert_allclose(new.apply(v_ref, x), ref.apply(v_ref, x), rtol=1e-5, atol=1e-6)
+    g_ref = jax.grad(lambda v, x: (ref.apply(v, x) ** 2).sum(), (0, 1))(v_ref, x)
+    g_new = jax.grad(lambda v, x: (new.apply(v, x) ** 2).sum(), (0, 1))(v_ref, x)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_new)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_max_pool_and_its_gradient_match_nn_max_pool(dims):
+    """Including ties (ReLU zeros, equal maxima): the gradient goes to the first maximum
+    of each window, as XLA's select-and-scatter does."""
+    x = np.maximum(np.random.default_rng(0).normal(size=(2,) + (6,) * dims + (3,)), 0)
+    x[(0,) + (0,) * dims] = x[(0,) + (1,) * dims] = 2.0  # a positive tie in one window
+    x = jnp.asarray(x, jnp.float32)
+    ref = lambda x: nn.max_pool(x, (2,) * dims, strides=(2,) * dims)  # noqa: E731
+    new = lambda x: layers.max_pool(x, dims)  # noqa: E731
+    np.testing.assert_array_equal(new(x), ref(x))
+    g = jax.random.normal(jax.random.key(0), ref(x).shape)
+    np.testing.assert_array_equal(jax.vjp(new, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0])
+
+
+def test_remat_gives_the_same_gradients_and_keeps_fewer_activations():
+    """nn.remat'd encoder blocks: same parameters and gradients; the activations kept for
+    the backward pass (the residuals of jax.vjp) shrink. (XLA's CPU backend drops the
+    optimisation barriers and merges the recomputation back, so on CPU the compiled
+    program's memory does not change; GPU/TPU keep it.)"""
+    x = inputs(3)
+    plain, remat = tiny("unet", 3), tiny("unet", 3, remat=True)
+    variables = tiny_variables("unet", 3)
+    assert jax.tree.structure(abstract_init(remat, x.shape)) == jax.tree.structure(variables)
+
+    def loss(model):
+        def fn(params):
+            out, _ = model.apply({**variables, "params": params}, x, train=True,
+                                 mutable=["batch_stats"])
+            return (out ** 2).mean()
+        return fn
+
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(plain))(variables["params"])),
+                    jax.tree.leaves(jax.grad(loss(remat))(variables["params"]))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    kept = [sum(leaf.nbytes for leaf in jax.tree.leaves(jax.vjp(loss(m), variables["params"])[1]))
+            for m in (plain, remat)]
+    assert kept[1] < 0.75 * kept[0], kept
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_runs_the_convolutions_in_bfloat16(name):
+    """Mixed precision: float32 parameters in, bfloat16 convolutions and matmuls."""
+    model = tiny(name, 2, dtype=jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        tiny_variables(name, 2), inputs(2))
+    ops = [e for e in _all_eqns(jaxpr.jaxpr)
+           if e.primitive.name in ("conv_general_dilated", "dot_general")]
+    assert ops and all(v.aval.dtype == jnp.bfloat16 for e in ops for v in e.invars)
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            inner = p if hasattr(p, "eqns") else getattr(p, "jaxpr", None)
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)

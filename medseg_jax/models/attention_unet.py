@@ -53,6 +53,7 @@ class AttentionUNet(nn.Module):
     depth: int = 4
     norm: str = "batch"
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise encoder blocks (memory for compute)
     output_transform: bool = True  # W_y after each gate (Oktay et al.'s implementation)
 
     @nn.compact
@@ -61,7 +62,7 @@ class AttentionUNet(nn.Module):
         layers.check_input("attention_unet", x, self.spatial_dims, self.depth)
         dims, dtype = self.spatial_dims, self.dtype
         features = [self.base_features * 2**i for i in range(self.depth)]
-        skips = layers.encoder(x, train, features, dims, self.norm, dtype)
+        skips = layers.encoder(x, train, features, dims, self.norm, dtype, self.remat)
         x = skips[-1]
         for i in reversed(range(self.depth - 1)):
             gate = AttentionGate(max(features[i] // 2, 1), dims, dtype, self.norm,

@@ -72,6 +72,7 @@ class FCN(nn.Module):
     norm: str = "batch"
     dtype: Any = jnp.float32
     dropout_rate: float = 0.0
+    remat: bool = False  # rematerialise encoder blocks (memory for compute)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -80,7 +81,7 @@ class FCN(nn.Module):
         dims, dtype = self.spatial_dims, self.dtype
         bias = self.norm == "none"  # a bias just before a normalisation is redundant
         features = [self.base_features * 2**i for i in range(self.depth)]
-        stages = layers.encoder(x, train, features, dims, self.norm, dtype)
+        stages = layers.encoder(x, train, features, dims, self.norm, dtype, self.remat)
 
         # fc6 (3x3) and fc7 (1x1) as convolutions at the coarsest level, 2x its width.
         h = stages[-1]

@@ -22,6 +22,7 @@ class UNet(nn.Module):
     depth: int = 4
     norm: str = "batch"
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise encoder blocks (memory for compute)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -29,7 +30,7 @@ class UNet(nn.Module):
         layers.check_input("unet", x, self.spatial_dims, self.depth)
         dims, dtype = self.spatial_dims, self.dtype
         features = [self.base_features * 2**i for i in range(self.depth)]
-        skips = layers.encoder(x, train, features, dims, self.norm, dtype)
+        skips = layers.encoder(x, train, features, dims, self.norm, dtype, self.remat)
         x = skips[-1]
         for i in reversed(range(self.depth - 1)):
             x = layers.up_conv(features[i], dims, dtype, name=f"up_{i}")(x)

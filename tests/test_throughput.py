@@ -1,0 +1,26 @@
+import jax
+
+from medseg_jax.tools import throughput
+
+
+def test_throughput_reports_every_figure(make_tiny_config, tmp_path, capsys):
+    config = make_tiny_config(**{"train.log_every_steps": 2})
+    out = throughput.run(config, str(tmp_path), steps=2, warmup=1)
+    train, infer = out["rows"]
+    for row in (train, infer):
+        assert row["compile_s"] > 0 and row["step_ms"] > 0
+        assert row["images_per_s"] == row["images_per_s_per_device"] * jax.device_count()
+        assert row["gflop_per_step"] > 0 and row["tflop_per_s"] > 0
+        assert row["compiled_mib"] > 0
+        assert row["mfu"] is None  # no known peak for a CPU
+    assert train["gflop_per_step"] > 2 * infer["gflop_per_step"]  # batch 8 both: fwd+bwd
+    assert out["data_ms"] > 0 and out["loop_ms"] > 0 and 0 <= out["wait_share"] < 1
+    printed = capsys.readouterr().out
+    assert "| train step |" in printed and "full loop" in printed
+
+
+def test_peak_flops_by_device_kind_and_dtype():
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert throughput.peak_flops("NVIDIA A100-SXM4-40GB", "float32") == 156e12
+    assert throughput.peak_flops("TPU v4", "float32") == 275e12
+    assert throughput.peak_flops("cpu", "float32") is None
