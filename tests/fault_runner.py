@@ -4,17 +4,18 @@
 checkpoint of step S (the arrays written, its JSON items not yet);
 ``MEDSEG_KILL_IN_SAVE=rename:S`` SIGKILLs it once that checkpoint is complete
 but before Orbax renames it into place. ``MEDSEG_SIGNAL_AT_STEP=15:S`` sends the
-process a real SIGTERM (15) while it fetches the batch of step S. The package
+process a real SIGTERM (15) when the loop takes the batch of step S. The package
 itself has no such hooks.
 """
 
+import collections
 import os
 import signal
 
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from orbax.checkpoint._src.path import atomicity
 
-from medseg_jax import main
+from medseg_jax import main, sharding
 from medseg_jax.data import pipeline
 
 SUFFIX = ".orbax-checkpoint-tmp"
@@ -49,15 +50,33 @@ def _install(kind: str, step: str) -> None:
 
 
 def _signal_at_step(signum: str, step: str) -> None:
-    original = pipeline.epoch_batches
+    """Sends the signal when the training loop takes the device batch of step S (batches
+    are prefetched ahead, so the moment a batch is read from the pipeline is earlier)."""
+    original, marked = pipeline.epoch_batches, set()
 
     def epoch_batches(train, config, epoch, steps, start=0):
         for i, batch in enumerate(original(train, config, epoch, steps, start), start):
             if epoch * steps + i + 1 == int(step):
-                os.kill(os.getpid(), int(signum))
+                marked.add(id(batch))
             yield batch
 
+    def prefetch_to_device(batches, mesh, size=2):
+        queue = collections.deque()
+        for batch in batches:
+            queue.append((id(batch) in marked, sharding.to_global(batch, mesh)))
+            if len(queue) > size:
+                yield _take(queue)
+        while queue:
+            yield _take(queue)
+
+    def _take(queue):
+        flagged, device_batch = queue.popleft()
+        if flagged:
+            os.kill(os.getpid(), int(signum))
+        return device_batch
+
     pipeline.epoch_batches = epoch_batches
+    sharding.prefetch_to_device = prefetch_to_device
 
 
 if __name__ == "__main__":
