@@ -34,22 +34,23 @@ import platform
 import sys
 import time
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from medseg_jax import evaluate, metrics, report, stats, train
 from medseg_jax.data import decathlon, pipeline, synthetic
-from medseg_jax.models import MODELS, count_params
+from medseg_jax.models import MODELS
 
 # Reported by the study on its own data (brain-tumour MRI, lung-nodule CT, liver-lesion
 # images): mean Dice, IoU and Hausdorff distance (mm). Not comparable to other data.
 STUDY = {"unet": (0.85, 0.76, 3.2), "fcn": (0.82, 0.73, 3.8),
          "attention_unet": (0.78, 0.69, 4.1)}
+
+
+_REPORTED = (("dice", 3), ("iou", 3), ("hd", 2), ("hd95", 2), ("assd", 2))
+_VERSIONED = ("python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+              "numpy", "scipy", "nibabel", "medseg_jax")
 
 
 @dataclasses.dataclass
@@ -185,15 +186,10 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str) -> tuple[di
         c.eval.split = "test"
         run_dir = folder
         results = train.train_and_evaluate(c, run_dir)
-    dataset = pipeline.open_dataset(c, run_dir)
-    model = train.build_model(c, dataset.num_classes)
-    shape = (1, *c.data.image_size, dataset.num_channels)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape),
-                                                 train=False))
     n_cases = max(len(results["per_case"]), 1)
     info = {"label": entry.label, "model": entry.name, "dims": entry.dims,
             "init_from": entry.init_from, "workdir": run_dir, "config": c.to_dict(),
-            "params": count_params(abstract), **_run_facts(run_dir),
+            "params": results["params"], **_run_facts(run_dir),
             "infer_seconds_per_case": results["predict_seconds"] / n_cases,
             "aggregate": results["aggregate"], "per_case": results["per_case"],
             "checkpoint_epoch": results["epoch"]}
@@ -232,9 +228,9 @@ def run(config, workdir: str) -> dict:
         results["figures"] = write_figures(infos, workdir)
         results["wall_seconds"] = time.time() - t0
         pipeline.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        report.write_text_atomic(os.path.join(workdir, "results.csv"), results_csv(infos))
+        pipeline.write_text_atomic(os.path.join(workdir, "results.csv"), results_csv(infos))
         text = report_markdown(results)
-        report.write_text_atomic(os.path.join(workdir, "report.md"), text)
+        pipeline.write_text_atomic(os.path.join(workdir, "report.md"), text)
         print(text, flush=True)
         logging.info("Benchmark done in %.1f min; wrote %s", results["wall_seconds"] / 60,
                      os.path.join(workdir, "report.md"))
@@ -250,14 +246,10 @@ def command_line() -> str:
 
 
 def environment() -> dict:
-    devices = jax.devices()
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "flax": flax.__version__, "optax": optax.__version__,
-            "orbax_checkpoint": getattr(ocp, "__version__", "?"), "numpy": np.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or "?",
-            "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-            "devices": f"{len(devices)} x {devices[0].device_kind}",
-            "processes": jax.process_count()}
+    """The run's versions (as in each run's config.json) plus the machine."""
+    return {**train.versions(), "platform": platform.platform(),
+            "processor": platform.processor() or "?", "cpu_count": os.cpu_count(),
+            "backend": jax.default_backend(), "processes": jax.process_count()}
 
 
 # --------------------------------------------------------------------------- #
@@ -300,24 +292,7 @@ def results_csv(infos: list[dict]) -> str:
                     rows.append([info["label"], info["model"], info["dims"], group, cls, metric]
                                 + [s[k] for k in ("mean", "std", "median", "ci_low", "ci_high",
                                                   "n", "n_nan")])
-    return report._csv_text(header, rows)
-
-
-def _fmt(stats_: dict, digits: int) -> str:
-    mean = stats_.get("mean", math.nan)
-    if not math.isfinite(mean):
-        return "n/a"
-    text = f"{mean:.{digits}f} ± {stats_['std']:.{digits}f}"
-    if math.isfinite(stats_.get("ci_low", math.nan)):
-        text += f" [{stats_['ci_low']:.{digits}f}, {stats_['ci_high']:.{digits}f}]"
-    if stats_.get("n_nan"):
-        text += f" ({stats_['n_nan']} undef.)"
-    return text
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+    return report.csv_text(header, rows)
 
 
 def report_markdown(results: dict) -> str:
@@ -327,9 +302,8 @@ def report_markdown(results: dict) -> str:
              f"Command: `{results['command']}`  ",
              f"Device: {env['devices']} ({env['backend']}, {env['cpu_count']} CPU cores, "
              f"{env['processes']} process(es)); seed {results['seed']}  ",
-             f"Versions: Python {env['python']}, jax {env['jax']}, flax {env['flax']}, "
-             f"optax {env['optax']}, orbax-checkpoint {env['orbax_checkpoint']}, "
-             f"numpy {env['numpy']}  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k in _VERSIONED)
+             + "  ",
              f"Data: {', '.join(results['data'])}", ""]
     if infos:
         c = infos[0]["config"]
@@ -355,18 +329,18 @@ def report_markdown(results: dict) -> str:
         for group, classes in info["aggregate"].items():
             for cls, m in classes.items():
                 n = m["dice"]["n"] + m["dice"]["n_nan"]
-                rows.append([info["label"], group, cls, n, _fmt(m["dice"], 3),
-                             _fmt(m["iou"], 3), _fmt(m["hd"], 2), _fmt(m["hd95"], 2),
-                             _fmt(m["assd"], 2)])
-    lines += _table(["architecture", "data", "class", "cases", "Dice", "IoU", "HD (mm)",
-                     "HD95 (mm)", "ASSD (mm)"], rows) + [""]
+                rows.append([info["label"], group, cls, n]
+                            + [report.stats_cell(m[k], d, ci=True) for k, d in _REPORTED])
+    lines += report.markdown_table(["architecture", "data", "class", "cases", "Dice", "IoU",
+                                    "HD (mm)", "HD95 (mm)", "ASSD (mm)"], rows) + [""]
 
     lines += ["## Cost", ""]
     rows = [[i["label"], f"{i['params']:,}", f"{i['train_seconds'] / 60:.1f}",
              i["epochs_run"], i["checkpoint_epoch"], f"{i['images_per_second']:.1f}",
              f"{i['infer_seconds_per_case']:.3f}"] for i in infos]
-    lines += _table(["architecture", "parameters", "training (min)", "epochs run",
-                     "best epoch", "train images/s", "inference s/case"], rows) + [""]
+    lines += report.markdown_table(["architecture", "parameters", "training (min)",
+                                    "epochs run", "best epoch", "train images/s",
+                                    "inference s/case"], rows) + [""]
 
     if results["comparisons"]:
         lines += ["## Paired comparisons", "",
@@ -377,21 +351,23 @@ def report_markdown(results: dict) -> str:
         rows = [[c["a"], c["b"], c["class"], c["metric"], c["n"], f"{c['median_diff']:+.4f}",
                  "n/a" if not math.isfinite(c["p_value"]) else f"{c['p_value']:.4g}"]
                 for c in results["comparisons"]]
-        lines += _table(["A", "B", "class", "metric", "n", "median A - B", "p"], rows) + [""]
+        lines += report.markdown_table(["A", "B", "class", "metric", "n", "median A - B", "p"],
+                                       rows) + [""]
 
     lines += ["## The study's figures (their data, for reference only)", "",
               "Reported by the study on its own MRI, CT and ultrasound data; not the same "
               "data or split as above, so not directly comparable.", ""]
-    lines += _table(["architecture", "Dice", "IoU", "HD (mm)"],
-                    [[k, *v] for k, v in STUDY.items()]) + [""]
+    lines += report.markdown_table(["architecture", "Dice", "IoU", "HD (mm)"],
+                                   [[k, *v] for k, v in STUDY.items()]) + [""]
 
     if results["trials"]:
         lines += ["## Sweep trials (validation split only)", ""]
         rows = [[t["entry"], t["trial"], t["learning_rate"], t["batch_size"], t["num_epochs"],
                  t["patience"], t["epochs_run"], f"{t['val_dice']:.4f}",
                  "yes" if t.get("chosen") else ""] for t in results["trials"]]
-        lines += _table(["architecture", "trial", "lr", "batch", "max epochs", "patience",
-                         "epochs run", "val Dice", "chosen"], rows) + [""]
+        lines += report.markdown_table(["architecture", "trial", "lr", "batch", "max epochs",
+                                        "patience", "epochs run", "val Dice", "chosen"],
+                                       rows) + [""]
 
     figures = results.get("figures", {})
     if figures:
@@ -423,18 +399,15 @@ def write_figures(infos: list[dict], workdir: str) -> dict[str, str]:
 
 def case_rows(infos: list[dict]) -> list[dict]:
     """Views of the same best / median / worst test cases through every architecture."""
-    common = set.intersection(*(set(c["case"] for c in i["per_case"]) for i in infos))
-    if not common:
-        return []
+    dice = [{c["case"]: evaluate.mean_dice(c["metrics"]) for c in i["per_case"]}
+            for i in infos]
     scores = {}
-    for key in common:
-        values = [evaluate.mean_dice(c["metrics"]) for i in infos for c in i["per_case"]
-                  if c["case"] == key]
-        finite = [v for v in values if math.isfinite(v)]
-        if finite:
-            scores[key] = float(np.mean(finite))
-    fake = [{"case": k, "metrics": {"x": {"dice": v}}} for k, v in scores.items()]
-    picks = evaluate.select_cases(fake)
+    for key in set.intersection(*(set(d) for d in dice)):
+        finite = [d[key] for d in dice if math.isfinite(d[key])]
+        scores[key] = float(np.mean(finite)) if finite else float("nan")
+    picks = evaluate.select_cases(scores)
+    if not picks:
+        return []
     runs = []
     for info in infos:
         c = ml_collections.ConfigDict(info["config"])

@@ -139,6 +139,7 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
     results = {"model": config.model.name, "split": split, "checkpoint": run.which,
                "step": run.step, "epoch": run.epoch, "tta": bool(config.eval.tta),
                "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
+               "params": train.count_params(run.state.params),
                "aggregate": groups, "per_case": per_case,
                "seconds": t_predict + t_metrics, "predict_seconds": t_predict,
                "metrics_seconds": t_metrics,
@@ -146,10 +147,10 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
                "network_inputs": n_samples}
     if jax.process_index() == 0:
         pipeline.write_json_atomic(os.path.join(workdir, f"{split}_metrics.json"), results)
-        report.write_text_atomic(os.path.join(workdir, f"{split}_metrics.md"), table)
-        report.write_text_atomic(os.path.join(workdir, f"{split}_per_case.csv"),
+        pipeline.write_text_atomic(os.path.join(workdir, f"{split}_metrics.md"), table)
+        pipeline.write_text_atomic(os.path.join(workdir, f"{split}_per_case.csv"),
                                  report.per_case_csv(per_case, metrics.METRIC_NAMES))
-        report.write_text_atomic(os.path.join(workdir, f"{split}_summary.csv"),
+        pipeline.write_text_atomic(os.path.join(workdir, f"{split}_summary.csv"),
                                  report.summary_csv(groups))
     print(table, flush=True)
     logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
@@ -171,10 +172,11 @@ def mean_dice(case_metrics: dict[str, dict[str, float]]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def select_cases(per_case: list[dict]) -> list[tuple[str, str]]:
-    """[(role, case key)] for the best, median and worst case by mean Dice."""
-    scored = sorted(((mean_dice(c["metrics"]), c["case"]) for c in per_case
-                     if math.isfinite(mean_dice(c["metrics"]))), reverse=True)
+def select_cases(scores: dict[str, float]) -> list[tuple[str, str]]:
+    """[(title, case key)] for the best, median and worst case by Dice (``scores``: case
+    key -> Dice; undefined scores are left out)."""
+    scored = sorted(((dice, key) for key, dice in scores.items() if math.isfinite(dice)),
+                    reverse=True)
     if not scored:
         return []
     picks = [("best", scored[0]), ("median", scored[len(scored) // 2]), ("worst", scored[-1])]
@@ -237,7 +239,7 @@ def write_figures(run: Run, per_case: list[dict], split: str) -> dict[str, str]:
     """Writes the case overlays and training curves into ``<workdir>/figures``."""
     folder = os.path.join(run.workdir, "figures")
     out = {}
-    picks = select_cases(per_case)
+    picks = select_cases({c["case"]: mean_dice(c["metrics"]) for c in per_case})
     if picks:
         rows = [case_view(run, key, title) for title, key in picks]
         out["cases"] = os.path.join(folder, f"{split}_cases.png")

@@ -267,8 +267,8 @@ def binary_metrics(
     ``crop=False`` runs the distance transforms on the whole volume (same values,
     slower; for comparison).
     """
+    pred, gt = _check_pair(pred, gt)  # binarised once for both passes
     out = overlap_metrics(pred, gt, spacing)
-    pred, gt = _check_pair(pred, gt)
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not (has_pred and has_gt):
         nan = float("nan")

@@ -19,7 +19,6 @@ and renamed, so an existing file is replaced whole or not at all.
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import jax
@@ -27,10 +26,9 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 from medseg_jax import evaluate, inference
-from medseg_jax.data import decathlon
+from medseg_jax.data import decathlon, pipeline
 
 _NIFTI = (".nii.gz", ".nii")
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 def _strip(name: str) -> str | None:
@@ -46,7 +44,7 @@ def find_inputs(path: str, num_channels: int) -> list[tuple[str, tuple[str, ...]
         stem = _strip(os.path.basename(path))
         if stem is None:
             raise ValueError(f"--input {path}: not a NIfTI file (.nii or .nii.gz)")
-        match = _CHANNEL.match(stem)
+        match = decathlon.CHANNEL_RE.match(stem)
         return [(match["case"] if match and num_channels == 1 else stem, (path,))]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--input {path}: no such file or folder")
@@ -57,7 +55,7 @@ def find_inputs(path: str, num_channels: int) -> list[tuple[str, tuple[str, ...]
         full = os.path.join(path, name)
         if stem is None or name.startswith(".") or not os.path.isfile(full):
             continue
-        match = _CHANNEL.match(stem)
+        match = decathlon.CHANNEL_RE.match(stem)
         if match:
             groups.setdefault(match["case"], {})[int(match["channel"])] = full
         else:
@@ -82,14 +80,8 @@ def _write_nifti(array: np.ndarray, reference: nib.Nifti1Image, path: str) -> No
         image.set_sform(sform, int(sform_code))
     if qform is not None:
         image.set_qform(qform, int(qform_code))
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{os.getpid()}.{name}")  # keeps the .nii.gz ending
-    try:
+    with pipeline.atomic_path(path) as tmp:  # keeps the .nii.gz ending nibabel goes by
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _original_grid(array: np.ndarray, case: decathlon.Case) -> np.ndarray:

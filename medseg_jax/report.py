@@ -1,8 +1,8 @@
 """Reports of evaluation results: markdown tables, CSV files and figures.
 
 Figures use matplotlib's Agg backend (files only, no display needed). Every
-file is written to a temporary name and renamed, so a report is never left
-half-written.
+file is written through ``pipeline.atomic_path`` (a temporary name, then a
+rename), so a report is never left half-written.
 """
 
 from __future__ import annotations
@@ -15,19 +15,31 @@ import os
 
 import numpy as np
 
+from medseg_jax.data import pipeline
+
 _COLUMNS = (("dice", "Dice", 4), ("iou", "IoU", 4), ("hd95", "HD95 (mm)", 2),
             ("hd", "HD (mm)", 2), ("assd", "ASSD (mm)", 2), ("nsd", "NSD", 4))
 _STATS = ("mean", "std", "median", "ci_low", "ci_high", "n", "n_nan")
 
 
-def _cell(stats: dict, digits: int) -> str:
+def stats_cell(stats: dict, digits: int, ci: bool = False) -> str:
+    """``mean ± std`` (``[ci_low, ci_high]`` with ``ci``, ``(n undef.)`` when values were
+    skipped), or ``n/a`` when no case had a defined value."""
     mean, std = stats.get("mean", math.nan), stats.get("std", math.nan)
     if not math.isfinite(mean):
         return "n/a"
     text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if ci and math.isfinite(stats.get("ci_low", math.nan)):
+        text += f" [{stats['ci_low']:.{digits}f}, {stats['ci_high']:.{digits}f}]"
     if stats.get("n_nan"):
         text += f" ({stats['n_nan']} undef.)"
     return text
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def metrics_table(groups: dict[str, dict], title: str = "",
@@ -39,16 +51,17 @@ def metrics_table(groups: dict[str, dict], title: str = "",
     """
     header = (["data", "class", "cases"] + [name for _, name, _ in _COLUMNS]
               + ["Dice 95% CI"])
-    lines = [f"### {title}", ""] if title else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for group, classes in groups.items():
         for cls, stats in classes.items():
             n = stats.get("dice", {}).get("n", 0) + stats.get("dice", {}).get("n_nan", 0)
-            row = [group, cls, str(n)] + [_cell(stats.get(key, {}), d) for key, _, d in _COLUMNS]
+            row = [group, cls, str(n)] + [stats_cell(stats.get(key, {}), d)
+                                          for key, _, d in _COLUMNS]
             dice = stats.get("dice", {})
             lo, hi = dice.get("ci_low", math.nan), dice.get("ci_high", math.nan)
             row.append(f"{lo:.4f} to {hi:.4f}" if math.isfinite(lo) else "n/a")
-            lines.append("| " + " | ".join(row) + " |")
+            rows.append(row)
+    lines = ([f"### {title}", ""] if title else []) + markdown_table(header, rows)
     lines += ["", "mean ± std over cases; distances in mm from the voxel spacing; NSD: share "
               f"of surface within {nsd_tolerance_mm:g} mm; 95% CI: bootstrap interval of the "
               "mean Dice; 'undef.' counts cases where the metric is undefined (a distance "
@@ -61,21 +74,7 @@ def metrics_table(groups: dict[str, dict], title: str = "",
 # --------------------------------------------------------------------------- #
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _csv_text(header: list[str], rows: list[list]) -> str:
+def csv_text(header: list[str], rows: list[list]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -94,7 +93,7 @@ def per_case_csv(per_case: list[dict], metric_names: tuple[str, ...]) -> str:
         for cls, values in case["metrics"].items():
             rows.append([case["case"], case["task"], cls]
                         + [_num(values[m]) for m in metric_names])
-    return _csv_text(["case", "task", "class", *metric_names], rows)
+    return csv_text(["case", "task", "class", *metric_names], rows)
 
 
 def summary_csv(groups: dict[str, dict]) -> str:
@@ -105,7 +104,7 @@ def summary_csv(groups: dict[str, dict]) -> str:
             for metric, stats in metrics.items():
                 rows.append([group, cls, metric] + [
                     str(stats[k]) if k in ("n", "n_nan") else _num(stats[k]) for k in _STATS])
-    return _csv_text(["data", "class", "metric", *_STATS], rows)
+    return csv_text(["data", "class", "metric", *_STATS], rows)
 
 
 # --------------------------------------------------------------------------- #
@@ -123,17 +122,11 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    plt = _pyplot()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.getpid()}.{os.path.basename(path)}")
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.rsplit(".", 1)[-1])
-        os.replace(tmp, path)
+        with pipeline.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.rsplit(".", 1)[-1])
     finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _pyplot().close(fig)
 
 
 def read_metrics_log(workdir: str) -> tuple[list[dict], list[dict]]:

@@ -278,10 +278,7 @@ class MetricsLog:
                 rows = f.readlines()
             kept = [r for r in rows if _row_step(r) <= restored_step]
             if len(kept) != len(rows):
-                tmp = self.path + ".tmp"
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
-                os.replace(tmp, self.path)
+                pipeline.write_text_atomic(self.path, "".join(kept))
 
     def write(self, **row) -> None:
         if self.enabled:

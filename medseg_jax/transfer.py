@@ -38,9 +38,13 @@ def _restore_as_saved(directory: str, step: int) -> dict:
     return restored
 
 
+def _name(path) -> str:
+    """``enc_0/Conv_0/kernel`` for a pytree key path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def _flat(tree) -> dict[str, object]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def load_pretrained(state, source_workdir: str, mesh):
@@ -66,7 +70,7 @@ def load_pretrained(state, source_workdir: str, mesh):
 
         def take(path, leaf, src=src, collection=collection):
             nonlocal total
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            name = _name(path)
             total += 1
             other = src.get(name)
             if other is not None and tuple(other.shape) == tuple(leaf.shape):

@@ -262,17 +262,7 @@ def _list_folders(info: decathlon.DatasetInfo, report: Report) -> None:
 
     images = decathlon.list_folder(images_dir, ending)
     labels = decathlon.list_folder(labels_dir, ending)
-    pattern = decathlon._CHANNEL_RE
-    nnunet = (
-        bool(images) and all(pattern.match(s) for s in images) and not set(images) & set(labels)
-    )
-    grouped: dict[str, dict[int, str]] = {}
-    for stem, path in images.items():
-        match = pattern.match(stem) if nnunet else None
-        if match:
-            grouped.setdefault(match.group("case"), {})[int(match.group("channel"))] = path
-        else:
-            grouped[stem] = {0: path}
+    grouped, nnunet = decathlon.group_channels(images, labels)
     for stem, path in labels.items():
         if stem not in grouped:
             expected = f"{stem}{'_0000' if nnunet else ''}{ending}"

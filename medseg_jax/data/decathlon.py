@@ -27,7 +27,7 @@ import numpy as np
 from nibabel import orientations
 
 DATASET_JSON = "dataset.json"
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,7 @@ def _channel_index(folder: str, file_ending: str) -> dict[str, dict[int, str]]:
         return index
     for name in os.listdir(folder):
         stem = _strip_ending(name, file_ending)
-        match = _CHANNEL_RE.match(stem) if stem and not _is_hidden(name) else None
+        match = CHANNEL_RE.match(stem) if stem and not _is_hidden(name) else None
         if match:
             channel = int(match.group("channel"))
             index.setdefault(match.group("case"), {})[channel] = os.path.join(folder, name)
@@ -257,6 +257,25 @@ def list_folder(folder: str, file_ending: str) -> dict[str, str]:
     }
 
 
+def group_channels(images: dict[str, str],
+                   labels: dict[str, str]) -> tuple[dict[str, dict[int, str]], bool]:
+    """Image files (stem -> path) grouped into cases: ``({case: {channel: path}}, nnunet)``.
+
+    nnU-Net naming (every image is ``CASE_XXXX`` and no label shares an image's name)
+    groups the channel files of a case; otherwise every file is one single-channel case.
+    """
+    nnunet = (bool(images) and all(CHANNEL_RE.match(s) for s in images)
+              and not set(images) & set(labels))
+    grouped: dict[str, dict[int, str]] = {}
+    for stem, path in images.items():
+        match = CHANNEL_RE.match(stem) if nnunet else None
+        if match:
+            grouped.setdefault(match.group("case"), {})[int(match.group("channel"))] = path
+        else:
+            grouped[stem] = {0: path}
+    return grouped, nnunet
+
+
 def _cases_from_folders(
     root: str, task: str, modalities: tuple[str, ...], file_ending: str
 ) -> list[CaseRef]:
@@ -270,20 +289,7 @@ def _cases_from_folders(
 
     images = list_folder(images_dir, file_ending)
     labels = list_folder(labels_dir, file_ending)
-    # nnU-Net naming: every image is CASE_XXXX and no label shares an image's name.
-    nnunet = (
-        bool(images)
-        and all(_CHANNEL_RE.match(s) for s in images)
-        and not set(images) & set(labels)
-    )
-    grouped: dict[str, dict[int, str]] = {}
-    for stem, path in images.items():
-        if nnunet:
-            match = _CHANNEL_RE.match(stem)
-            assert match is not None
-            grouped.setdefault(match.group("case"), {})[int(match.group("channel"))] = path
-        else:
-            grouped[stem] = {0: path}
+    grouped, nnunet = group_channels(images, labels)
     for stem, path in labels.items():
         if stem not in grouped:
             expected = f"{stem}{'_0000' if nnunet else ''}{file_ending}"

@@ -10,6 +10,7 @@ the settings, so an epoch reads arrays and never decodes NIfTI.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,20 +29,33 @@ SPLITS = ("train", "val", "test")
 _CACHE_VERSION = 2
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON through a temporary file and a rename: never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path beside ``path`` (same name ending, so writers that pick the
+    format from it still work) and renames it onto ``path`` when the block succeeds; on
+    failure the temporary file is removed and ``path`` keeps its old content."""
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp_{os.getpid()}_", suffix=f"_{name}")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` through a temporary file and a rename: never half-written."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON through a temporary file and a rename: never half-written."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def data_roots(config, workdir: str) -> list[str]:
