@@ -3,8 +3,9 @@
 Measures, on real data (``--data_root``) or the embedded synthetic default:
 
 1. preprocessing (``pipeline.prepare``) cold (fresh cache) and cached;
-2. host batches/s and slices/s of ``pipeline.epoch_indices`` + ``pipeline.train_batches``
-   + ``sharding.to_global`` (the functions training uses), per ``--num_workers`` value;
+2. host batches/s and slices/s of ``pipeline.run_batches`` + ``sharding.to_global`` (the
+   functions training uses), per ``--num_workers`` value; ``--in_plane=spacing`` measures
+   the patches of resampled cases instead of resized slices;
 3. jitted ``augment.augment_batch`` alone, slices/s;
 4. the jitted ``train_step`` of the configured model, images/s, and the share of a step
    spent waiting for data if loading were not overlapped;
@@ -38,6 +39,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("data_root", "", "Decathlon folder(s); empty: embedded synthetic data.")
 flags.DEFINE_string("workdir", "", "Scratch directory; empty: a temporary one, removed at exit.")
 flags.DEFINE_list("image_size", ["64", "64"], "config.data.image_size, e.g. 64,64.")
+flags.DEFINE_enum("in_plane", "resize", ["resize", "spacing"], "config.data.in_plane.")
+flags.DEFINE_list("target_spacing", [], "config.data.target_spacing (mm), e.g. 0.75,0.75.")
 flags.DEFINE_integer("batch_size", 16, "config.train.batch_size (global batch).")
 flags.DEFINE_list("num_workers", ["0", "1", "2"], "grain worker counts to sweep.")
 flags.DEFINE_integer("num_batches", 1000,
@@ -146,7 +149,7 @@ def host_rate(make_iter: Callable[[int], Iterator[dict]], mesh, batch_size: int,
     """Consumes ``warmup + num_batches`` batches, each put on the mesh with to_global.
 
     Steady rates count the batches after the warm-up; ``epoch_s`` is the time from the
-    iterator's creation to batch ``epoch_steps`` (training makes a new iterator per epoch).
+    iterator's creation to batch ``epoch_steps`` (what a new run waits for its first epoch).
     """
     import jax  # noqa: PLC0415
 
@@ -340,6 +343,8 @@ def main(argv) -> None:
     config = config_lib.default_config()
     config.data.root = FLAGS.data_root
     config.data.image_size = tuple(int(s) for s in FLAGS.image_size)
+    config.data.in_plane = FLAGS.in_plane
+    config.data.target_spacing = tuple(float(s) for s in FLAGS.target_spacing)
     config.train.batch_size = batch_size
     config_lib.validate(config)
     train.setup_compilation_cache(config)
@@ -358,14 +363,15 @@ def main(argv) -> None:
         f"({dev.device_kind}); grain {getattr(grain, '__version__', '?')}; numpy {np.__version__}")
     log(f"start: {loadavg()} (a shared CPU: figures vary with other jobs)")
     log(f"data: {FLAGS.data_root or 'embedded synthetic (SynthMRI + SynthCT + SynthUS)'}; "
-        f"image_size {config.data.image_size}, batch {batch_size}; workdir {workdir}")
+        f"image_size {config.data.image_size}, in_plane {config.data.in_plane}, batch "
+        f"{batch_size}; workdir {workdir}")
 
     # 1. Preprocessing.
     log("\n[1] preprocessing: pipeline.prepare(config, workdir)")
     dataset, t_open = timed(lambda: pipeline.open_dataset(config, workdir))
     config.data.cache_dir = tempfile.mkdtemp(dir=workdir, prefix="cache_")  # fresh: cold
     (_, _, samples), t_cold = timed(lambda: pipeline.prepare(config, workdir))
-    (_, _, samples), t_warm = timed(lambda: pipeline.prepare(config, workdir))
+    (_, plans, samples), t_warm = timed(lambda: pipeline.prepare(config, workdir))
     train_s, val_s = samples["train"], samples["val"]
     n_cases = {s: len(dataset.splits[s]) for s in pipeline.SPLITS}
     rows = [("open data set" + ("" if FLAGS.data_root else " (+ synthetic generation)"),
@@ -375,26 +381,39 @@ def main(argv) -> None:
              f"{(len(train_s) + len(val_s)) / t_cold:,.0f} samples/s"),
             ("prepare, cached (second call)", f"{t_warm:.3f}", "")]
     table(rows, ("step", "seconds", "rate"))
+    resampled = isinstance(train_s, pipeline.Volumes)
+    if resampled:
+        size = tuple(config.data.image_size)
+        epoch_steps = max(1, train_s.patches_per_pass(size, config.data.slice_axis) // batch_size)
+        what = (f"{len(train_s)} train cases resampled to {plans['target_spacing']} mm "
+                f"(patches of {size}) / {len(val_s)} val tiles")
+    else:
+        epoch_steps = max(1, len(train_s) // batch_size)
+        what = (f"{len(train_s)} train / {len(val_s)} val 2D slices of "
+                f"{tuple(train_s.images.shape[1:])} {train_s.images.dtype}, cache "
+                f"{train_s.images.nbytes / 2**20:.1f} MiB train images")
     log(f"  cases: {len(dataset.refs)} ({n_cases['train']} train / {n_cases['val']} val / "
-        f"{n_cases['test']} test); samples: {len(train_s)} train / {len(val_s)} val 2D slices "
-        f"of {tuple(train_s.images.shape[1:])} {train_s.images.dtype} + labels "
-        f"{train_s.labels.dtype}; cache {train_s.images.nbytes / 2**20:.1f} MiB train images")
+        f"{n_cases['test']} test); samples: {what}; {epoch_steps} batches per epoch")
 
     # 2. Host batches.
-    log(f"\n[2] host batches: epoch_indices + train_batches + to_global, "
+    log(f"\n[2] host batches: run_batches (the training loader) + to_global, "
         f"{FLAGS.num_batches} batches after {FLAGS.warmup_batches} warm-up")
 
     def order_for(steps: int) -> np.ndarray:
         return pipeline.epoch_indices(train_s, batch_size, steps, config.seed, 0,
                                       config.data.foreground_fraction)
 
-    epoch_steps = max(1, len(train_s) // batch_size)
+    def batches(steps: int, num_workers: int = 0):
+        """What training iterates: one pipeline over ``steps`` steps (one 'epoch')."""
+        cfg = config.copy_and_resolve_references()
+        cfg.data.num_workers = num_workers
+        return pipeline.run_batches(train_s, cfg, steps, 0, steps)
+
     host = {}
     for w in workers:
         host[w] = repeated(lambda w=w: host_rate(
-            lambda steps: pipeline.train_batches(train_s, order_for(steps), 0, 1, w),
-            mesh, batch_size, FLAGS.num_batches, FLAGS.warmup_batches, epoch_steps),
-            FLAGS.repeats)
+            lambda steps: batches(steps, w), mesh, batch_size, FLAGS.num_batches,
+            FLAGS.warmup_batches, epoch_steps), FLAGS.repeats)
     table([(w, f"{r['batches_per_s']:,.0f}", f"{r['slices_per_s']:,.0f}", r["range"],
             f"{r['ms_per_batch']:.2f}", f"{r['ms_next']:.2f}", f"{r['ms_put']:.2f}",
             f"{r['first_s']:.2f}", f"{r['epoch_s']:.2f}",
@@ -403,14 +422,13 @@ def main(argv) -> None:
           ("num_workers", "batches/s", "slices/s", "slices/s range", "ms/batch", "ms next()",
            "ms to_global", "1st batch s", f"epoch s ({epoch_steps} b)", "vs 9,000/s"))
     log(f"  median of {FLAGS.repeats} runs (range: all runs); batches/s, slices/s, ms: steady "
-        "state after the warm-up; 1st batch, epoch: from the train_batches call (training "
-        "makes a new iterator, and new workers, every epoch)")
+        "state after the warm-up; 1st batch, epoch: from the run_batches call (training "
+        "makes one iterator, and starts its workers, once per run)")
 
     # 3. Augmentation alone.
     log(f"\n[3] on-device augmentation alone: jit(augment.augment_batch), batch {batch_size}, "
         f"median of {FLAGS.train_steps}")
-    device_batch = sharding.to_global(
-        list(pipeline.train_batches(train_s, order_for(1), 0, 1, 0))[0], mesh)
+    device_batch = sharding.to_global(list(batches(1))[0], mesh)
     aug = jax.jit(lambda key, im, lb: augment.augment_batch(key, im, lb, config.augment))
     key = jax.random.key(0)
     t_aug = median_seconds(lambda i: aug(jax.random.fold_in(key, i), device_batch["image"],
@@ -426,8 +444,7 @@ def main(argv) -> None:
     input_shape = (batch_size, *config.data.image_size, dataset.num_channels)
     state = train.init_state(config, model, input_shape, 1000, mesh)
     train_fn, _, _ = train.jit_steps(config, mesh, dataset.num_classes)
-    it = pipeline.train_batches(train_s, order_for(4), 0, 1, 0)
-    device_batches = [sharding.to_global(b, mesh) for b in it]
+    device_batches = [sharding.to_global(b, mesh) for b in batches(4)]
     holder = {"state": state}
 
     def step(i: int):
@@ -458,7 +475,9 @@ def main(argv) -> None:
         f"(3x wanted: {'met' if best >= 3 * ips else 'NOT MET'})")
 
     # 5. Breakdown and prototype.
-    if FLAGS.profile == "always" or (FLAGS.profile == "auto" and best < TARGET_SLICES_PER_S):
+    if resampled and FLAGS.profile != "never":
+        log("\n[profile] only for --in_plane=resize (the breakdown indexes cached slices)")
+    elif FLAGS.profile == "always" or (FLAGS.profile == "auto" and best < TARGET_SLICES_PER_S):
         n = FLAGS.num_batches
         order = order_for(n)
         log(f"\n[profile] where the num_workers=0 path spends its time "

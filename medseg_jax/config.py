@@ -28,8 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Preprocessed arrays are cached here (keyed by a fingerprint of the data
     # and the settings). Empty: <workdir>/cache.
     data.cache_dir = ""
-    # Network input size: (H, W) for 2D models, (X, Y, Z) for 3D models. Every
-    # slice (2D) or volume (3D) is resized to it; predictions are resized back.
+    # Network input size: (H, W) for 2D models, (X, Y, Z) for 3D models: the patch
+    # size for 3D models and for data.in_plane="spacing".
     data.image_size = (64, 64)
     # Axis (of the canonical RAS volume) along which 3D volumes are sliced for
     # 2D models; 2 = axial.
@@ -37,9 +37,19 @@ def default_config() -> ml_collections.ConfigDict:
     # After the modality's normalisation, optionally min-max rescale each case and
     # channel to [0, 1].
     data.rescale_01 = False
-    # 3D models: volumes are resampled to this voxel size (mm, RAS axes) and trained
-    # on random patches of `image_size`; empty = the median spacing of the training
-    # cases. (2D models resize each slice to `image_size` instead.)
+    # 2D models: how a slice (or 2D image) becomes a network input.
+    #   "resize": every slice is resized to `image_size` (predictions resized back);
+    #     simple, but pixels of different sizes are stretched to one grid.
+    #   "spacing": as nnU-Net's 2D configuration: every case is resampled in plane
+    #     to `target_spacing`, trained on random `image_size` patches of its slices and
+    #     predicted with a 2D sliding window (eval.sw_overlap, Gaussian weighting), so
+    #     a pixel covers the same mm everywhere. For data whose pixel size varies (HC18).
+    # 3D models always resample (as "spacing").
+    data.in_plane = "resize"
+    # Voxel size (mm, RAS axes) cases are resampled to: 3D models and
+    # in_plane="spacing". Empty: the median spacing of the training cases. 2D models
+    # take the two in-plane entries (a third, slice-axis entry is ignored: slices
+    # keep their own thickness).
     data.target_spacing = ()
     data.split_fractions = (0.7, 0.15, 0.15)  # train / val / test, by case
     # A JSON file {"train": [...], "val": [...], "test": [...]} of case ids
@@ -93,7 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     ev.batch_size = 32
     ev.split = "test"
     ev.checkpoint = "best"  # best | latest | a step number
-    ev.sw_overlap = 0.5  # 3D sliding window: overlap of neighbouring patches (0 to <1)
+    ev.sw_overlap = 0.5  # sliding window: overlap of neighbouring patches (0 to <1)
     ev.tta = False  # test-time augmentation: average the softmax over all axis flips
     ev.nsd_tolerance_mm = 1.0  # normalised surface Dice: surface distance counted as a hit
     ev.bootstrap_samples = 2000  # resamples for the 95% interval of each mean
@@ -105,6 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.spatial_dims": (2, 3),
     "model.norm": ("batch", "instance", "none"),
+    "data.in_plane": ("resize", "spacing"),
+    "data.slice_axis": (0, 1, 2),
     "model.dtype": ("float32", "bfloat16"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.transfer_guard": ("", "log", "disallow"),
@@ -165,6 +177,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if int(config.eval.bootstrap_samples) < 1:
         raise ValueError(
             f"config.eval.bootstrap_samples: must be positive, got {config.eval.bootstrap_samples}")
+    if not 0.0 <= config.eval.sw_overlap < 1.0:
+        raise ValueError(
+            f"config.eval.sw_overlap: {config.eval.sw_overlap} is not in [0, 1)")
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():
         raise ValueError(

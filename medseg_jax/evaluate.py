@@ -199,12 +199,31 @@ def _lesion_slice(label: np.ndarray, pred: np.ndarray, axis: int) -> int:
 
 def _attention(run: Run, case: decathlon.Case, index: int | None,
                in_plane: tuple[int, ...]) -> np.ndarray:
-    """Finest attention-gate coefficients of a 2D Attention U-Net on one slice, case grid."""
-    samples, _ = pipeline.case_samples(case, run.plans, run.config)
-    x = samples[0 if index is None else index][None]
+    """Finest attention-gate coefficients of a 2D Attention U-Net on one slice, case grid.
+
+    Resampled runs (``data.in_plane='spacing'``) feed the whole resampled slice,
+    padded to a multiple of the network's stride, as the convolutions allow.
+    """
+    config = run.config
+    shape = None
+    if pipeline.uses_patches(config):
+        volume, _ = pipeline.case_volume(dataclasses.replace(case, label=None), run.plans,
+                                         config)
+        x = volume if index is None else np.take(volume, index, axis=config.data.slice_axis)
+        stride = 2 ** (config.model.depth - 1)
+        shape = x.shape[:-1]
+        padded = tuple(-(-n // stride) * stride for n in shape)
+        x = preprocess.pad_to(x, padded, float(x.min()))[None]
+    else:
+        samples, _ = pipeline.case_samples(case, run.plans, config)
+        x = samples[0 if index is None else index][None]
     maps = attention_unet.attention_maps(run.model, train._variables(run.state), x)
     finest = max(maps.values(), key=lambda a: int(np.prod(a.shape[1:-1])))
-    return preprocess.resize(np.asarray(finest[0], np.float32), in_plane, order=1)[..., 0]
+    alpha = np.asarray(finest[0], np.float32)
+    if shape is not None:  # back to the padded slice, then cut the padding off
+        alpha = preprocess.resize(alpha, x.shape[1:-1], order=1)
+        alpha = alpha[tuple(slice(0, n) for n in shape)]
+    return preprocess.resize(alpha, in_plane, order=1)[..., 0]
 
 
 def case_view(run: Run, key: str, title: str, index: int | None = None) -> dict:

@@ -1,15 +1,18 @@
 """Whole-case inference: class probabilities and a label map on the case's own grid.
 
-2D models predict every slice (resized to ``data.image_size``); 3D models run a
-sliding window of ``data.image_size`` patches, with overlap and Gaussian
-weighting, over the volume resampled to the run's target spacing. Either way
-the class probabilities are resized back to the case grid before the argmax.
+2D models with ``data.in_plane='resize'`` predict every slice resized to
+``data.image_size``. 3D models, and 2D models with ``data.in_plane='spacing'``,
+run a sliding window of ``data.image_size`` patches (one slice thick for 2D
+models), with overlap and Gaussian weighting, over the case resampled to the
+run's target spacing. Either way the class probabilities are resampled back to
+the case grid before the argmax.
 With ``eval.tta`` the softmax is averaged over every combination of flips of
 the spatial axes (4 passes in 2D, 8 in 3D), inside one jitted function.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -57,8 +60,15 @@ def predict_batches(predict_fn, state, images: np.ndarray, batch_size: int, mesh
 
 
 def sliding_window(predict_fn, state, volume: np.ndarray, patch: tuple[int, ...],
-                   overlap: float, batch_size: int, mesh) -> tuple[np.ndarray, int]:
-    """(probabilities (*spatial, K), number of windows) of a volume (*spatial, C)."""
+                   overlap: float, batch_size: int, mesh,
+                   input_size: tuple[int, ...] | None = None) -> tuple[np.ndarray, int]:
+    """(probabilities (*spatial, K), number of windows) of a volume (*spatial, C).
+
+    ``patch`` is the window in volume coordinates; windows are reshaped to the
+    network's ``input_size`` (default: ``patch``), e.g. a (64, 64, 1) window of a
+    volume to a (64, 64) input of a 2D model.
+    """
+    input_size = tuple(patch) if input_size is None else tuple(input_size)
     spatial = volume.shape[:-1]
     padded = preprocess.pad_to(volume, patch, float(volume.min()))
     full = padded.shape[:-1]
@@ -69,8 +79,11 @@ def sliding_window(predict_fn, state, volume: np.ndarray, patch: tuple[int, ...]
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
         boxes = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in chunk]
-        probs = predict_batches(predict_fn, state, np.stack([padded[b] for b in boxes]),
+        windows = np.stack([padded[b] for b in boxes])
+        probs = predict_batches(predict_fn, state,
+                                windows.reshape(len(boxes), *input_size, windows.shape[-1]),
                                 batch_size, mesh)
+        probs = probs.reshape(len(boxes), *patch, probs.shape[-1])
         if acc is None:
             acc = np.zeros(full + probs.shape[-1:], np.float32)
         for box, p in zip(boxes, probs):
@@ -84,11 +97,12 @@ def predict_probs(case: decathlon.Case, plans: dict, config, state, predict_fn,
                   mesh) -> tuple[np.ndarray, int]:
     """(class probabilities (*spatial, K) on the case grid, number of network inputs)."""
     spatial = case.image.shape[1:]
-    if config.model.spatial_dims == 3:
-        image = pipeline.normalized(case, plans, config)
-        volume, _ = preprocess.resample(image, None, case.spacing, plans["target_spacing"])
-        probs, n = sliding_window(predict_fn, state, volume, tuple(config.data.image_size),
-                                  config.eval.sw_overlap, config.eval.batch_size, mesh)
+    if pipeline.uses_patches(config):
+        volume, _ = pipeline.case_volume(dataclasses.replace(case, label=None), plans, config)
+        size = tuple(config.data.image_size)
+        patch = preprocess.volume_patch(size, volume.ndim - 1, config.data.slice_axis)
+        probs, n = sliding_window(predict_fn, state, volume, patch, config.eval.sw_overlap,
+                                  config.eval.batch_size, mesh, input_size=size)
         return preprocess.resize(probs, spatial, order=1), n
     images, _ = pipeline.case_samples(case, plans, config)
     probs = predict_batches(predict_fn, state, images, config.eval.batch_size, mesh)

@@ -191,7 +191,7 @@ def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
 _FREE_FIELDS = ("data.num_workers", "data.cache_dir")
 # What evaluation compares: what the network is and what it is fed.
 EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.rescale_01",
-               "data.target_spacing")
+               "data.target_spacing", "data.in_plane")
 
 
 def config_differences(previous: dict, current: dict,
@@ -199,9 +199,12 @@ def config_differences(previous: dict, current: dict,
     """``section.field: old -> new`` for each of ``fields`` (sections or section.field)
     that differs between two config.json contents."""
     differ = []
+    defaults = _config_json(config_lib.default_config())
     for name in fields:
         section, _, only = name.partition(".")
         for k, v in current[section].items():
+            if k not in previous.get(section, {}) and defaults.get(section, {}).get(k) == v:
+                continue  # a field added since that run, at its default: same behaviour
             old = previous.get(section, {}).get(k)
             dotted = f"{section}.{k}"
             if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
@@ -344,8 +347,9 @@ def _train(config, workdir: str, mesh, return_state: bool = False):
     write_config(config, workdir)  # once the data are read: a failed start changes nothing
     train_samples, val_samples = samples["train"], samples["val"]
     batch = config.train.batch_size
-    if isinstance(train_samples, pipeline.Volumes):  # 3D: patches covering the data once
-        n_train = train_samples.patches_per_pass(tuple(config.data.image_size))
+    if isinstance(train_samples, pipeline.Volumes):  # patches covering the data once
+        n_train = train_samples.patches_per_pass(tuple(config.data.image_size),
+                                                 config.data.slice_axis)
     else:
         n_train = len(train_samples)
     steps_per_epoch = config.train.steps_per_epoch or max(1, n_train // batch)
@@ -432,27 +436,35 @@ class _Loop:
         """Trains epochs from ``start_epoch`` (``progress``: steps already done in it);
         updates ``meta`` in place."""
         self.images_seen, self.time_in_steps, self.first = 0, 0.0, True
-        for epoch in range(start_epoch, self.config.train.num_epochs):
-            done = progress["steps"] if progress else 0
-            losses = [np.float32(x) for x in progress["losses"]] if progress else []
-            progress = None
-            t_epoch = time.time()
-            state, train_loss = self.train_epoch(state, meta, epoch, done, losses)
-            self.end_epoch(state, meta, epoch, train_loss, t_epoch)
-            if self.stop.is_set():
-                self.preempted(int(state.step), epoch, self.steps_per_epoch)
-            if meta["stopped"]:
-                logging.info("Early stopping: validation loss has not improved for %d epochs",
-                             self.config.train.patience)
-                break
+        config = self.config
+        first = start_epoch * self.steps_per_epoch + (progress["steps"] if progress else 0)
+        # One input pipeline for the whole run (grain workers start once), consumed epoch
+        # by epoch; prefetching runs on into the next epoch.
+        host = pipeline.run_batches(self.train_samples, config, self.steps_per_epoch, first)
+        batches = sharding.prefetch_to_device(host, self.mesh, config.train.prefetch)
+        try:
+            for epoch in range(start_epoch, config.train.num_epochs):
+                done = progress["steps"] if progress else 0
+                losses = [np.float32(x) for x in progress["losses"]] if progress else []
+                progress = None
+                t_epoch = time.time()
+                state, train_loss = self.train_epoch(state, meta, epoch, done, losses, batches)
+                self.end_epoch(state, meta, epoch, train_loss, t_epoch)
+                if self.stop.is_set():
+                    self.preempted(int(state.step), epoch, self.steps_per_epoch)
+                if meta["stopped"]:
+                    logging.info("Early stopping: validation loss has not improved for %d "
+                                 "epochs", config.train.patience)
+                    break
+        finally:
+            batches.close()
+            host.close()  # stops grain's worker processes
         return state
 
-    def train_epoch(self, state, meta, epoch: int, done: int, losses: list):
-        """The steps of one epoch from step ``done`` on; returns (state, mean loss)."""
+    def train_epoch(self, state, meta, epoch: int, done: int, losses: list, batches):
+        """The steps of one epoch from step ``done`` on, taken from the run's ``batches``;
+        returns (state, mean loss)."""
         config = self.config
-        batches = sharding.prefetch_to_device(
-            pipeline.epoch_batches(self.train_samples, config, epoch, self.steps_per_epoch,
-                                   start=done), self.mesh, config.train.prefetch)
         with _transfer_guard(config.train.transfer_guard):  # no hidden host round trip
             state = self._steps(state, meta, epoch, done, losses, batches)
         return state, float(np.mean(jax.device_get(losses)))

@@ -52,11 +52,11 @@ def _install(kind: str, step: str) -> None:
 def _signal_at_step(signum: str, step: str) -> None:
     """Sends the signal when the training loop takes the device batch of step S (batches
     are prefetched ahead, so the moment a batch is read from the pipeline is earlier)."""
-    original, marked = pipeline.epoch_batches, set()
+    original, marked = pipeline.run_batches, set()
 
-    def epoch_batches(train, config, epoch, steps, start=0):
-        for i, batch in enumerate(original(train, config, epoch, steps, start), start):
-            if epoch * steps + i + 1 == int(step):
+    def run_batches(train, config, steps, first=0, last=None):
+        for i, batch in enumerate(original(train, config, steps, first, last), first):
+            if i + 1 == int(step):
                 marked.add(id(batch))
             yield batch
 
@@ -75,7 +75,7 @@ def _signal_at_step(signum: str, step: str) -> None:
             os.kill(os.getpid(), int(signum))
         return device_batch
 
-    pipeline.epoch_batches = epoch_batches
+    pipeline.run_batches = run_batches
     sharding.prefetch_to_device = prefetch_to_device
 
 

@@ -150,12 +150,21 @@ def _other_run(data, run):
         "model.base_features: 4 -> 8", "data.image_size: [16, 16] -> [32, 32]"]
 
 
+def _in_plane(data, run):
+    return {"data.in_plane": "crop"}, ["config.data.in_plane", "'crop' is not one of resize, spacing"]
+
+
+def _overlap(data, run):
+    return {"eval.sw_overlap": 1.0}, ["config.eval.sw_overlap", "1.0 is not in [0, 1)"]
+
+
 CASES = {
     "truncated NIfTI": _truncate, "unreadable NIfTI": _garbage,
     "image/label shape mismatch": _shape, "image/label affine mismatch": _affine,
     "undeclared label value": _undeclared, "NaN in an image": _nan, "empty data set": _empty,
     "split with no cases": _empty_split, "batch size vs devices": _batch,
     "unknown model": _model, "workdir of another config": _other_run,
+    "unknown in-plane mode": _in_plane, "sliding-window overlap": _overlap,
 }
 
 

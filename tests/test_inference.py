@@ -19,3 +19,21 @@ def test_sliding_window_equals_whole_volume_for_a_voxelwise_model():
     assert probs.shape == (13, 9, 6, 2)
     assert n == 3 * 2 * 1
     np.testing.assert_allclose(probs, np.asarray(_voxelwise(None, volume)), rtol=1e-5, atol=1e-6)
+
+
+def test_2d_windows_over_a_volume_equal_the_whole_volume():
+    """A one-slice-thick window reshaped to the 2D input and back: the 2D sliding
+    window of data.in_plane='spacing'."""
+    mesh = sharding.make_mesh()
+    seen = []
+
+    def two_d(state, x):
+        seen.append(x.shape)
+        return _voxelwise(state, x)
+
+    volume = np.random.default_rng(1).normal(size=(13, 9, 5, 1)).astype(np.float32)
+    probs, n = inference.sliding_window(jax.jit(two_d), None, volume, (8, 8, 1), 0.5, 8,
+                                        mesh, input_size=(8, 8))
+    assert seen[0] == (8, 8, 8, 1)  # 2D inputs
+    assert n == 3 * 2 * 5  # windows in plane x slices
+    np.testing.assert_allclose(probs, np.asarray(_voxelwise(None, volume)), rtol=1e-5, atol=1e-6)

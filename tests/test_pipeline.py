@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -171,3 +172,97 @@ def test_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(final, "theirs"))  # theirs kept, not replaced
     leftovers = [d for d in os.listdir(os.path.join(workdir, "cache")) if d.startswith(".tmp_")]
     assert leftovers == []
+
+
+def test_2d_patches_of_resampled_slices(tmp_path):
+    """data.in_plane='spacing': 2D inputs are one-slice patches of the resampled cases
+    (3D volumes) or patches of the resampled images (2D ultrasound)."""
+    from conftest import tiny_config
+
+    config = tiny_config(**{"data.in_plane": "spacing", "data.image_size": (8, 8)})
+    dataset, plans, samples = pipeline.prepare(config, str(tmp_path))
+    volumes = samples["train"]
+    assert isinstance(volumes, pipeline.Volumes) and len(volumes) == len(dataset.splits["train"])
+    assert len(plans["target_spacing"]) == 2
+    ndims = {len(s) for s in volumes.shapes}
+    assert ndims == {2, 3}  # the synthetic set holds 2D ultrasound and 3D volumes
+    # A 3D case keeps its own number of slices; its in-plane grid follows the target.
+    key = next(k for k in dataset.splits["train"] if not dataset.refs[k][1].is_2d)
+    case = dataset.load(key)
+    i = dataset.splits["train"].index(key)
+    assert volumes.shapes[i][2] == case.label.shape[2]
+    expected = sum(np.prod(s) for s in volumes.shapes) / (8 * 8)  # 8x8 or 8x8x1 inputs
+    assert volumes.patches_per_pass((8, 8), 2) == int(expected)
+
+    records = pipeline.patch_records(volumes, 8, 4, seed=0, epoch=0, foreground_fraction=0.5)
+    batches = list(pipeline.patch_batches(volumes, records, (8, 8), 0, 1, slice_axis=2))
+    assert len(batches) == 4
+    for rec, b in zip(records, batches):
+        assert b["image"].shape == (8, 8, 8, 1) and b["label"].shape == (8, 8, 8)
+        has_fg = np.array([len(volumes.case(int(c))[2]) > 0 for c in rec[:4, 0]])
+        np.testing.assert_array_equal(b["label"][:4].reshape(4, -1).max(axis=1) > 0, has_fg)
+    # Validation tiles: every resampled voxel once (label counts add up).
+    val = samples["val"]
+    assert val.images.shape[1:] == (8, 8, 1)
+    total = 0
+    for key in dataset.splits["val"]:
+        _, label = pipeline.case_volume(dataset.load(key), plans, config)
+        total += int((label > 0).sum())
+    assert int((np.asarray(val.labels) > 0).sum()) == total
+
+
+@pytest.mark.parametrize("dims, given, expected", [
+    (2, (0.5, 0.5, 2.0), [0.5, 0.5]),  # slice-axis entry dropped
+    (2, (0.5, 0.7), [0.5, 0.7]),
+    (3, (0.5, 0.5, 2.0), [0.5, 0.5, 2.0]),
+    (3, (0.5, 0.5), "must be three positive numbers (mm)"),
+    (2, (0.5,), "must be two (in plane) or three positive numbers (mm)"),
+    (2, (0.5, 0.0), "must be two (in plane) or three positive numbers (mm)"),
+])
+def test_target_spacing_config(prepared, dims, given, expected):
+    config, _, dataset, _, _ = prepared
+    config = config.copy_and_resolve_references()
+    config.model.spatial_dims = dims
+    config.data.target_spacing = given
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=r"config\.data\.target_spacing: .*" + re.escape(expected)):
+            pipeline.target_spacing(config, dataset)
+    else:
+        assert pipeline.target_spacing(config, dataset) == expected
+
+
+@pytest.mark.parametrize("in_plane", ["resize", "spacing"])
+def test_one_pipeline_for_the_run_equals_epoch_by_epoch(tmp_path, in_plane):
+    """run_batches spans epochs (grain workers start once) and gives exactly the batches
+    of each epoch's own order, also from a mid-epoch start and with worker processes."""
+    from conftest import tiny_config
+
+    config = tiny_config(**{"data.in_plane": in_plane, "data.image_size": (8, 8),
+                            "train.num_epochs": 3})
+    _, _, samples = pipeline.prepare(config, str(tmp_path))
+    train, steps = samples["train"], 2
+    fg = config.data.foreground_fraction
+
+    def epoch(e):  # each epoch on its own, from its order (what training used to iterate)
+        if in_plane == "spacing":
+            records = pipeline.patch_records(train, 8, steps, config.seed, e, fg)
+            return pipeline.patch_batches(train, records, (8, 8), 0, 1, slice_axis=2)
+        return pipeline.train_batches(
+            train, pipeline.epoch_indices(train, 8, steps, config.seed, e, fg), 0, 1)
+
+    per_epoch = [b for e in range(3) for b in epoch(e)]
+    run = pipeline.run_batches(train, config, steps)
+    whole = list(run)
+    run.close()
+    config.data.num_workers = 2
+    resumed = pipeline.run_batches(train, config, steps, first=3)
+    from_step_3 = list(resumed)
+    resumed.close()
+    assert len(per_epoch) == len(whole) == 6 and len(from_step_3) == 3
+    for a, b in zip(per_epoch, whole):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    for a, b in zip(per_epoch[3:], from_step_3):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert not np.array_equal(per_epoch[0]["image"], per_epoch[2]["image"])  # epochs differ

@@ -105,3 +105,42 @@ def test_rescale_01_per_channel():
     out = preprocess.rescale_01(image)
     assert out[0].min() == 0.0 and out[0].max() == 1.0
     assert (out[1] == 0.0).all()  # a constant channel maps to 0, not NaN
+
+
+def test_volume_patch_and_case_target_spacing():
+    assert preprocess.volume_patch((8, 16), 2, slice_axis=2) == (8, 16)
+    assert preprocess.volume_patch((8, 16), 3, slice_axis=2) == (8, 16, 1)
+    assert preprocess.volume_patch((8, 16), 3, slice_axis=0) == (1, 8, 16)
+    assert preprocess.volume_patch((8, 8, 8), 3, slice_axis=1) == (8, 8, 8)
+    with pytest.raises(ValueError, match="cannot take 3D inputs"):
+        preprocess.volume_patch((8, 8, 8), 2, slice_axis=2)
+    # In-plane targets: the slice axis keeps the case's own spacing.
+    assert preprocess.case_target_spacing((0.5, 0.7, 3.0), (1.0, 2.0), 2) == (1.0, 2.0, 3.0)
+    assert preprocess.case_target_spacing((3.0, 0.5, 0.7), (1.0, 2.0), 0) == (3.0, 1.0, 2.0)
+    assert preprocess.case_target_spacing((0.1, 0.1), (0.2, 0.3), 2) == (0.2, 0.3)
+    assert preprocess.case_target_spacing((1, 1, 1), (2, 2, 2), 2) == (2.0, 2.0, 2.0)
+
+
+def test_in_plane_resampling_gives_one_pixel_size_in_mm():
+    """A 12 mm disk imaged at 0.1 mm (16 mm field of view) and at 0.4 mm (48 mm field
+    of view): resized to one grid the disks differ 9x in pixels; resampled to 0.2 mm
+    both cover the disk's area in mm^2."""
+    def disk(pixel_mm, n):
+        yy, xx = np.mgrid[:n, :n]
+        c = (n - 1) / 2
+        return ((yy - c) ** 2 + (xx - c) ** 2 <= (6.0 / pixel_mm) ** 2).astype(np.uint8)
+
+    fine, coarse = disk(0.1, 160), disk(0.4, 40)  # both 16 mm wide
+    r_fine = int(preprocess.resize(fine, (32, 32), order=0).sum())
+    r_coarse = int(preprocess.resize(coarse, (32, 32), order=0).sum())
+    assert abs(r_fine - r_coarse) / r_coarse < 0.1  # same field of view: resize agrees here
+    wide = np.pad(coarse, 40)  # 48 mm field of view at 0.4 mm: resize shrinks the disk
+    assert int(preprocess.resize(wide, (32, 32), order=0).sum()) < r_fine / 5
+    areas = []
+    for label, mm in ((fine, 0.1), (wide, 0.4)):
+        image = label[None].astype(np.float32)
+        target = preprocess.case_target_spacing((mm, mm), (0.2, 0.2), 2)
+        _, lab = preprocess.resample(image, label, (mm, mm), target)
+        areas.append(lab.sum() * 0.2 * 0.2)
+    expected = np.pi * 6.0 ** 2
+    np.testing.assert_allclose(areas, expected, rtol=0.05)

@@ -251,3 +251,26 @@ def test_bfloat16_training_keeps_float32_master_weights_and_loss(make_tiny_confi
     _, losses32 = _run_steps(make_tiny_config(**{"augment.enabled": False}),
                              sharding.make_mesh(jax.devices()[:1]), steps=1)
     np.testing.assert_allclose(losses[0], losses32[0], rtol=2e-2)  # same start, bf16 convs
+
+
+def test_2d_model_on_resampled_slices_trains_and_evaluates(make_tiny_config, tmp_path):
+    """data.in_plane='spacing': 2D patches of cases resampled in plane, 2D sliding window;
+    the synthetic set mixes 2D ultrasound images and 3D volumes."""
+    config = make_tiny_config(**{"data.in_plane": "spacing", "model.name": "attention_unet",
+                                 "data.image_size": (8, 8), "train.num_epochs": 1})
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert set(results["aggregate"]) == {"all", "SynthCT", "SynthMRI", "SynthUS"}
+    assert results["network_inputs"] > len(results["per_case"])  # windows, not one per case
+    with open(os.path.join(str(tmp_path), "preprocess.json")) as f:
+        assert len(json.load(f)["target_spacing"]) == 2  # in plane only
+    assert os.path.exists(os.path.join(str(tmp_path), "figures", "test_cases.png"))
+
+
+def test_a_field_added_later_at_its_default_is_no_difference(make_tiny_config):
+    """A workdir written before data.in_plane existed still evaluates with the default."""
+    current = train._config_json(make_tiny_config())
+    previous = json.loads(json.dumps(current))
+    del previous["data"]["in_plane"]
+    assert train.config_differences(previous, current) == []
+    current["data"]["in_plane"] = "spacing"
+    assert train.config_differences(previous, current) == ["data.in_plane: None -> 'spacing'"]

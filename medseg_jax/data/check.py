@@ -405,8 +405,9 @@ def _check_task(task: TaskSummary, report: Report) -> None:
             axes = ", ".join(f"axis {a} {_min_median_max(spacing[:, a])}" for a in range(nd))
             report.add(INFO, task.name, "",
                        f"spacing varies across {len(spacing)} cases, mm (min/median/max): "
-                       f"{axes}; images are resized to data.image_size, so physical scale "
-                       "differs between cases")
+                       f"{axes}; 2D models resize images to data.image_size by default, so "
+                       "physical scale differs between cases: data.in_plane=spacing "
+                       "resamples them to one pixel size instead")
     if not task.cases:
         return
     maxima = np.array([c.maxima for c in task.cases], dtype=float)

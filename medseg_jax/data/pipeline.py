@@ -26,7 +26,7 @@ from absl import logging
 from medseg_jax.data import decathlon, preprocess, synthetic
 
 SPLITS = ("train", "val", "test")
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 @contextlib.contextmanager
@@ -205,6 +205,7 @@ def _fingerprint(config, dataset: Dataset) -> str:
         "slice_axis": config.data.slice_axis,
         "spatial_dims": config.model.spatial_dims,
         "target_spacing": list(config.data.target_spacing),
+        "in_plane": config.data.in_plane,
         "rescale_01": bool(config.data.rescale_01),
         "files": files,
     }
@@ -237,17 +238,37 @@ def normalized(case: decathlon.Case, plans, config) -> np.ndarray:
     return preprocess.rescale_01(image) if config.data.rescale_01 else image
 
 
+def uses_patches(config) -> bool:
+    """Whether cases are resampled to a target spacing and cut into ``image_size``
+    patches (3D models, and 2D models with ``data.in_plane='spacing'``) rather than
+    resized slice by slice."""
+    return config.model.spatial_dims == 3 or config.data.in_plane == "spacing"
+
+
 def case_samples(case: decathlon.Case, plans, config):
-    """2D models: the case's slices (or 2D image) at network size."""
+    """2D models with ``data.in_plane='resize'``: the case's slices (or 2D image)
+    resized to network size."""
     image = normalized(case, plans, config)
     return preprocess.to_samples(image, case.label, tuple(config.data.image_size),
                                  config.data.slice_axis)
 
 
 def case_volume(case: decathlon.Case, plans, config):
-    """3D models: the normalised case resampled to the target spacing, channels-last."""
+    """Patch-based runs: the normalised case resampled to the target spacing (in plane
+    only for 2D models), channels-last: (image (*spatial, C), label (*spatial))."""
     image = normalized(case, plans, config)
-    return preprocess.resample(image, case.label, case.spacing, plans["target_spacing"])
+    target = preprocess.case_target_spacing(case.spacing, plans["target_spacing"],
+                                            config.data.slice_axis)
+    return preprocess.resample(image, case.label, case.spacing, target)
+
+
+def network_tiles(volume: np.ndarray, label: np.ndarray, config):
+    """Non-overlapping ``image_size`` inputs covering a resampled case (validation):
+    (images (N, *image_size, C), labels (N, *image_size))."""
+    size = tuple(config.data.image_size)
+    patch = preprocess.volume_patch(size, label.ndim, config.data.slice_axis)
+    imgs, labs = preprocess.tiles(volume, label, patch)
+    return (imgs.reshape(len(imgs), *size, imgs.shape[-1]), labs.reshape(len(labs), *size))
 
 
 def canonical_spacing(path: str) -> tuple[float, ...]:
@@ -264,16 +285,36 @@ def canonical_spacing(path: str) -> tuple[float, ...]:
 
 
 def target_spacing(config, dataset: Dataset) -> list[float]:
-    """config.data.target_spacing, or the median spacing of the training cases."""
-    if len(config.data.target_spacing):
-        if len(config.data.target_spacing) != 3 or min(config.data.target_spacing) <= 0:
+    """config.data.target_spacing, or the median spacing of the training cases.
+
+    3D models: three entries (mm along the RAS axes). 2D models: two, the in-plane
+    axes (a 3D case keeps its own spacing along ``data.slice_axis``); a given
+    three-entry value is accepted and its slice-axis entry dropped.
+    """
+    dims = config.model.spatial_dims
+    axis = config.data.slice_axis
+    given = tuple(config.data.target_spacing)
+    if given:
+        if len(given) not in ((3,) if dims == 3 else (2, 3)) or min(given) <= 0:
             raise ValueError(
-                f"config.data.target_spacing: {tuple(config.data.target_spacing)} must be "
-                "three positive numbers (mm) or empty (median of the training cases)")
-        return [float(x) for x in config.data.target_spacing]
-    spacings = np.array([canonical_spacing(dataset.refs[k][0].image_paths[0])
-                         for k in dataset.splits["train"]])
-    return [float(x) for x in np.median(spacings, axis=0)]
+                f"config.data.target_spacing: {given} must be "
+                f"{'three' if dims == 3 else 'two (in plane) or three'} positive numbers "
+                "(mm) or empty (median of the training cases)")
+        if dims == 2 and len(given) == 3:
+            given = given[:axis] + given[axis + 1:]
+        return [float(x) for x in given]
+    spacings = []
+    for k in dataset.splits["train"]:
+        ref, info = dataset.refs[k]
+        spacing = canonical_spacing(ref.image_paths[0])
+        if info.is_2d:
+            spacing = spacing[:2]
+        elif dims == 2:
+            spacing = spacing[:axis] + spacing[axis + 1:]
+        elif len(spacing) != 3:
+            raise ValueError(f"{ref.image_paths[0]}: a 3D model needs 3D images")
+        spacings.append(spacing)
+    return [float(x) for x in np.median(np.array(spacings), axis=0)]
 
 
 @dataclasses.dataclass
@@ -308,13 +349,14 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
     """Returns (dataset, plans, {"train": Samples or Volumes (3D), "val": Samples}).
 
     ``plans`` = {"intensity": {task: per-channel normalisation}, "target_spacing":
-    mm per axis for 3D models (None for 2D)}.
+    mm per axis for 3D models, per in-plane axis for 2D models with
+    ``data.in_plane='spacing'``, None for resized 2D slices}.
     """
     dataset = dataset or open_dataset(config, workdir)
     cache_root = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "cache"))
     directory = os.path.join(cache_root, _fingerprint(config, dataset))
     plan_path = os.path.join(directory, "plan.json")
-    volumetric = config.model.spatial_dims == 3
+    volumetric = uses_patches(config)
     if not os.path.exists(plan_path):
         logging.info("Preprocessing %d training and %d validation cases into %s",
                      len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
@@ -331,9 +373,7 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
                 for i, key in enumerate(dataset.splits[split]):
                     case = loaded.pop(key, None) or dataset.load(key)
                     if volumetric:
-                        volume, label = case_volume(case, plans, config)
-                        imgs, labs = preprocess.tiles(volume, label,
-                                                      tuple(config.data.image_size))
+                        imgs, labs = network_tiles(*case_volume(case, plans, config), config)
                     else:
                         imgs, labs = case_samples(case, plans, config)
                     images.append(imgs)
@@ -397,10 +437,12 @@ class Volumes:
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def patches_per_pass(self, patch: tuple[int, ...]) -> int:
-        """How many patches hold as many voxels as the whole split (one 'epoch')."""
-        voxels = sum(int(np.prod(s)) for s in self.shapes)
-        return max(1, voxels // int(np.prod(patch)))
+    def patches_per_pass(self, image_size: tuple[int, ...], slice_axis: int = 2) -> int:
+        """How many ``image_size`` inputs hold as many voxels as the whole split (one
+        'epoch'); a 2D input in a volume is one slice thick."""
+        return max(1, int(sum(
+            np.prod(s) / np.prod(preprocess.volume_patch(image_size, len(s), slice_axis))
+            for s in self.shapes)))
 
     def case(self, i: int):
         """(image (*spatial, C), label (*spatial), foreground voxel coordinates)."""
@@ -433,55 +475,120 @@ def patch_records(volumes: Volumes, batch_size: int, steps: int, seed: int, epoc
 
 
 class _Patch:
-    """Picklable record -> random patch (centred on a labelled voxel when asked)."""
+    """Picklable record -> random ``image_size`` input (centred on a labelled voxel when
+    asked); from a volume, a 2D input is a patch of one slice along ``slice_axis``."""
 
-    def __init__(self, volumes: Volumes, patch: tuple[int, ...]):
-        self.volumes, self.patch = volumes, tuple(patch)
+    def __init__(self, volumes: Volumes, image_size: tuple[int, ...], slice_axis: int = 2):
+        self.volumes, self.size, self.slice_axis = volumes, tuple(image_size), slice_axis
 
     def __call__(self, record) -> dict:
+        image = np.empty((*self.size, self.volumes.case(int(record[0]))[0].shape[-1]), np.float32)
+        label = np.empty(self.size, np.uint8)
+        self.fill(record, image, label)
+        return {"image": image, "label": label}
+
+    def fill(self, record, image_out: np.ndarray, label_out: np.ndarray) -> None:
+        """Writes the record's patch into ``image_out`` (*image_size, C) and ``label_out``;
+        the part beyond the volume's end is padding (the volume's minimum, background)."""
         case, on_fg, seed = (int(x) for x in record)
         image, label, fg = self.volumes.case(case)
         rng = np.random.default_rng(seed)
         shape = label.shape
+        patch = preprocess.volume_patch(self.size, len(shape), self.slice_axis)
         if on_fg and len(fg):
             centre = fg[rng.integers(len(fg))]
         else:
             centre = [rng.integers(n) for n in shape]
-        start = [int(np.clip(c - p // 2, 0, max(n - p, 0)))
-                 for c, p, n in zip(centre, self.patch, shape)]
-        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
-        img = preprocess.pad_to(np.asarray(image[box]), self.patch, self.volumes.mins[case])
-        lab = preprocess.pad_to(np.asarray(label[box]), self.patch, 0)
-        return {"image": img, "label": lab}
+        start = [min(max(int(c) - p // 2, 0), max(n - p, 0))  # np.clip: 3x slower here
+                 for c, p, n in zip(centre, patch, shape)]
+        box = tuple(slice(s, s + p) for s, p in zip(start, patch))
+        inside = tuple(slice(0, min(p, n - s)) for s, p, n in zip(start, patch, shape))
+        img = image_out.reshape(*patch, image_out.shape[-1])  # views: (.., 1, ..) for 2D
+        lab = label_out.reshape(patch)
+        if any(b.stop < p for b, p in zip(inside, patch)):
+            img[...] = self.volumes.mins[case]
+            lab[...] = 0
+        img[inside] = image[box]
+        lab[inside] = label[box]
 
 
-def patch_batches(volumes: Volumes, records: np.ndarray, patch: tuple[int, ...],
-                  process_index: int, process_count: int, num_workers: int = 0) -> Iterator[dict]:
-    """This process's rows of each global batch of patches."""
+def patch_batches(volumes: Volumes, records: np.ndarray, image_size: tuple[int, ...],
+                  process_index: int, process_count: int, num_workers: int = 0,
+                  slice_axis: int = 2) -> Iterator[dict]:
+    """This process's rows of each global batch of ``image_size`` patches."""
     steps, batch_size, _ = records.shape
     local = batch_size // process_count
     rows = records[:, process_index * local:(process_index + 1) * local].reshape(-1, 3)
-    ds = grain.MapDataset.source(list(rows)).map(_Patch(volumes, patch)).batch(
+    ds = grain.MapDataset.source(list(rows)).map(
+        _Patch(volumes, image_size, slice_axis)).batch(
         local, drop_remainder=True)
     return _iterate(ds, num_workers)
 
 
-def epoch_batches(train: "Samples | Volumes", config, epoch: int, steps: int,
-                  start: int = 0) -> Iterator[dict]:
-    """The training batches of one epoch (slices for 2D models, patches for 3D), from
-    batch ``start`` on (a run resumed mid-epoch)."""
+class _StepBatch:
+    """Picklable global step -> this process's rows of that step's batch (module level,
+    for spawn).
+
+    A step's batch is a function of (seed, epoch, step in the epoch) alone: each
+    worker computes an epoch's order (``epoch_indices`` / ``patch_records``) on first
+    use, so one grain pipeline, and one set of worker processes, serves a whole run.
+    """
+
+    def __init__(self, train: "Samples | Volumes", config, steps_per_epoch: int,
+                 process_index: int, process_count: int):
+        self.train, self.steps = train, steps_per_epoch
+        self.batch = int(config.train.batch_size)
+        self.seed = int(config.seed)
+        self.fg = float(config.data.foreground_fraction)
+        local = self.batch // process_count
+        self.rows = slice(process_index * local, (process_index + 1) * local)
+        if isinstance(train, Volumes):
+            self.patch = _Patch(train, tuple(config.data.image_size), config.data.slice_axis)
+        else:
+            self.lookup = _BatchLookup(train)
+        self._epoch, self._order = None, None
+
+    def __call__(self, step) -> dict:
+        epoch, i = divmod(int(step), self.steps)
+        if epoch != self._epoch:
+            make = patch_records if isinstance(self.train, Volumes) else epoch_indices
+            self._order = make(self.train, self.batch, self.steps, self.seed, epoch, self.fg)
+            self._epoch = epoch
+        rows = self._order[i, self.rows]
+        if not isinstance(self.train, Volumes):
+            return self.lookup(rows)
+        channels = self.train.case(int(rows[0][0]))[0].shape[-1]
+        image = np.empty((len(rows), *self.patch.size, channels), np.float32)
+        label = np.empty((len(rows), *self.patch.size), np.uint8)
+        for j, record in enumerate(rows):
+            self.patch.fill(record, image[j], label[j])
+        return {"image": image, "label": label}
+
+    def __getstate__(self):
+        return dict(self.__dict__, _epoch=None, _order=None)
+
+
+def run_batches(train: "Samples | Volumes", config, steps_per_epoch: int, first: int = 0,
+                last: int | None = None):
+    """The training batches of global steps ``first`` .. ``last`` - 1 (default: to the end
+    of ``train.num_epochs``), across epochs, from one grain pipeline: with
+    ``data.num_workers`` > 0 the worker processes start once per run, not per epoch.
+
+    Resized slices, or patches of resampled cases. Returns grain's iterator; ``close()``
+    it when stopping early (it stops the workers).
+    """
     import jax  # noqa: PLC0415
 
-    batch = config.train.batch_size
-    if isinstance(train, Volumes):
-        records = patch_records(train, batch, steps, config.seed, epoch,
-                                config.data.foreground_fraction)
-        return patch_batches(train, records[start:], tuple(config.data.image_size),
-                             jax.process_index(), jax.process_count(), config.data.num_workers)
-    order = epoch_indices(train, batch, steps, config.seed, epoch,
-                          config.data.foreground_fraction)
-    return train_batches(train, order[start:], jax.process_index(), jax.process_count(),
-                         config.data.num_workers)
+    last = steps_per_epoch * config.train.num_epochs if last is None else last
+    ds = grain.MapDataset.source(np.arange(first, last)).map(
+        _StepBatch(train, config, steps_per_epoch, jax.process_index(), jax.process_count()))
+    return _iterate(ds, config.data.num_workers)
+
+
+def epoch_batches(train: "Samples | Volumes", config, epoch: int, steps: int,
+                  start: int = 0):
+    """The training batches of one epoch, from batch ``start`` on."""
+    return run_batches(train, config, steps, epoch * steps + start, (epoch + 1) * steps)
 
 
 # --------------------------------------------------------------------------

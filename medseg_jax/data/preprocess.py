@@ -1,8 +1,14 @@
-"""Intensity normalisation and resizing between case geometry and network input.
+"""Intensity normalisation, resampling and the geometry between case and network input.
 
-A 2D model sees each slice of a volume (along ``slice_axis``) resized to
-``image_size``; a 3D model sees the whole volume resized to ``image_size``.
-Predicted class probabilities are resized back to the case's own grid before
+Two ways from a case to network samples (``data.in_plane``):
+- ``resize`` (2D models): each slice of a volume (along ``slice_axis``), or the
+  2D image, is resized to ``image_size`` (``to_samples`` / ``from_samples``);
+- ``spacing`` (2D models, as nnU-Net's 2D configuration) and every 3D model:
+  the case is resampled to a target voxel size in mm (in plane only for 2D
+  models: the slice axis keeps its own spacing), trained on random patches of
+  ``image_size`` and predicted with a sliding window (``volume_patch`` gives the
+  window in volume coordinates, a 1 on the slice axis for 2D models).
+Predicted class probabilities are resampled back to the case's own grid before
 the argmax, so metrics are computed on whole volumes in the case geometry.
 
 Normalisation follows nnU-Net's conventions, chosen by the channel's modality:
@@ -154,6 +160,37 @@ def resample(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float, 
     return out, lab
 
 
+def volume_patch(image_size: tuple[int, ...], ndim: int, slice_axis: int) -> tuple[int, ...]:
+    """The network input ``image_size`` as a box in an ``ndim``-D volume.
+
+    A 2D input in a 3D volume is one slice thick along ``slice_axis``; otherwise the
+    box is ``image_size`` itself. Reshaping such a box to ``image_size`` (plus
+    channels) drops the unit axis and keeps the order of the others.
+    """
+    image_size = tuple(int(n) for n in image_size)
+    if len(image_size) == ndim:
+        return image_size
+    if len(image_size) == 2 and ndim == 3:
+        return image_size[:slice_axis] + (1,) + image_size[slice_axis:]
+    raise ValueError(
+        f"cannot take {len(image_size)}D inputs of size {image_size} from a {ndim}D volume")
+
+
+def case_target_spacing(spacing: tuple[float, ...], target: tuple[float, ...],
+                        slice_axis: int) -> tuple[float, ...]:
+    """The voxel size (mm) one case is resampled to.
+
+    ``target`` has one entry per axis of the case, or (2D models on volumes) one per
+    in-plane axis, in which case the slice axis keeps the case's own ``spacing``.
+    """
+    target = tuple(float(t) for t in target)
+    if len(target) == len(spacing):
+        return target
+    if len(target) == 2 and len(spacing) == 3:
+        return target[:slice_axis] + (float(spacing[slice_axis]),) + target[slice_axis:]
+    raise ValueError(f"target spacing {target} does not fit a case with spacing {spacing}")
+
+
 def pad_to(array: np.ndarray, shape: tuple[int, ...], value: float = 0.0) -> np.ndarray:
     """Pads the leading axes of ``array`` at the end up to ``shape`` (never crops)."""
     pads = [(0, max(0, s - n)) for n, s in zip(array.shape, shape)]
@@ -167,7 +204,8 @@ def tiles(image: np.ndarray, label: np.ndarray, patch: tuple[int, ...]):
     """Non-overlapping patches covering a channels-last volume (padded at the end).
 
     Every voxel lies in exactly one tile, so Dice counts summed over the tiles are
-    the counts of the whole (resampled) volume; padding is background.
+    the counts of the whole (resampled) volume; padding is background. Returns
+    (tiles (N, *patch, C), labels (N, *patch)).
     """
     full = tuple(-(-n // p) * p for n, p in zip(label.shape, patch))
     image = pad_to(image, full, float(image.min()))
