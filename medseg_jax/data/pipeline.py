@@ -357,6 +357,10 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
     directory = os.path.join(cache_root, _fingerprint(config, dataset))
     plan_path = os.path.join(directory, "plan.json")
     volumetric = uses_patches(config)
+    if not volumetric and len(config.data.target_spacing):
+        logging.warning("config.data.target_spacing=%s is not used: 2D models with "
+                        "data.in_plane='resize' resize slices to data.image_size",
+                        tuple(config.data.target_spacing))
     if not os.path.exists(plan_path):
         logging.info("Preprocessing %d training and %d validation cases into %s",
                      len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
