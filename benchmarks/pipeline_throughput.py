@@ -180,6 +180,11 @@ def host_rate(make_iter: Callable[[int], Iterator[dict]], mesh, batch_size: int,
             "ms_put": 1e3 * t_put / num_batches, "first_s": first, "epoch_s": epoch}
 
 
+def seconds_or_na(seconds: float | None) -> str:
+    """``epoch_s`` is None when fewer batches than an epoch were timed."""
+    return "n/a" if seconds is None else f"{seconds:.2f}"
+
+
 def repeated(run: Callable[[], dict], repeats: int) -> dict:
     """The run with the median slices/s of ``repeats``, with the range of all."""
     runs = sorted((run() for _ in range(repeats)), key=lambda r: r["slices_per_s"])
@@ -416,7 +421,7 @@ def main(argv) -> None:
             FLAGS.warmup_batches, epoch_steps), FLAGS.repeats)
     table([(w, f"{r['batches_per_s']:,.0f}", f"{r['slices_per_s']:,.0f}", r["range"],
             f"{r['ms_per_batch']:.2f}", f"{r['ms_next']:.2f}", f"{r['ms_put']:.2f}",
-            f"{r['first_s']:.2f}", f"{r['epoch_s']:.2f}",
+            f"{r['first_s']:.2f}", seconds_or_na(r["epoch_s"]),
             f"{r['slices_per_s'] / TARGET_SLICES_PER_S:.2f}x")
            for w, r in host.items()],
           ("num_workers", "batches/s", "slices/s", "slices/s range", "ms/batch", "ms next()",
@@ -443,7 +448,7 @@ def main(argv) -> None:
     model = train.build_model(config, dataset.num_classes)
     input_shape = (batch_size, *config.data.image_size, dataset.num_channels)
     state = train.init_state(config, model, input_shape, 1000, mesh)
-    train_fn, _, _ = train.jit_steps(config, mesh, dataset.num_classes)
+    train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
     device_batches = [sharding.to_global(b, mesh) for b in batches(4)]
     holder = {"state": state}
 
@@ -504,7 +509,7 @@ def main(argv) -> None:
         ref_rate = lambda w: host[w if w in host else best_w]["slices_per_s"]  # noqa: E731
         table([(name, f"{p['slices_per_s']:,.0f}", p["range"], f"{ref_rate(w):,.0f}",
                 f"{p['slices_per_s'] / ref_rate(w):.1f}x",
-                f"{p['ms_next']:.3f}", f"{p['ms_put']:.3f}", f"{p['epoch_s']:.2f}",
+                f"{p['ms_next']:.3f}", f"{p['ms_put']:.3f}", seconds_or_na(p["epoch_s"]),
                 f"{p['slices_per_s'] / TARGET_SLICES_PER_S:.2f}x")
                for name, (w, p) in proto.items()],
               ("prototype", "slices/s", "range", "now, same workers", "speed-up", "ms next()",
