@@ -187,7 +187,7 @@ def jax_setup(x_np, y_np):
     mesh = sharding.make_mesh(jax.devices()[:1])
     model = train.build_model(config, FLAGS.num_classes)
     state = train.init_state(config, model, x_np.shape, 1000, mesh)
-    train_fn, _, _ = train.jit_steps(config, mesh, FLAGS.num_classes)
+    train_fn, _ = train.jit_steps(config, mesh, FLAGS.num_classes)
     batch = sharding.to_global({"image": x_np, "label": y_np}, mesh)
     params = jax.device_get(state.params)
     holder = {"state": state}

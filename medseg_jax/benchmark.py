@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from medseg_jax import evaluate, metrics, report, stats, train
-from medseg_jax.data import decathlon, pipeline, synthetic
+from medseg_jax.data import decathlon, pipeline
 from medseg_jax.models import MODELS
 
 # Reported by the study on its own data (brain-tumour MRI, lung-nodule CT, liver-lesion
@@ -110,16 +110,6 @@ def sweep_grid(config) -> list[dict]:
              _grid(sweep.patience, int, "patience")]
     keys = ("learning_rate", "batch_size", "num_epochs", "patience")
     return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
-
-
-def _roots(config, workdir: str) -> list[str]:
-    """The data folders, generating the embedded synthetic set once for all runs."""
-    if config.data.root:
-        return [r.strip() for r in str(config.data.root).split(",") if r.strip()]
-    return synthetic.make_synthetic(
-        os.path.join(workdir, "synthetic_data"), seed=config.data.synthetic_seed,
-        num_cases=config.data.synthetic_cases, size=config.data.synthetic_size,
-        depth=config.data.synthetic_depth)
 
 
 def run_config(config, entry: Entry, roots: list[str], workdir: str,
@@ -213,7 +203,7 @@ def run(config, workdir: str) -> dict:
     if config.benchmark.sweep.enabled:
         sweep_grid(config)  # fail early on a bad list
     os.makedirs(workdir, exist_ok=True)
-    roots = _roots(config, workdir)
+    roots = pipeline.data_roots(config, workdir)  # the synthetic set made once for all runs
     infos, trials = [], []
     for entry in entries:
         info, entry_trials = _run_entry(config, entry, roots, workdir)
@@ -282,17 +272,10 @@ def compare(infos: list[dict]) -> list[dict]:
 
 
 def results_csv(infos: list[dict]) -> str:
-    header = ["entry", "model", "dims", "data", "class", "metric", "mean", "std", "median",
-              "ci_low", "ci_high", "n", "n_nan"]
-    rows = []
-    for info in infos:
-        for group, classes in info["aggregate"].items():
-            for cls, by_metric in classes.items():
-                for metric, s in by_metric.items():
-                    rows.append([info["label"], info["model"], info["dims"], group, cls, metric]
-                                + [s[k] for k in ("mean", "std", "median", "ci_low", "ci_high",
-                                                  "n", "n_nan")])
-    return report.csv_text(header, rows)
+    """Each entry's ``<split>_summary.csv`` rows, prefixed by the entry."""
+    rows = [[info["label"], info["model"], info["dims"], *row]
+            for info in infos for row in report.summary_rows(info["aggregate"])]
+    return report.csv_text(["entry", "model", "dims", *report.SUMMARY_HEADER], rows)
 
 
 def report_markdown(results: dict) -> str:

@@ -96,15 +96,24 @@ def per_case_csv(per_case: list[dict], metric_names: tuple[str, ...]) -> str:
     return csv_text(["case", "task", "class", *metric_names], rows)
 
 
-def summary_csv(groups: dict[str, dict]) -> str:
-    """One row per (group, class, metric) with mean, std, median, 95% CI, n, n_nan."""
+SUMMARY_HEADER = ["data", "class", "metric", *_STATS]
+
+
+def summary_rows(groups: dict[str, dict]) -> list[list]:
+    """One row per (group, class, metric) of ``metrics.aggregate`` output:
+    ``SUMMARY_HEADER`` (mean, std, median, 95% CI, n, n_nan)."""
     rows = []
     for group, classes in groups.items():
         for cls, metrics in classes.items():
             for metric, stats in metrics.items():
                 rows.append([group, cls, metric] + [
                     str(stats[k]) if k in ("n", "n_nan") else _num(stats[k]) for k in _STATS])
-    return csv_text(["data", "class", "metric", *_STATS], rows)
+    return rows
+
+
+def summary_csv(groups: dict[str, dict]) -> str:
+    """One row per (group, class, metric) with mean, std, median, 95% CI, n, n_nan."""
+    return csv_text(SUMMARY_HEADER, summary_rows(groups))
 
 
 # --------------------------------------------------------------------------- #
@@ -129,16 +138,26 @@ def _save(fig, path: str) -> None:
         _pyplot().close(fig)
 
 
+def metrics_row(line: str) -> dict | None:
+    """One row of ``metrics.jsonl``; None for a blank line or one cut short (no newline:
+    a kill or a full disk mid-write) or unreadable."""
+    if not line.endswith("\n") or not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def read_metrics_log(workdir: str) -> tuple[list[dict], list[dict]]:
-    """(per-step rows, per-epoch rows) of a run's ``metrics.jsonl``."""
+    """(per-step rows, per-epoch rows) of a run's ``metrics.jsonl`` (cut lines skipped)."""
     steps, epochs = [], []
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    (epochs if "val_loss" in row else steps).append(row)
+            for row in filter(None, map(metrics_row, f)):
+                (epochs if "val_loss" in row else steps).append(row)
     return steps, epochs
 
 

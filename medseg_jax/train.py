@@ -40,7 +40,7 @@ from flax.training import train_state
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import losses, metrics, sharding, transfer
+from medseg_jax import losses, metrics, report, sharding, transfer
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import augment, pipeline
 from medseg_jax.models import count_params, create_model
@@ -165,8 +165,7 @@ def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0):
     evaluate = jax.jit(
         functools.partial(eval_step, config=config, num_classes=num_classes),
         in_shardings=(repl, data), out_shardings=repl)
-    predict = jax.jit(predict_step, in_shardings=(repl, data), out_shardings=data)
-    return train, evaluate, predict
+    return train, evaluate
 
 
 def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
@@ -291,12 +290,10 @@ class MetricsLog:
 
 def _row_step(line: str) -> float:
     """The step of a metrics.jsonl line; inf for a blank, cut or unreadable line."""
-    if not line.endswith("\n"):
-        return float("inf")
-    try:
-        return json.loads(line).get("step", 0)
-    except (json.JSONDecodeError, AttributeError):
-        return float("inf")
+    row = report.metrics_row(line)
+    return float("inf") if row is None else row.get("step", 0)
+
+
 def _transfer_guard(level: str):
     """``jax.transfer_guard(level)``, or nothing for ""."""
     return jax.transfer_guard(level) if level else contextlib.nullcontext()
@@ -387,7 +384,7 @@ def _train(config, workdir: str, mesh, return_state: bool = False):
 
     freeze_steps = (config.train.freeze_encoder_epochs * steps_per_epoch
                     if config.train.init_from else 0)
-    train_fn, eval_fn, _ = jit_steps(config, mesh, dataset.num_classes, freeze_steps)
+    train_fn, eval_fn = jit_steps(config, mesh, dataset.num_classes, freeze_steps)
     start_epoch = meta["epoch"] + 1
     if meta["stopped"] or start_epoch >= config.train.num_epochs:
         logging.info("Training already finished (epoch %d, stopped early: %s)",
@@ -432,9 +429,9 @@ class _Loop:
     steps_per_epoch: int
     stop: threading.Event
 
-    def run(self, state, meta: dict, start_epoch: int, progress: dict | None) -> None:
+    def run(self, state, meta: dict, start_epoch: int, progress: dict | None):
         """Trains epochs from ``start_epoch`` (``progress``: steps already done in it);
-        updates ``meta`` in place."""
+        updates ``meta`` in place and returns the final state."""
         self.images_seen, self.time_in_steps, self.first = 0, 0.0, True
         config = self.config
         first = start_epoch * self.steps_per_epoch + (progress["steps"] if progress else 0)

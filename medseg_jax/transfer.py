@@ -104,6 +104,4 @@ def freeze_encoder(old, new, frozen):
 
 def zero_encoder(grads, frozen):
     """``grads`` with the encoder's entries zeroed where ``frozen`` (no Adam moments build up)."""
-    return {k: (jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), v)
-                if k.startswith(ENCODER_PREFIX) else v)
-            for k, v in grads.items()}
+    return freeze_encoder(jax.tree.map(jnp.zeros_like, grads), grads, frozen)

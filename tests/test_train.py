@@ -23,7 +23,7 @@ def _batch(config, n=8, seed=0):
 def _run_steps(config, mesh, steps=3):
     model = train.build_model(config, 2)
     state = train.init_state(config, model, (8, *config.data.image_size, 1), 10, mesh)
-    train_fn, _, _ = train.jit_steps(config, mesh, 2)
+    train_fn, _ = train.jit_steps(config, mesh, 2)
     losses = []
     for i in range(steps):
         state, out = train_fn(state, sharding.to_global(_batch(config, seed=i), mesh))

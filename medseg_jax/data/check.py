@@ -466,13 +466,6 @@ def _check_across(tasks: list[tuple[TaskSummary, decathlon.DatasetInfo]],
 # --------------------------------------------------------------------------
 
 
-def split_roots(roots: list[str] | str) -> list[str]:
-    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (the ``config.data.root`` convention)."""
-    if isinstance(roots, str):
-        roots = [roots]
-    return [r.strip() for item in roots for r in str(item).split(",") if r.strip()]
-
-
 def check(
     roots: list[str] | str,
     workers: int | None = None,
@@ -486,7 +479,7 @@ def check(
     keys: dict[str, str] = {}
     jobs: list[tuple[decathlon.CaseRef, decathlon.DatasetInfo]] = []
     owners: list[TaskSummary] = []
-    for root in split_roots(roots):
+    for root in decathlon.split_roots(roots):
         path = os.path.abspath(os.path.expanduser(root))
         if path in seen_roots:
             report.add(ERROR, os.path.basename(path), path, "data folder given twice")
@@ -531,7 +524,7 @@ def _main(argv: list[str]) -> int:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    roots = split_roots(flags.FLAGS.root or [])
+    roots = decathlon.split_roots(flags.FLAGS.root or [])
     if not roots:
         raise app.UsageError("--root is required")
 

@@ -311,6 +311,13 @@ def _cases_from_folders(
     return cases
 
 
+def split_roots(roots: list[str] | str) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (the ``config.data.root`` convention)."""
+    if isinstance(roots, str):
+        roots = [roots]
+    return [r.strip() for item in roots for r in str(item).split(",") if r.strip()]
+
+
 def read_header(root: str) -> tuple[dict[str, Any], DatasetInfo]:
     """Parse ``root/dataset.json`` without listing cases: (raw JSON, info with no cases)."""
     root = os.path.abspath(os.path.expanduser(root))

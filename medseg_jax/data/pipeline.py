@@ -61,7 +61,7 @@ def write_json_atomic(path: str, obj) -> None:
 def data_roots(config, workdir: str) -> list[str]:
     """The task folders to read: config.data.root, or the synthetic set."""
     if config.data.root:
-        roots = [r.strip() for r in str(config.data.root).split(",") if r.strip()]
+        roots = decathlon.split_roots(str(config.data.root))
         for r in roots:
             if not os.path.isdir(r):
                 raise FileNotFoundError(f"config.data.root: {r} is not a directory")

@@ -2,7 +2,8 @@
 
 Any config and override works (``--config.model.base_features=32
 --config.data.image_size='(128,128)'``). For the training step and for inference
-(``predict_step`` at ``eval.batch_size``) it prints the compile time, the steady-state
+(``inference.make_predict_fn``, the function evaluation runs, flip TTA included when
+``eval.tta``, at ``eval.batch_size``) it prints the compile time, the steady-state
 step time (median of ``--steps`` device-synchronised steps after ``--warmup``), images/s
 (and per device), FLOPs per step from XLA's cost analysis, the achieved TFLOP/s, the MFU
 on a device whose peak it knows, and the peak device memory (the backend's figure where it
@@ -187,7 +188,7 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
     import jax.numpy as jnp  # noqa: PLC0415
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import inference, sharding, train  # noqa: PLC0415
     from medseg_jax.data import pipeline  # noqa: PLC0415
 
     config_lib.validate(config)
@@ -200,7 +201,8 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
     model = train.build_model(config, dataset.num_classes)
     shape = (batch, *config.data.image_size, dataset.num_channels)
     state = train.init_state(config, model, shape, 1000, mesh)
-    train_fn, _, predict_fn = train.jit_steps(config, mesh, dataset.num_classes)
+    train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
+    predict_fn = inference.make_predict_fn(config, mesh)  # what evaluation runs
     device_batch = sharding.to_global(
         next(iter(pipeline.epoch_batches(samples["train"], config, 0, 1))), mesh)
     dev = jax.devices()[0]
@@ -229,7 +231,7 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
             jnp.zeros((config.eval.batch_size, *shape[1:]), jnp.float32),
             sharding.batch_sharded(mesh))
         rows.append(measure(
-            "inference (predict_step)", predict_fn, (holder["state"], images),
+            "inference" + (" (flip TTA)" if config.eval.tta else ""), predict_fn, (holder["state"], images),
             config.eval.batch_size,
             lambda c: jax.block_until_ready(c(holder["state"], images)), config, steps, warmup))
     print_table(rows)
