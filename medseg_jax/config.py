@@ -59,12 +59,15 @@ def default_config() -> ml_collections.ConfigDict:
     data.foreground_fraction = 0.33
     data.num_workers = 0  # grain worker processes (0: read in the main process)
 
-    # --- model ------------------------------------------------------------
+    # --- model: the network is built as Model(**config.model) ------------------
+    # The fields every architecture has; an architecture's own fields (FCN's
+    # dropout_rate, Attention U-Net's output_transform) are added by its config file
+    # (configs/fcn.py) and listed in medseg_jax/models.
     config.model = model = ml_collections.ConfigDict()
     model.name = "unet"  # unet | fcn | attention_unet
     model.spatial_dims = 2
     model.base_features = 16
-    model.depth = 4  # resolution levels; sizes must be divisible by 2**(depth-1)
+    model.depth = 4  # resolution levels; sizes must be divisible by the total pooling
     model.norm = "batch"  # batch | instance | none
     # Compute dtype: float32 | bfloat16 (mixed precision: convolutions in bfloat16, the
     # parameters, optimizer, BatchNorm statistics, logits and loss stay float32).
@@ -72,6 +75,19 @@ def default_config() -> ml_collections.ConfigDict:
     # Rematerialise the encoder blocks in the backward pass (nn.remat): less peak memory
     # for large 3D inputs, about one more forward pass of compute; same results.
     model.remat = False
+    # Per level and axis: pooling factors (depth - 1 entries) and kernel sizes (depth
+    # entries), e.g. ((2, 2, 1), (2, 2, 2), ...) for thick slices. Empty: 2 and 3 on
+    # every axis. A plan (data.plan="auto") fills them from the data.
+    model.pool_sizes = ()
+    model.kernel_sizes = ()
+    model.max_features = 0  # cap on a level's features (nnU-Net: 320 in 3D); 0: none
+    # Transposed conv and max pool: "reshape" (matmul / reshape forms, fastest on XLA's
+    # CPU backend), "lax" (lax.conv_transpose / reduce_window, cuDNN on GPUs), or
+    # "auto" (per backend, see models/layers.py); same parameters and results.
+    model.layer_impl = "auto"
+    # Deep supervision: the loss also scores the coarser decoder levels' outputs
+    # (weights 1/2^level, normalised), as nnU-Net trains.
+    model.deep_supervision = False
 
     # --- training ---------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()
@@ -118,6 +134,7 @@ _CHOICES = {
     "data.in_plane": ("resize", "spacing"),
     "data.slice_axis": (0, 1, 2),
     "model.dtype": ("float32", "bfloat16"),
+    "model.layer_impl": ("auto", "reshape", "lax"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.transfer_guard": ("", "log", "disallow"),
     "eval.split": ("train", "val", "test"),
@@ -133,12 +150,17 @@ def _get(config, dotted: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the fields that a run depends on; raises ValueError naming the field."""
-    from medseg_jax.models import MODELS  # noqa: PLC0415 (models import jax)
+    from medseg_jax.models import MODELS, layers, model_fields  # noqa: PLC0415 (jax)
 
     if config.model.name not in MODELS:
         raise ValueError(
             f"config.model.name: unknown model {config.model.name!r}; "
             f"valid models: {', '.join(sorted(MODELS))}")
+    valid = model_fields(config.model.name)
+    for key in config.model:
+        if key != "name" and key not in valid:
+            raise ValueError(f"config.model.{key}: {config.model.name} has no field {key!r}; "
+                             f"valid: name, {', '.join(sorted(valid))}")
     for field, choices in _CHOICES.items():
         if _get(config, field) not in choices:
             raise ValueError(
@@ -150,11 +172,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.image_size: {size} has {len(size)} entries but "
             f"config.model.spatial_dims is {dims}")
-    divisor = 2 ** (config.model.depth - 1)
-    if config.model.depth < 1 or any(s <= 0 or s % divisor for s in size):
+    if config.model.depth < 1:
+        raise ValueError(f"config.model.depth: must be >= 1, got {config.model.depth}")
+    try:
+        pools, _ = layers.level_geometry("config.model", dims, config.model.depth,
+                                         config.model.get("pool_sizes", ()),
+                                         config.model.get("kernel_sizes", ()))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e}" if str(e).startswith("config.") else
+                         f"config.model.pool_sizes / kernel_sizes: {e}") from None
+    divisor = layers.total_stride(pools, dims)
+    if any(s <= 0 or s % d for s, d in zip(size, divisor)):
+        what = (f"2**(depth-1) = {divisor[0]} for config.model.depth={config.model.depth}"
+                if not len(config.model.get("pool_sizes", ())) else
+                f"the total pooling {divisor} of config.model.pool_sizes")
         raise ValueError(
-            f"config.data.image_size: {size} must be positive multiples of "
-            f"2**(depth-1) = {divisor} for config.model.depth={config.model.depth}")
+            f"config.data.image_size: {size} must be positive multiples of {what}")
     for field in ("train.batch_size", "eval.batch_size", "train.num_epochs",
                   "model.base_features", "train.prefetch"):
         if int(_get(config, field)) <= 0:

@@ -43,7 +43,8 @@ from medseg_jax import config as config_lib
 from medseg_jax import losses, metrics, report, sharding, transfer
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import augment, pipeline
-from medseg_jax.models import count_params, create_model
+from medseg_jax import models
+from medseg_jax.models import count_params
 
 
 class TrainState(train_state.TrainState):
@@ -58,11 +59,7 @@ def setup_compilation_cache(config) -> None:
 
 
 def build_model(config, num_classes: int):
-    return create_model(
-        config.model.name, num_classes=num_classes, spatial_dims=config.model.spatial_dims,
-        base_features=config.model.base_features, depth=config.model.depth,
-        norm=config.model.norm, dtype=jnp.dtype(config.model.dtype),
-        remat=config.model.remat)
+    return models.from_config(config.model, num_classes)
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:

@@ -1,6 +1,20 @@
-"""Shared building blocks for the 2D/3D segmentation networks (channels-last)."""
+"""Shared building blocks of the 2D/3D segmentation networks (channels-last).
+
+Geometry per level: ``pool_sizes`` (the down-sampling factor of each axis between two
+levels, 1 or more) and ``kernel_sizes`` (the convolution kernel of each axis at each
+level), so anisotropic data (3 mm CT slices, 1 mm pixels) are pooled and convolved per
+axis, as nnU-Net plans them. Empty means the classic network: factor 2 and kernel 3 on
+every axis.
+
+Two layers have two formulations with the same parameters and results
+(``layer_impl``): the 2x transposed convolution and max pooling. ``"reshape"`` (a
+matmul + depth-to-space, and a reshape with a one-hot gradient) is what XLA's CPU
+backend runs fastest; ``"lax"`` is ``lax.conv_transpose`` / ``reduce_window`` (cuDNN's
+kernels on a GPU); ``"auto"`` picks per backend from ``AUTO_IMPL``.
+"""
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,6 +23,67 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ("batch", "instance", "none")
+LAYER_IMPLS = ("auto", "reshape", "lax")
+# What "auto" picks, per backend and layer. CPU: measured (README "Performance": the
+# reshape forms are 4-9x / ~10x faster in the backward pass on XLA:CPU). GPU: the
+# matmul form avoids cuDNN's slow transposed-convolution gradients (jax#8537,
+# jax#31662) and turns the layer into a tensor-core matmul; max pooling uses XLA's
+# native reduce_window / select-and-scatter kernels. `benchmarks/gpu_suite.py` times
+# both forms on a GPU and records which wins.
+AUTO_IMPL = {
+    "cpu": {"up_conv": "reshape", "max_pool": "reshape"},
+    "gpu": {"up_conv": "reshape", "max_pool": "lax"},
+    "tpu": {"up_conv": "lax", "max_pool": "lax"},
+}
+
+
+def resolve_impl(impl: str, layer: str) -> str:
+    """``"reshape"`` or ``"lax"`` for ``layer`` ("up_conv" | "max_pool")."""
+    if impl not in LAYER_IMPLS:
+        raise ValueError(f"layer_impl must be one of {', '.join(LAYER_IMPLS)}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return AUTO_IMPL.get(jax.default_backend(), AUTO_IMPL["gpu"])[layer]
+
+
+def _per_axis(value, dims: int, what: str) -> tuple[int, ...]:
+    """An int, or one int per axis -> a tuple of ``dims`` ints."""
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(int(v) for v in value)
+    if len(value) != dims:
+        raise ValueError(f"{what} {value} has {len(value)} entries for {dims} spatial axes")
+    return value
+
+
+def level_geometry(name: str, spatial_dims: int, depth: int, pool_sizes: Sequence = (),
+                   kernel_sizes: Sequence = ()) -> tuple[list[tuple[int, ...]],
+                                                         list[tuple[int, ...]]]:
+    """(pools: ``depth - 1`` per-axis factors, kernels: ``depth`` per-axis sizes), with the
+    defaults (2 and 3 on every axis) for empty ``pool_sizes`` / ``kernel_sizes``."""
+    pools = ([(2,) * spatial_dims] * (depth - 1) if not len(pool_sizes) else
+             [_per_axis(p, spatial_dims, f"{name}: pool_sizes entry") for p in pool_sizes])
+    kernels = ([(3,) * spatial_dims] * depth if not len(kernel_sizes) else
+               [_per_axis(k, spatial_dims, f"{name}: kernel_sizes entry") for k in kernel_sizes])
+    if len(pools) != depth - 1:
+        raise ValueError(f"{name}: pool_sizes has {len(pools)} levels; depth={depth} needs "
+                         f"{depth - 1} (one per down-sampling)")
+    if len(kernels) != depth:
+        raise ValueError(f"{name}: kernel_sizes has {len(kernels)} levels; depth={depth} "
+                         f"needs {depth}")
+    if any(f < 1 for p in pools for f in p) or any(k < 1 or k % 2 == 0 for ks in kernels
+                                                   for k in ks):
+        raise ValueError(f"{name}: pool factors must be >= 1 and kernel sizes odd, got "
+                         f"pool_sizes={pools}, kernel_sizes={kernels}")
+    return pools, kernels
+
+
+def total_stride(pools: Sequence[tuple[int, ...]], spatial_dims: int) -> tuple[int, ...]:
+    """The product of the pooling factors per axis: input sizes must be multiples of it."""
+    out = [1] * spatial_dims
+    for p in pools:
+        out = [a * b for a, b in zip(out, p)]
+    return tuple(out)
 
 
 def check_config(name: str, spatial_dims: int, depth: int, norm: str, min_depth: int = 1) -> None:
@@ -21,37 +96,41 @@ def check_config(name: str, spatial_dims: int, depth: int, norm: str, min_depth:
         raise ValueError(f"{name}: norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
-def check_input(name: str, x: jax.Array, spatial_dims: int, depth: int) -> None:
-    """Checks rank and that every spatial size is divisible by 2**(depth-1)."""
+def check_input(name: str, x: jax.Array, spatial_dims: int, depth: int,
+                pools: Sequence[tuple[int, ...]] | None = None) -> None:
+    """Checks rank and that every spatial size is divisible by the total pooling factor."""
     if x.ndim != spatial_dims + 2:
         raise ValueError(
             f"{name} with spatial_dims={spatial_dims} expects inputs of shape "
             f"(B, {', '.join('S' * spatial_dims)}, C), got {tuple(x.shape)}"
         )
-    divisor = 2 ** (depth - 1)
+    if pools is None:
+        pools = [(2,) * spatial_dims] * (depth - 1)
+    divisor = total_stride(pools, spatial_dims)
     spatial = tuple(x.shape[1:-1])
-    if any(s % divisor for s in spatial):
+    if any(s % d for s, d in zip(spatial, divisor)):
+        shown = divisor[0] if len(set(divisor)) == 1 else divisor
         raise ValueError(
-            f"{name} with depth={depth} needs spatial sizes divisible by {divisor}, got {spatial}"
+            f"{name} with depth={depth} needs spatial sizes divisible by {shown}, got {spatial}"
         )
 
 
 def conv(
     features: int,
-    kernel_size: int,
+    kernel_size: int | Sequence[int],
     spatial_dims: int,
     dtype: Any,
     use_bias: bool = True,
-    strides: int = 1,
+    strides: int | Sequence[int] = 1,
     name: str | None = None,
     kernel_init: Callable | None = None,
 ) -> nn.Conv:
-    """n-d convolution with the same kernel size and stride in every dim, 'SAME' padding."""
+    """n-d convolution, 'SAME' padding; kernel size and stride: one int or one per axis."""
     kwargs = {} if kernel_init is None else {"kernel_init": kernel_init}
     return nn.Conv(
         features,
-        (kernel_size,) * spatial_dims,
-        strides=(strides,) * spatial_dims,
+        _per_axis(kernel_size, spatial_dims, "kernel size"),
+        strides=_per_axis(strides, spatial_dims, "strides"),
         padding="SAME",
         use_bias=use_bias,
         dtype=dtype,
@@ -60,41 +139,55 @@ def conv(
     )
 
 
-def up_conv(features: int, spatial_dims: int, dtype: Any, name: str | None = None) -> nn.Module:
-    """n-d transposed convolution, kernel 2 stride 2 (doubles every spatial size)."""
-    return UpConv(features, spatial_dims, dtype, name=name)
+def up_conv(features: int, spatial_dims: int, dtype: Any, name: str | None = None,
+            factors: Sequence[int] | None = None, impl: str = "reshape") -> nn.Module:
+    """n-d transposed convolution with kernel = stride = ``factors`` (default 2 per axis)."""
+    return UpConv(features, spatial_dims, dtype, factors=tuple(factors or ()), impl=impl,
+                  name=name)
+
+
+def _dimension_numbers(dims: int) -> tuple[str, str, str]:
+    spatial = "HWD"[:dims]
+    return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
 
 
 class UpConv(nn.Module):
-    """``nn.ConvTranspose(features, 2, strides=2, padding="VALID")``, computed as one matmul.
+    """``nn.ConvTranspose(features, factors, strides=factors, padding="VALID")``.
 
-    Kernel 2 with stride 2 never overlaps: every input pixel times the kernel gives its own
-    2x2(x2) output block. So the layer is a matmul to ``2**dims * features`` channels and a
-    depth-to-space reshape: same parameters (names, shapes, initialisers) and same outputs as
-    the transposed convolution (whose kernel it flips), but XLA's CPU backend runs the
-    matmul and its gradient 4-9x faster than the transposed convolution's
-    (``python -m medseg_jax.tools.throughput``, README "Performance").
+    With kernel = stride the windows never overlap: every input pixel times the kernel
+    gives its own output block. ``impl="reshape"`` computes it as a matmul to
+    ``prod(factors) * features`` channels and a depth-to-space reshape: same parameters
+    (names, shapes, initialisers) and outputs as the transposed convolution (whose kernel
+    it flips), and XLA's CPU backend runs the matmul and its gradient 4-9x faster
+    (README "Performance"). ``impl="lax"`` is ``lax.conv_transpose`` itself.
     """
 
     features: int
     spatial_dims: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    factors: tuple[int, ...] = ()
+    impl: str = "reshape"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dims, channels = self.spatial_dims, x.shape[-1]
+        factors = tuple(self.factors) or (2,) * dims
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (2,) * dims + (channels, self.features), self.param_dtype)
+                            factors + (channels, self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                           self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if resolve_impl(self.impl, "up_conv") == "lax":
+            y = jax.lax.conv_transpose(x, kernel, factors, "VALID",
+                                       dimension_numbers=_dimension_numbers(dims))
+            return y + bias
         kernel = kernel[(slice(None, None, -1),) * dims]  # lax.conv_transpose flips it
         spatial = "hwd"[:dims]
         offsets = "xyz"[:dims]
         out = "".join(s + o for s, o in zip(spatial, offsets))
         y = jnp.einsum(f"b{spatial}c,{offsets}co->b{out}o", x, kernel)
-        shape = (x.shape[0], *(2 * n for n in x.shape[1:-1]), self.features)
+        shape = (x.shape[0], *(f * n for f, n in zip(factors, x.shape[1:-1])), self.features)
         return y.reshape(shape) + bias
 
 
@@ -111,62 +204,74 @@ def make_norm(
     raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
-def max_pool(x: jax.Array, spatial_dims: int) -> jax.Array:
-    """n-d max pooling, window 2 stride 2 (as ``nn.max_pool``; see :func:`_pool2`)."""
-    return _pool2(x, spatial_dims)
+def max_pool(x: jax.Array, spatial_dims: int, factors: Sequence[int] | None = None,
+             impl: str = "reshape") -> jax.Array:
+    """n-d max pooling, window = stride = ``factors`` (default 2 per axis), as
+    ``nn.max_pool``; ``impl="reshape"`` is :func:`_pool` (same values and gradients)."""
+    factors = tuple(factors or (2,) * spatial_dims)
+    if resolve_impl(impl, "max_pool") == "lax":
+        return nn.max_pool(x, factors, strides=factors)
+    if all(f == 1 for f in factors):
+        return x
+    return _pool(x, factors)
 
 
-def _windows(x: jax.Array, dims: int) -> jax.Array:
-    """(B, *2n, C) -> (B, *n, C, 2**dims): each 2x2(x2) window on the last axis."""
+def _windows(x: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+    """(B, *(n*f), C) -> (B, *n, C, prod(f)): each pooling window on the last axis."""
+    dims = len(factors)
     b, c, spatial = x.shape[0], x.shape[-1], x.shape[1:-1]
-    split = [b] + [m for n in spatial for m in (n // 2, 2)] + [c]
+    split = [b] + [m for n, f in zip(spatial, factors) for m in (n // f, f)] + [c]
     order = [0, *range(1, 2 * dims, 2), 2 * dims + 1, *range(2, 2 * dims + 1, 2)]
-    return x.reshape(split).transpose(order).reshape(b, *(n // 2 for n in spatial), c, -1)
+    return x.reshape(split).transpose(order).reshape(
+        b, *(n // f for n, f in zip(spatial, factors)), c, -1)
 
 
-def _unwindows(w: jax.Array, dims: int) -> jax.Array:
+def _unwindows(w: jax.Array, factors: tuple[int, ...]) -> jax.Array:
     """Inverse of :func:`_windows`."""
+    dims = len(factors)
     b, c, spatial = w.shape[0], w.shape[-2], w.shape[1:-2]
-    w = w.reshape(b, *spatial, c, *(2,) * dims)
+    w = w.reshape(b, *spatial, c, *factors)
     order = [0] + [i for d in range(dims) for i in (1 + d, dims + 2 + d)] + [dims + 1]
-    return w.transpose(order).reshape(b, *(2 * n for n in spatial), c)
+    return w.transpose(order).reshape(b, *(f * n for f, n in zip(factors, spatial)), c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _pool2(x: jax.Array, dims: int) -> jax.Array:
-    """Max over 2x2(x2) windows by a reshape. Its gradient goes, like XLA's
-    select-and-scatter (nn.max_pool's), to the first maximum of each window; built from a
-    one-hot, it is about 10x faster than select-and-scatter on XLA's CPU backend."""
-    return _windows(x, dims).max(axis=-1)
+def _pool(x: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+    """Max over the windows by a reshape. Its gradient goes, like XLA's select-and-scatter
+    (nn.max_pool's), to the first maximum of each window; built from a one-hot, it is
+    about 10x faster than select-and-scatter on XLA's CPU backend."""
+    return _windows(x, factors).max(axis=-1)
 
 
-def _pool2_fwd(x, dims):
-    w = _windows(x, dims)
+def _pool_fwd(x, factors):
+    w = _windows(x, factors)
     first = jnp.argmax(w, axis=-1)
     return jnp.take_along_axis(w, first[..., None], axis=-1)[..., 0], first
 
 
-def _pool2_bwd(dims, first, g):
-    onehot = jax.nn.one_hot(first, 2**dims, dtype=g.dtype)
-    return (_unwindows(onehot * g[..., None], dims),)
+def _pool_bwd(factors, first, g):
+    onehot = jax.nn.one_hot(first, math.prod(factors), dtype=g.dtype)
+    return (_unwindows(onehot * g[..., None], factors),)
 
 
-_pool2.defvjp(_pool2_fwd, _pool2_bwd)
+_pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 class ConvBlock(nn.Module):
-    """Two (3x3 / 3x3x3 conv -> norm -> ReLU) layers."""
+    """Two (conv -> norm -> ReLU) layers; kernel 3 per axis unless ``kernel`` says."""
 
     features: int
     spatial_dims: int = 2
     norm: str = "batch"
     dtype: Any = jnp.float32
+    kernel: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bias = self.norm == "none"  # a bias just before a normalisation is redundant
+        kernel = tuple(self.kernel) or 3
         for _ in range(2):
-            x = conv(self.features, 3, self.spatial_dims, self.dtype, use_bias=bias)(x)
+            x = conv(self.features, kernel, self.spatial_dims, self.dtype, use_bias=bias)(x)
             x = make_norm(self.norm, train, self.dtype)(x)
             x = nn.relu(x)
         return x
@@ -174,9 +279,11 @@ class ConvBlock(nn.Module):
 
 def encoder(
     x: jax.Array, train: bool, features: Sequence[int], spatial_dims: int, norm: str, dtype: Any,
-    remat: bool = False,
+    remat: bool = False, pools: Sequence[tuple[int, ...]] | None = None,
+    kernels: Sequence[tuple[int, ...]] | None = None, impl: str = "reshape",
 ) -> list[jax.Array]:
-    """Runs ConvBlocks with max pooling between them; returns each level's output.
+    """Runs ConvBlocks with max pooling (``pools[i - 1]`` before level i) between them;
+    returns each level's output.
 
     ``remat``: rematerialise each block in the backward pass (``nn.remat``: its activations
     are recomputed instead of kept), trading compute for memory on large 3D inputs; same
@@ -187,7 +294,21 @@ def encoder(
     outputs = []
     for i, f in enumerate(features):
         if i > 0:
-            x = max_pool(x, spatial_dims)
-        x = block(f, spatial_dims, norm, dtype, name=f"enc_{i}")(x, train)
+            x = max_pool(x, spatial_dims, pools[i - 1] if pools else None, impl)
+        kernel = tuple(kernels[i]) if kernels else ()
+        x = block(f, spatial_dims, norm, dtype, kernel, name=f"enc_{i}")(x, train)
         outputs.append(x)
     return outputs
+
+
+def level_features(base_features: int, depth: int, max_features: int = 0) -> list[int]:
+    """Features per level: ``base * 2**i``, capped at ``max_features`` (0: no cap)."""
+    features = [base_features * 2**i for i in range(depth)]
+    return [min(f, max_features) for f in features] if max_features else features
+
+
+def downsample_labels(labels: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """(B, *spatial) integer labels -> (B, *shape) by taking the first voxel of each
+    pooling window (the targets of deep supervision at a coarser level)."""
+    strides = [n // m for n, m in zip(labels.shape[1:], shape)]
+    return labels[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
