@@ -2,8 +2,8 @@
 
 Measures, on real data (``--data_root``) or the embedded synthetic default:
 
-1. preprocessing (``pipeline.prepare``) cold (fresh cache) and cached;
-2. host batches/s and slices/s of ``pipeline.run_batches`` + ``sharding.to_global`` (the
+1. preprocessing (``cache.prepare``) cold (fresh cache) and cached;
+2. host batches/s and slices/s of ``loader.run_batches`` + ``sharding.to_global`` (the
    functions training uses), per ``--num_workers`` value; ``--in_plane=spacing`` measures
    the patches of resampled cases instead of resized slices;
 3. jitted ``augment.augment_batch`` alone, slices/s;
@@ -225,7 +225,6 @@ def same_chain_as_train_batches(samples, order):
     """
     import grain  # noqa: PLC0415
 
-    from medseg_jax.data import pipeline  # noqa: PLC0415
 
     return grain.MapDataset.source(order.reshape(-1).tolist()).map(
         _PerSample(samples)).batch(order.shape[1], drop_remainder=True)
@@ -243,7 +242,7 @@ def breakdown(samples, order, mesh, batch_size: int, rounds: int = 5) -> list[tu
     import numpy as np  # noqa: PLC0415
 
     from medseg_jax import sharding  # noqa: PLC0415
-    from medseg_jax.data import pipeline  # noqa: PLC0415
+    from medseg_jax.data import loader  # noqa: PLC0415
 
     n = order.shape[0]
     lookup = _PerSample(samples)  # the record function grain calls
@@ -274,7 +273,7 @@ def breakdown(samples, order, mesh, batch_size: int, rounds: int = 5) -> list[tu
 
     pieces = {
         "train_batches iterator (the package loader: batch records), next() only":
-            lambda: iterate(pipeline.train_batches(samples, order, 0, 1, 0)),
+            lambda: iterate(loader.train_batches(samples, order, 0, 1, 0)),
         "previous per-sample chain, ReadOptions(num_threads=0), next() only":
             lambda: iterate(prototype_batches(samples, order, 0, False, 0)),
         "previous per-sample chain indexed in this thread, ds[k]":
@@ -341,7 +340,11 @@ def main(argv) -> None:
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
-    from medseg_jax.data import augment, pipeline  # noqa: PLC0415
+    from medseg_jax.data import augment  # noqa: PLC0415
+    from medseg_jax.data import cache  # noqa: PLC0415
+    from medseg_jax.data import dataset as dataset_lib  # noqa: PLC0415
+    from medseg_jax.data import loader  # noqa: PLC0415
+    from medseg_jax import state as state_lib  # noqa: PLC0415
 
     batch_size = FLAGS.batch_size
     workers = [int(w) for w in FLAGS.num_workers]
@@ -352,7 +355,7 @@ def main(argv) -> None:
     config.data.target_spacing = tuple(float(s) for s in FLAGS.target_spacing)
     config.train.batch_size = batch_size
     config_lib.validate(config)
-    train.setup_compilation_cache(config)
+    state_lib.setup_compilation_cache(config)
 
     scratch = FLAGS.workdir or tempfile.mkdtemp(prefix="pipeline_throughput_")
     first_root = FLAGS.data_root.split(",")[0].strip()
@@ -372,13 +375,13 @@ def main(argv) -> None:
         f"{batch_size}; workdir {workdir}")
 
     # 1. Preprocessing.
-    log("\n[1] preprocessing: pipeline.prepare(config, workdir)")
-    dataset, t_open = timed(lambda: pipeline.open_dataset(config, workdir))
+    log("\n[1] preprocessing: cache.prepare(config, workdir)")
+    dataset, t_open = timed(lambda: dataset_lib.open_dataset(config, workdir))
     config.data.cache_dir = tempfile.mkdtemp(dir=workdir, prefix="cache_")  # fresh: cold
-    (_, _, samples), t_cold = timed(lambda: pipeline.prepare(config, workdir))
-    (_, plans, samples), t_warm = timed(lambda: pipeline.prepare(config, workdir))
+    (_, _, samples), t_cold = timed(lambda: cache.prepare(config, workdir))
+    (_, plans, samples), t_warm = timed(lambda: cache.prepare(config, workdir))
     train_s, val_s = samples["train"], samples["val"]
-    n_cases = {s: len(dataset.splits[s]) for s in pipeline.SPLITS}
+    n_cases = {s: len(dataset.splits[s]) for s in dataset_lib.SPLITS}
     rows = [("open data set" + ("" if FLAGS.data_root else " (+ synthetic generation)"),
              f"{t_open:.2f}", ""),
             ("prepare, cold (fresh cache dir)", f"{t_cold:.2f}",
@@ -386,7 +389,7 @@ def main(argv) -> None:
              f"{(len(train_s) + len(val_s)) / t_cold:,.0f} samples/s"),
             ("prepare, cached (second call)", f"{t_warm:.3f}", "")]
     table(rows, ("step", "seconds", "rate"))
-    resampled = isinstance(train_s, pipeline.Volumes)
+    resampled = isinstance(train_s, cache.Volumes)
     if resampled:
         size = tuple(config.data.image_size)
         epoch_steps = max(1, train_s.patches_per_pass(size, config.data.slice_axis) // batch_size)
@@ -405,14 +408,14 @@ def main(argv) -> None:
         f"{FLAGS.num_batches} batches after {FLAGS.warmup_batches} warm-up")
 
     def order_for(steps: int) -> np.ndarray:
-        return pipeline.epoch_indices(train_s, batch_size, steps, config.seed, 0,
+        return loader.epoch_indices(train_s, batch_size, steps, config.seed, 0,
                                       config.data.foreground_fraction)
 
     def batches(steps: int, num_workers: int = 0):
         """What training iterates: one pipeline over ``steps`` steps (one 'epoch')."""
         cfg = config.copy_and_resolve_references()
         cfg.data.num_workers = num_workers
-        return pipeline.run_batches(train_s, cfg, steps, 0, steps)
+        return loader.run_batches(train_s, cfg, steps, 0, steps)
 
     host = {}
     for w in workers:
@@ -445,9 +448,9 @@ def main(argv) -> None:
     log(f"\n[4] training step: jit(train_step), {config.model.name} base "
         f"{config.model.base_features} depth {config.model.depth}, batch {batch_size}, "
         f"median of {FLAGS.train_steps} after 3 warm-up")
-    model = train.build_model(config, dataset.num_classes)
+    model = state_lib.build_model(config, dataset.num_classes)
     input_shape = (batch_size, *config.data.image_size, dataset.num_channels)
-    state = train.init_state(config, model, input_shape, 1000, mesh)
+    state = state_lib.init_state(config, model, input_shape, 1000, mesh)
     train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
     device_batches = [sharding.to_global(b, mesh) for b in batches(4)]
     holder = {"state": state}
@@ -516,7 +519,7 @@ def main(argv) -> None:
                "ms to_global", f"epoch s ({epoch_steps} b)", "vs 9,000/s"))
         check = order_for(20)
         same = all(np.array_equal(a[k], b[k]) for a, b in zip(
-            prototype_batches(train_s, check, 0), pipeline.train_batches(train_s, check, 0, 1, 0))
+            prototype_batches(train_s, check, 0), loader.train_batches(train_s, check, 0, 1, 0))
             for k in ("image", "label"))
         log(f"  prototype batches equal the current ones (20 batches): {same}")
 

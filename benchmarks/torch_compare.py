@@ -1,6 +1,6 @@
 """medseg_jax's U-Net training step against the same network in PyTorch, in one run.
 
-Builds medseg_jax's 2D U-Net (``train.build_model``, stepped by the package's own jitted
+Builds medseg_jax's 2D U-Net (``state_lib.build_model``, stepped by the package's own jitted
 ``train_step``, augmentation off) and the same network in PyTorch: the same layers
 (3x3 conv without bias -> BatchNorm -> ReLU, twice per block; 2x2 max-pool; 2x2
 stride-2 transposed conv with bias; skip concatenation; 1x1 head), the same Dice + CE
@@ -176,6 +176,7 @@ def jax_setup(x_np, y_np):
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import state as state_lib  # noqa: PLC0415
 
     config = config_lib.default_config()
     config.model.base_features, config.model.depth = FLAGS.base_features, FLAGS.depth
@@ -183,10 +184,10 @@ def jax_setup(x_np, y_np):
     config.train.batch_size = FLAGS.batch_size
     config.augment.enabled = False  # PyTorch's step has none either
     config_lib.validate(config)
-    train.setup_compilation_cache(config)
+    state_lib.setup_compilation_cache(config)
     mesh = sharding.make_mesh(jax.devices()[:1])
-    model = train.build_model(config, FLAGS.num_classes)
-    state = train.init_state(config, model, x_np.shape, 1000, mesh)
+    model = state_lib.build_model(config, FLAGS.num_classes)
+    state = state_lib.init_state(config, model, x_np.shape, 1000, mesh)
     train_fn, _ = train.jit_steps(config, mesh, FLAGS.num_classes)
     batch = sharding.to_global({"image": x_np, "label": y_np}, mesh)
     params = jax.device_get(state.params)

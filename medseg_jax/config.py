@@ -110,6 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
     # "disallow" (an implicit host<->device copy in the loop raises).
     train.transfer_guard = ""
     train.checkpoint_max_to_keep = 2  # besides the best, always kept
+    # TensorBoard event files in the workdir (the logged scalars and a validation overlay
+    # image per epoch), beside metrics.jsonl: `tensorboard --logdir runs`.
+    train.tensorboard = True
     train.compilation_cache_dir = "~/.cache/medseg_jax/jit"  # empty: off
 
     config.augment = default_augment_config()

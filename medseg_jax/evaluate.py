@@ -20,7 +20,6 @@ Writes to the workdir, for a split ``<split>``:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -29,66 +28,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from medseg_jax import checkpoint as ckpt_lib
-from medseg_jax import config as config_lib
-from medseg_jax import inference, metrics, report, sharding, train
-from medseg_jax.data import decathlon, pipeline, preprocess
-from medseg_jax.models import attention_unet
 
-
-def load_plans(workdir: str) -> dict:
-    path = os.path.join(workdir, "preprocess.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} holds no training run")
-    with open(path) as f:
-        return json.load(f)
-
-
-@dataclasses.dataclass
-class Run:
-    """A trained run restored for inference."""
-
-    config: ml_collections.ConfigDict
-    workdir: str
-    mesh: jax.sharding.Mesh
-    plans: dict
-    dataset: pipeline.Dataset
-    model: object
-    state: train.TrainState
-    step: int
-    epoch: int
-    which: str
-    predict_fn: object
-
-    @property
-    def labels(self) -> dict[int, str]:
-        """Foreground label value -> class name."""
-        return {v: n for v, n in self.dataset.labels.items() if v != 0}
-
-
-def restore_run(config: ml_collections.ConfigDict, workdir: str,
-                checkpoint: str | None = None) -> Run:
-    """Restores the ``checkpoint`` (best, latest or a step) of the run in ``workdir``."""
-    config_lib.validate(config)
-    which = str(checkpoint or config.eval.checkpoint)
-    train.setup_compilation_cache(config)
-    mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    if not os.path.exists(os.path.join(workdir, "splits.json")):
-        raise FileNotFoundError(f"{workdir}/splits.json not found: train in this workdir first")
-    train.check_workdir_config(config, workdir, train.EVAL_FIELDS)
-    plans = load_plans(workdir)
-    dataset = pipeline.open_dataset(config, workdir)
-    model = train.build_model(config, dataset.num_classes)
-    input_shape = (config.train.batch_size, *config.data.image_size, dataset.num_channels)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    step = checkpointer.resolve(which)
-    # The optimizer state is restored too: the schedule length does not change shapes.
-    abstract = train.abstract_state(config, model, input_shape, 1, mesh)
-    state, meta = checkpointer.restore(step, abstract)
-    checkpointer.close()
-    return Run(config, workdir, mesh, plans, dataset, model, state, step,
-               meta.get("epoch", -1) + 1, which, inference.make_predict_fn(config, mesh))
+from medseg_jax import fileio, inference, metrics, models, report
+from medseg_jax import state as state_lib
+from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import nifti, preprocess
+from medseg_jax.models import layers
+from medseg_jax.state import Run
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None = None,
@@ -97,12 +43,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
 
     Holds the workdir's lock: a training run using the workdir makes it refuse.
     """
-    with train.workdir_lock(workdir):
+    with workdir_lib.run_lock(workdir):
         return _evaluate(config, workdir, split or config.eval.split, checkpoint)
 
 
 def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
-    run = restore_run(config, workdir, checkpoint)
+    run = state_lib.restore_run(config, workdir, checkpoint)
     keys = run.dataset.splits[split]
     if not keys:
         raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases")
@@ -139,18 +85,18 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
     results = {"model": config.model.name, "split": split, "checkpoint": run.which,
                "step": run.step, "epoch": run.epoch, "tta": bool(config.eval.tta),
                "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
-               "params": train.count_params(run.state.params),
+               "params": models.count_params(run.state.params),
                "aggregate": groups, "per_case": per_case,
                "seconds": t_predict + t_metrics, "predict_seconds": t_predict,
                "metrics_seconds": t_metrics,
                "cases_per_second": len(keys) / max(t_predict, 1e-9),
                "network_inputs": n_samples}
     if jax.process_index() == 0:
-        pipeline.write_json_atomic(os.path.join(workdir, f"{split}_metrics.json"), results)
-        pipeline.write_text_atomic(os.path.join(workdir, f"{split}_metrics.md"), table)
-        pipeline.write_text_atomic(os.path.join(workdir, f"{split}_per_case.csv"),
-                                 report.per_case_csv(per_case, metrics.METRIC_NAMES))
-        pipeline.write_text_atomic(os.path.join(workdir, f"{split}_summary.csv"),
+        fileio.write_json_atomic(os.path.join(workdir, f"{split}_metrics.json"), results)
+        fileio.write_text_atomic(os.path.join(workdir, f"{split}_metrics.md"), table)
+        fileio.write_text_atomic(os.path.join(workdir, f"{split}_per_case.csv"),
+                                 report.per_case_csv(per_case))
+        fileio.write_text_atomic(os.path.join(workdir, f"{split}_summary.csv"),
                                  report.summary_csv(groups))
     print(table, flush=True)
     logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
@@ -197,33 +143,41 @@ def _lesion_slice(label: np.ndarray, pred: np.ndarray, axis: int) -> int:
     return label.shape[axis] // 2
 
 
-def _attention(run: Run, case: decathlon.Case, index: int | None,
-               in_plane: tuple[int, ...]) -> np.ndarray:
-    """Finest attention-gate coefficients of a 2D Attention U-Net on one slice, case grid.
+def _figure_maps(run: Run, case: nifti.Case, index: int | None,
+                 in_plane: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The model's own maps (``FIGURE_MAPS``, e.g. attention coefficients) on one slice of
+    a 2D model's input, resized to the case grid: {title: 2D array}.
 
-    Resampled runs (``data.in_plane='spacing'``) feed the whole resampled slice,
-    padded to a multiple of the network's stride, as the convolutions allow.
+    Resampled runs (``data.in_plane='spacing'``) feed the whole resampled slice, padded
+    to a multiple of the network's stride, as the convolutions allow.
     """
     config = run.config
+    if not type(run.model).FIGURE_MAPS:
+        return {}
     shape = None
-    if pipeline.uses_patches(config):
-        volume, _ = pipeline.case_volume(dataclasses.replace(case, label=None), run.plans,
-                                         config)
+    if preprocess.uses_patches(config):
+        volume, _ = preprocess.case_volume(dataclasses.replace(case, label=None), run.plans,
+                                           config)
         x = volume if index is None else np.take(volume, index, axis=config.data.slice_axis)
-        stride = 2 ** (config.model.depth - 1)
+        pools, _ = layers.level_geometry("model", config.model.spatial_dims,
+                                                config.model.depth, config.model.pool_sizes,
+                                                config.model.kernel_sizes)
+        stride = layers.total_stride(pools, config.model.spatial_dims)
         shape = x.shape[:-1]
-        padded = tuple(-(-n // stride) * stride for n in shape)
+        padded = tuple(-(-n // s) * s for n, s in zip(shape, stride))
         x = preprocess.pad_to(x, padded, float(x.min()))[None]
     else:
-        samples, _ = pipeline.case_samples(case, run.plans, config)
+        samples, _ = preprocess.case_samples(case, run.plans, config)
         x = samples[0 if index is None else index][None]
-    maps = attention_unet.attention_maps(run.model, train._variables(run.state), x)
-    finest = max(maps.values(), key=lambda a: int(np.prod(a.shape[1:-1])))
-    alpha = np.asarray(finest[0], np.float32)
-    if shape is not None:  # back to the padded slice, then cut the padding off
-        alpha = preprocess.resize(alpha, x.shape[1:-1], order=1)
-        alpha = alpha[tuple(slice(0, n) for n in shape)]
-    return preprocess.resize(alpha, in_plane, order=1)[..., 0]
+    out = {}
+    for title, values in models.figure_maps(run.model, state_lib.variables(run.state),
+                                            x).items():
+        values = values[0]
+        if shape is not None:  # back to the padded slice, then cut the padding off
+            values = preprocess.resize(values, x.shape[1:-1], order=1)
+            values = values[tuple(slice(0, n) for n in shape)]
+        out[title] = preprocess.resize(values, in_plane, order=1)[..., 0]
+    return out
 
 
 def case_view(run: Run, key: str, title: str, index: int | None = None) -> dict:
@@ -248,8 +202,8 @@ def case_view(run: Run, key: str, title: str, index: int | None = None) -> dict:
     else:
         gt, index = case.label, None
     maps = {"uncertainty: softmax entropy": unc}
-    if config.model.name == "attention_unet" and config.model.spatial_dims == 2:
-        maps["attention: finest gate"] = _attention(run, case, index, image.shape)
+    if config.model.spatial_dims == 2:  # maps of a 2D input: one slice, like the view
+        maps.update(_figure_maps(run, case, index, image.shape))
     return {"title": title, "image": image, "gt": gt, "preds": {config.model.name: pred},
             "maps": maps, "index": index}
 

@@ -6,51 +6,27 @@ run a sliding window of ``data.image_size`` patches (one slice thick for 2D
 models), with overlap and Gaussian weighting, over the case resampled to the
 run's target spacing. Either way the class probabilities are resampled back to
 the case grid before the argmax.
-With ``eval.tta`` the softmax is averaged over every combination of flips of
-the spatial axes (4 passes in 2D, 8 in 3D), inside one jitted function.
+The network runs through a jitted ``predict_fn`` (``state.make_predict_fn``: with
+``eval.tta`` the softmax is averaged over every flip of the spatial axes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medseg_jax import sharding, train
-from medseg_jax.data import decathlon, pipeline, preprocess
-
-
-def flip_axes(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Every subset of the spatial axes of a (B, *spatial, C) batch, () first."""
-    axes = range(1, spatial_dims + 1)
-    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
-
-
-def _tta_predict_step(state, images, flips: tuple[tuple[int, ...], ...]):
-    total = 0.0
-    for axes in flips:
-        probs = train.predict_step(state, jnp.flip(images, axes) if axes else images)
-        total = total + (jnp.flip(probs, axes) if axes else probs)
-    return total / len(flips)
-
-
-def make_predict_fn(config, mesh):
-    """Jitted ``(state, images) -> softmax``, averaged over flips when ``eval.tta``."""
-    flips = tuple(flip_axes(config.model.spatial_dims)) if config.eval.tta else ((),)
-    return jax.jit(functools.partial(_tta_predict_step, flips=flips),
-                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                   out_shardings=sharding.batch_sharded(mesh))
+from medseg_jax import sharding
+from medseg_jax.data import loader, nifti, preprocess
 
 
 def predict_batches(predict_fn, state, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
     """Softmax probabilities of all ``images`` (N, *size, C), in padded batches."""
     out = []
-    for batch in pipeline.padded_batches(images, None, batch_size, jax.process_index(),
+    for batch in loader.padded_batches(images, None, batch_size, jax.process_index(),
                                          jax.process_count()):
         probs = predict_fn(state, sharding.to_global({"image": batch["image"]}, mesh)["image"])
         if jax.process_count() > 1:
@@ -93,23 +69,23 @@ def sliding_window(predict_fn, state, volume: np.ndarray, patch: tuple[int, ...]
     return probs[tuple(slice(0, n) for n in spatial)], len(starts)
 
 
-def predict_probs(case: decathlon.Case, plans: dict, config, state, predict_fn,
+def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
                   mesh) -> tuple[np.ndarray, int]:
     """(class probabilities (*spatial, K) on the case grid, number of network inputs)."""
     spatial = case.image.shape[1:]
-    if pipeline.uses_patches(config):
-        volume, _ = pipeline.case_volume(dataclasses.replace(case, label=None), plans, config)
+    if preprocess.uses_patches(config):
+        volume, _ = preprocess.case_volume(dataclasses.replace(case, label=None), plans, config)
         size = tuple(config.data.image_size)
         patch = preprocess.volume_patch(size, volume.ndim - 1, config.data.slice_axis)
         probs, n = sliding_window(predict_fn, state, volume, patch, config.eval.sw_overlap,
                                   config.eval.batch_size, mesh, input_size=size)
         return preprocess.resize(probs, spatial, order=1), n
-    images, _ = pipeline.case_samples(case, plans, config)
+    images, _ = preprocess.case_samples(case, plans, config)
     probs = predict_batches(predict_fn, state, images, config.eval.batch_size, mesh)
     return preprocess.from_samples(probs, spatial, config.data.slice_axis), len(images)
 
 
-def predict_case(case: decathlon.Case, plans: dict, config, state, predict_fn,
+def predict_case(case: nifti.Case, plans: dict, config, state, predict_fn,
                  mesh) -> tuple[np.ndarray, int]:
     """Returns (label map of the case's spatial shape, number of network inputs)."""
     probs, n = predict_probs(case, plans, config, state, predict_fn, mesh)

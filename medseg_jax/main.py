@@ -4,7 +4,7 @@ Modes: ``train`` (default: train, resuming from the latest checkpoint in the
 workdir, then evaluate the best checkpoint on the test split), ``eval``
 (restore a checkpoint and evaluate) and ``predict`` (NIfTI in, NIfTI label maps
 out: ``--mode=predict --input=DIR_OR_FILE --output=DIR``). A config with a
-``benchmark`` section (configs/benchmark.py) runs the whole benchmark. Any config
+``benchmark`` section (configs/benchmark.py) runs the whole study (``study.py``). Any config
 field can be overridden, e.g. ``--config.train.learning_rate=3e-4``.
 
 Exit status: 0 done; 1 an error, reported on one line ``medseg_jax: error: ...``
@@ -69,7 +69,7 @@ def main(argv):
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         raise app.UsageError("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
     # After flag parsing; the distributed runtime before any other JAX call.
-    from medseg_jax import benchmark, evaluate, predict, sharding, train  # noqa: PLC0415
+    from medseg_jax import evaluate, predict, sharding, study, train  # noqa: PLC0415
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.distributed)
@@ -84,7 +84,7 @@ def main(argv):
             if FLAGS.mode == "predict":
                 raise ValueError("--mode=predict needs one run's config and workdir, e.g. "
                                  "--config=configs/unet.py --workdir=<bench>/unet")
-            benchmark.run(config, FLAGS.workdir)  # reuses finished runs: train or eval
+            study.run(config, FLAGS.workdir)  # reuses finished runs: train or eval
         elif FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":

@@ -34,7 +34,8 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,6 @@ from scipy import ndimage
 
 from medseg_jax import stats
 
-METRIC_NAMES = ("dice", "iou", "hd", "hd95", "assd", "nsd", "precision", "recall",
-                "vol_diff_ml")
 DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 
@@ -95,18 +94,6 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     """Intersection over union |A&B| / |A|B|; nan when both masks are empty."""
     pred, gt = _check_pair(pred, gt)
     return _ratio(int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum()))
-
-
-def overlap_metrics(pred: np.ndarray, gt: np.ndarray,
-                    spacing: Sequence[float] | None = None) -> dict[str, float]:
-    """Dice, IoU, precision, recall and volume difference (ml, 3D) from one count pass."""
-    pred, gt = _check_pair(pred, gt)
-    sampling = _check_spacing(spacing, pred.ndim)
-    tp, n_pred, n_gt = int(np.logical_and(pred, gt).sum()), int(pred.sum()), int(gt.sum())
-    voxel_ml = float(np.prod(sampling)) / 1000.0 if pred.ndim == 3 else float("nan")
-    return {"dice": _ratio(2 * tp, n_pred + n_gt), "iou": _ratio(tp, n_pred + n_gt - tp),
-            "precision": _ratio(tp, n_pred), "recall": _ratio(tp, n_gt),
-            "vol_diff_ml": (n_pred - n_gt) * voxel_ml}
 
 
 # --------------------------------------------------------------------------- #
@@ -255,6 +242,76 @@ def average_surface_distance(
 # --------------------------------------------------------------------------- #
 
 
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """What every metric of one binary (prediction, reference) pair is computed from:
+    voxel counts, the voxel volume, and the directed surface distances (None when a
+    mask is empty)."""
+
+    tp: int
+    n_pred: int
+    n_gt: int
+    voxel_ml: float  # nan for 2D images
+    d_ab: np.ndarray | None  # d(pred -> gt) per surface voxel of pred, mm
+    d_ba: np.ndarray | None  # d(gt -> pred)
+    nsd_tolerance: float
+
+    @property
+    def has_both(self) -> bool:
+        return self.d_ab is not None
+
+
+def _distance(fn: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[Pair], float]:
+    return lambda p: fn(p.d_ab, p.d_ba) if p.has_both else float("nan")
+
+
+def _nsd(p: Pair) -> float:
+    if not p.has_both:
+        return 0.0 if p.n_pred or p.n_gt else float("nan")
+    return _nsd_from_distances(p.d_ab, p.d_ba, p.nsd_tolerance)
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One entry of the registry: everything tables, CSV files and reports need."""
+
+    name: str  # key in results and CSV column
+    title: str  # table heading
+    unit: str  # "" (a ratio), "mm" or "ml"
+    higher_is_better: bool
+    digits: int  # decimals in tables
+    table: bool  # a column of the printed tables (every metric is in the CSV and JSON)
+    empty: str  # the value when a mask is empty (documentation)
+    fn: Callable[[Pair], float]
+
+
+# The metric registry: to add a metric, add one entry (its function takes a Pair).
+METRICS = (
+    Metric("dice", "Dice", "", True, 3, True, "both empty nan; one empty 0",
+           lambda p: _ratio(2 * p.tp, p.n_pred + p.n_gt)),
+    Metric("iou", "IoU", "", True, 3, True, "both empty nan; one empty 0",
+           lambda p: _ratio(p.tp, p.n_pred + p.n_gt - p.tp)),
+    Metric("hd", "HD (mm)", "mm", False, 2, True, "either empty nan",
+           _distance(lambda a, b: _hd_from_distances(a, b, 100))),
+    Metric("hd95", "HD95 (mm)", "mm", False, 2, True, "either empty nan",
+           _distance(lambda a, b: _hd_from_distances(a, b, 95))),
+    Metric("assd", "ASSD (mm)", "mm", False, 2, True, "either empty nan",
+           _distance(lambda a, b: float(np.concatenate([a, b]).mean()))),
+    Metric("nsd", "NSD", "", True, 3, True, "both empty nan; one empty 0", _nsd),
+    Metric("precision", "precision", "", True, 3, False,
+           "both empty nan; only the reference empty 0; only the prediction empty nan",
+           lambda p: _ratio(p.tp, p.n_pred)),
+    Metric("recall", "recall", "", True, 3, False,
+           "both empty nan; only the reference empty nan; only the prediction empty 0",
+           lambda p: _ratio(p.tp, p.n_gt)),
+    Metric("vol_diff_ml", "volume difference (ml)", "ml", False, 2, False,
+           "both empty 0; 2D images nan", lambda p: (p.n_pred - p.n_gt) * p.voxel_ml),
+)
+METRIC_NAMES = tuple(m.name for m in METRICS)
+TABLE_METRICS = tuple(m for m in METRICS if m.table)
+BY_NAME = {m.name: m for m in METRICS}
+
+
 def binary_metrics(
     pred: np.ndarray,
     gt: np.ndarray,
@@ -262,24 +319,20 @@ def binary_metrics(
     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
     crop: bool = True,
 ) -> dict[str, float]:
-    """Every metric of ``METRIC_NAMES`` for one binary pair (one distance pass).
+    """Every metric of the registry (``METRICS``) for one binary pair (one distance pass).
 
     ``crop=False`` runs the distance transforms on the whole volume (same values,
     slower; for comparison).
     """
     pred, gt = _check_pair(pred, gt)  # binarised once for both passes
-    out = overlap_metrics(pred, gt, spacing)
-    has_pred, has_gt = bool(pred.any()), bool(gt.any())
-    if not (has_pred and has_gt):
-        nan = float("nan")
-        out.update(hd=nan, hd95=nan, assd=nan, nsd=0.0 if has_pred or has_gt else nan)
-    else:
+    sampling = _check_spacing(spacing, pred.ndim)
+    tp, n_pred, n_gt = int(np.logical_and(pred, gt).sum()), int(pred.sum()), int(gt.sum())
+    voxel_ml = float(np.prod(sampling)) / 1000.0 if pred.ndim == 3 else float("nan")
+    d_ab = d_ba = None
+    if n_pred and n_gt:
         d_ab, d_ba = surface_distances(pred, gt, spacing, crop=crop)
-        out["hd"] = _hd_from_distances(d_ab, d_ba, 100)
-        out["hd95"] = _hd_from_distances(d_ab, d_ba, 95)
-        out["assd"] = float(np.concatenate([d_ab, d_ba]).mean())
-        out["nsd"] = _nsd_from_distances(d_ab, d_ba, nsd_tolerance)
-    return {name: out[name] for name in METRIC_NAMES}
+    pair = Pair(tp, n_pred, n_gt, voxel_ml, d_ab, d_ba, nsd_tolerance)
+    return {m.name: m.fn(pair) for m in METRICS}
 
 
 def evaluate_case(

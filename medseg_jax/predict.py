@@ -25,8 +25,9 @@ import jax
 import nibabel as nib
 import numpy as np
 from absl import logging
-from medseg_jax import evaluate, inference
-from medseg_jax.data import decathlon, pipeline
+from medseg_jax import fileio, inference
+from medseg_jax import state as state_lib
+from medseg_jax.data import decathlon, nifti
 
 _NIFTI = (".nii.gz", ".nii")
 
@@ -80,19 +81,19 @@ def _write_nifti(array: np.ndarray, reference: nib.Nifti1Image, path: str) -> No
         image.set_sform(sform, int(sform_code))
     if qform is not None:
         image.set_qform(qform, int(qform_code))
-    with pipeline.atomic_path(path) as tmp:  # keeps the .nii.gz ending nibabel goes by
+    with fileio.atomic_path(path) as tmp:  # keeps the .nii.gz ending nibabel goes by
         nib.save(image, tmp)
 
 
-def _original_grid(array: np.ndarray, case: decathlon.Case) -> np.ndarray:
+def _original_grid(array: np.ndarray, case: nifti.Case) -> np.ndarray:
     """A case-grid array (optionally with a trailing class axis) in the file's voxel order."""
     if array.ndim == case.image.ndim - 1:
-        return decathlon.to_original_orientation(array, case)
-    return np.stack([decathlon.to_original_orientation(array[..., k], case)
+        return nifti.to_original_orientation(array, case)
+    return np.stack([nifti.to_original_orientation(array[..., k], case)
                      for k in range(array.shape[-1])], axis=-1)
 
 
-def _pick_task(run: evaluate.Run, task: str | None) -> decathlon.DatasetInfo:
+def _pick_task(run: state_lib.Run, task: str | None) -> decathlon.DatasetInfo:
     infos = {info.name: info for info in run.dataset.infos}
     if task is None:
         if len(infos) == 1:
@@ -108,7 +109,7 @@ def _pick_task(run: evaluate.Run, task: str | None) -> decathlon.DatasetInfo:
 def predict(config, workdir: str, input_path: str, output_dir: str, task: str | None = None,
             save_probabilities: bool = False) -> dict:
     """Predicts every case of ``input_path`` into ``output_dir``; returns a summary."""
-    run = evaluate.restore_run(config, workdir)
+    run = state_lib.restore_run(config, workdir)
     info = _pick_task(run, task)
     inputs = find_inputs(input_path, len(info.modalities))
     writer = jax.process_index() == 0
@@ -124,10 +125,10 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
                  " and flip TTA" if config.eval.tta else "")
     written, skipped, t0, t_predict = [], [], time.time(), 0.0
     for name, files in inputs:
-        ref = decathlon.CaseRef(case_id=name, image_paths=files, label_path=None,
+        ref = nifti.CaseRef(case_id=name, image_paths=files, label_path=None,
                                 task=info.name)
         try:
-            case = decathlon.load_case(ref, info)
+            case = nifti.load_case(ref, info)
         except (ValueError, FileNotFoundError, OSError) as e:
             logging.error("Skipped %s: %s", name, e)
             skipped.append(f"{name} ({e})")

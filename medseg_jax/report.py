@@ -1,7 +1,7 @@
 """Reports of evaluation results: markdown tables, CSV files and figures.
 
 Figures use matplotlib's Agg backend (files only, no display needed). Every
-file is written through ``pipeline.atomic_path`` (a temporary name, then a
+file is written through ``fileio.atomic_path`` (a temporary name, then a
 rename), so a report is never left half-written.
 """
 
@@ -15,10 +15,7 @@ import os
 
 import numpy as np
 
-from medseg_jax.data import pipeline
-
-_COLUMNS = (("dice", "Dice", 4), ("iou", "IoU", 4), ("hd95", "HD95 (mm)", 2),
-            ("hd", "HD (mm)", 2), ("assd", "ASSD (mm)", 2), ("nsd", "NSD", 4))
+from medseg_jax import fileio, metrics
 _STATS = ("mean", "std", "median", "ci_low", "ci_high", "n", "n_nan")
 
 
@@ -49,17 +46,18 @@ def metrics_table(groups: dict[str, dict], title: str = "",
     ``groups`` maps a group name ("all", a task name, ...) to
     ``metrics.aggregate`` output {class: {metric: {mean, std, median, n, n_nan}}}.
     """
-    header = (["data", "class", "cases"] + [name for _, name, _ in _COLUMNS]
+    header = (["data", "class", "cases"] + [m.title for m in metrics.TABLE_METRICS]
               + ["Dice 95% CI"])
     rows = []
     for group, classes in groups.items():
         for cls, stats in classes.items():
             n = stats.get("dice", {}).get("n", 0) + stats.get("dice", {}).get("n_nan", 0)
-            row = [group, cls, str(n)] + [stats_cell(stats.get(key, {}), d)
-                                          for key, _, d in _COLUMNS]
+            row = [group, cls, str(n)] + [stats_cell(stats.get(m.name, {}), m.digits)
+                                          for m in metrics.TABLE_METRICS]
             dice = stats.get("dice", {})
             lo, hi = dice.get("ci_low", math.nan), dice.get("ci_high", math.nan)
-            row.append(f"{lo:.4f} to {hi:.4f}" if math.isfinite(lo) else "n/a")
+            digits = metrics.BY_NAME["dice"].digits
+            row.append(f"{lo:.{digits}f} to {hi:.{digits}f}" if math.isfinite(lo) else "n/a")
             rows.append(row)
     lines = ([f"### {title}", ""] if title else []) + markdown_table(header, rows)
     lines += ["", "mean ± std over cases; distances in mm from the voxel spacing; NSD: share "
@@ -86,7 +84,8 @@ def _num(value: float) -> str:
     return "nan" if not math.isfinite(float(value)) else repr(float(value))
 
 
-def per_case_csv(per_case: list[dict], metric_names: tuple[str, ...]) -> str:
+def per_case_csv(per_case: list[dict],
+                 metric_names: tuple[str, ...] = metrics.METRIC_NAMES) -> str:
     """One row per (case, class): case, task, class, then every metric ('nan' = undefined)."""
     rows = []
     for case in per_case:
@@ -104,8 +103,8 @@ def summary_rows(groups: dict[str, dict]) -> list[list]:
     ``SUMMARY_HEADER`` (mean, std, median, 95% CI, n, n_nan)."""
     rows = []
     for group, classes in groups.items():
-        for cls, metrics in classes.items():
-            for metric, stats in metrics.items():
+        for cls, per_metric in classes.items():
+            for metric, stats in per_metric.items():
                 rows.append([group, cls, metric] + [
                     str(stats[k]) if k in ("n", "n_nan") else _num(stats[k]) for k in _STATS])
     return rows
@@ -132,7 +131,7 @@ def _pyplot():
 
 def _save(fig, path: str) -> None:
     try:
-        with pipeline.atomic_path(path) as tmp:
+        with fileio.atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.rsplit(".", 1)[-1])
     finally:
         _pyplot().close(fig)

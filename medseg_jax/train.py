@@ -1,4 +1,6 @@
-"""Training: state, jitted steps over a device mesh, early stopping, checkpoints.
+"""Training: the jitted step over a device mesh, the epoch loop, early stopping,
+checkpoints and resume. Nothing here is imported by another job (``state.py`` holds
+what they share).
 
 `train_and_evaluate(config, workdir)` trains (resuming from the latest
 checkpoint in ``workdir`` if there is one), then evaluates the best checkpoint
@@ -36,73 +38,19 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax.training import train_state
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import losses, metrics, report, sharding, transfer
+from medseg_jax import evaluate, fileio, inference, losses, metrics, report, sharding, transfer
+from medseg_jax import events as events_lib
+from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
-from medseg_jax.data import augment, pipeline
-from medseg_jax import models
+from medseg_jax.data import augment, cache, loader
+from medseg_jax.data import dataset as dataset_lib
 from medseg_jax.models import count_params
 
 
-class TrainState(train_state.TrainState):
-    batch_stats: Any = None
-
-
-def setup_compilation_cache(config) -> None:
-    path = config.train.compilation_cache_dir
-    if path:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def build_model(config, num_classes: int):
-    return models.from_config(config.model, num_classes)
-
-
-def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-    t = config.train
-    if t.lr_schedule == "cosine":
-        lr = optax.cosine_decay_schedule(t.learning_rate, max(1, total_steps))
-    else:
-        lr = t.learning_rate
-    opt = optax.adamw(lr, weight_decay=t.weight_decay) if t.weight_decay > 0 else optax.adam(lr)
-    # Always in the chain (a no-op at inf), so clipping can be switched on when
-    # resuming a run that diverged: the optimizer state keeps its structure.
-    max_norm = t.grad_clip_norm if t.grad_clip_norm > 0 else float("inf")
-    return optax.chain(optax.clip_by_global_norm(max_norm), opt)
-
-
-def create_state(config, model, input_shape, total_steps: int, rng) -> TrainState:
-    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
-    return TrainState.create(
-        apply_fn=model.apply, params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        tx=make_optimizer(config, total_steps))
-
-
-def init_state(config, model, input_shape, total_steps: int, mesh) -> TrainState:
-    """Initialises the state directly onto the mesh, replicated."""
-    init = jax.jit(
-        functools.partial(create_state, config, model, input_shape, total_steps),
-        out_shardings=sharding.replicated(mesh))
-    return init(jax.random.key(config.seed))
-
-
-def abstract_state(config, model, input_shape, total_steps: int, mesh):
-    shapes = jax.eval_shape(
-        functools.partial(create_state, config, model, input_shape, total_steps),
-        jax.random.key(config.seed))
-    return ckpt_lib.abstract_like(shapes, sharding.replicated(mesh))
-
-
-def _variables(state):
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def train_step(state: TrainState, batch: dict, *, config, num_classes: int,
+def train_step(state: state_lib.TrainState, batch: dict, *, config, num_classes: int,
                freeze_steps: int = 0):
     """One Adam step on a global batch: on-device augmentation, Dice + CE.
 
@@ -137,20 +85,15 @@ def train_step(state: TrainState, batch: dict, *, config, num_classes: int,
     return state, {"loss": loss, "grad_norm": grad_norm}
 
 
-def eval_step(state: TrainState, batch: dict, *, config, num_classes: int):
+def eval_step(state: state_lib.TrainState, batch: dict, *, config, num_classes: int):
     """Loss (weighted by real rows) and Dice counts of one padded batch."""
-    logits = state.apply_fn(_variables(state), batch["image"], train=False)
+    logits = state.apply_fn(state_lib.variables(state), batch["image"], train=False)
     mask = batch["mask"]
     loss = losses.dice_ce_loss(logits, batch["label"], num_classes,
                                dice_weight=config.train.dice_weight,
                                ce_weight=config.train.ce_weight, mask=mask)
     counts = metrics.dice_counts(jnp.argmax(logits, -1), batch["label"], num_classes, mask=mask)
     return {"loss_sum": loss * mask.sum(), "n": mask.sum(), "counts": jnp.stack(counts)}
-
-
-def predict_step(state: TrainState, images):
-    logits = state.apply_fn(_variables(state), images, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0):
@@ -165,10 +108,10 @@ def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0):
     return train, evaluate
 
 
-def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
+def validate(eval_fn, state, samples: cache.Samples, config, mesh) -> dict:
     """Validation loss and Dice (counts summed over the whole split, divided once)."""
     loss_sum, n, counts = 0.0, 0.0, 0.0
-    for batch in pipeline.padded_batches(samples.images, samples.labels,
+    for batch in loader.padded_batches(samples.images, samples.labels,
                                          config.eval.batch_size, jax.process_index(),
                                          jax.process_count()):
         out = eval_fn(state, sharding.to_global(batch, mesh))
@@ -182,107 +125,50 @@ def validate(eval_fn, state, samples: pipeline.Samples, config, mesh) -> dict:
             "val_dice_per_class": [float(d) for d in dice]}
 
 
-# Fields that may change between runs in one workdir (they change neither the
-# model, the data nor the checkpoint's structure).
-_FREE_FIELDS = ("data.num_workers", "data.cache_dir")
-# What evaluation compares: what the network is and what it is fed.
-EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.rescale_01",
-               "data.target_spacing", "data.in_plane")
-
-
-def config_differences(previous: dict, current: dict,
-                       fields=("model", "data")) -> list[str]:
-    """``section.field: old -> new`` for each of ``fields`` (sections or section.field)
-    that differs between two config.json contents."""
-    differ = []
-    defaults = _config_json(config_lib.default_config())
-    for name in fields:
-        section, _, only = name.partition(".")
-        for k, v in current[section].items():
-            if k not in previous.get(section, {}) and defaults.get(section, {}).get(k) == v:
-                continue  # a field added since that run, at its default: same behaviour
-            old = previous.get(section, {}).get(k)
-            dotted = f"{section}.{k}"
-            if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
-                differ.append(f"{dotted}: {old!r} -> {v!r}")
-    old = previous.get("train", {}).get("weight_decay", 0.0)
-    new = current.get("train", {}).get("weight_decay", 0.0)
-    if (old > 0) != (new > 0):  # Adam <-> AdamW: another optimizer state to restore
-        differ.append(f"train.weight_decay: {old!r} -> {new!r} (switches Adam/AdamW)")
-    return differ
-
-
-def _config_json(config) -> dict:
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def check_workdir_config(config, workdir: str, fields=("model", "data")) -> None:
-    """Raises ValueError naming each field in which ``config`` differs from the workdir's run."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            previous = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the run's config: {e}") from e
-    differ = config_differences(previous, _config_json(config), fields)
-    if differ:
-        raise ValueError(
-            f"{workdir} holds a run with a different config ({'; '.join(differ)}); "
-            "use another --workdir or the same settings")
-
-
-def write_config(config, workdir: str) -> None:
-    """Writes config.json (with versions); refuses a workdir made with another model/data."""
-    check_workdir_config(config, workdir)
-    current = _config_json(config)
-    current["versions"] = versions()
-    if jax.process_index() == 0:
-        pipeline.write_json_atomic(os.path.join(workdir, "config.json"), current)
-
-
-def versions() -> dict:
-    """Python, the libraries that decide the numbers, and the devices."""
-    import importlib.metadata  # noqa: PLC0415
-    import platform  # noqa: PLC0415
-
-    out = {"python": platform.python_version(), "medseg_jax": _version(),
-           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
-                 "scipy", "nibabel"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _version() -> str:
-    from medseg_jax import __version__  # noqa: PLC0415
-    return __version__
-
-
 class MetricsLog:
-    """metrics.jsonl, truncated on resume to what the restored checkpoint has seen.
+    """metrics.jsonl, truncated on resume to what the restored checkpoint has seen (a line
+    cut short by a kill or a full disk is dropped then too), mirrored into TensorBoard
+    event files (``events.py``: scalars under ``train/`` per log step and ``epoch/`` per
+    epoch, and the validation overlay image)."""
 
-    A line cut short by a kill (or a full disk) is dropped then too.
-    """
-
-    def __init__(self, workdir: str, restored_step: int):
+    def __init__(self, workdir: str, restored_step: int, class_names: list[str] | None = None,
+                 resumed: bool = False, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
+        self.class_names = list(class_names or [])
         if self.enabled and os.path.exists(self.path):
             with open(self.path) as f:
                 rows = f.readlines()
             kept = [r for r in rows if _row_step(r) <= restored_step]
             if len(kept) != len(rows):
-                pipeline.write_text_atomic(self.path, "".join(kept))
+                fileio.write_text_atomic(self.path, "".join(kept))
+        self.events = events_lib.EventWriter(
+            workdir, enabled=self.enabled and tensorboard,
+            start_step=restored_step if resumed else None)
 
     def write(self, **row) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
+            self.events.scalars(int(row["step"]), self._scalars(row))
+
+    def _scalars(self, row: dict) -> dict[str, float]:
+        section = "epoch" if "val_loss" in row else "train"
+        out = {}
+        for key, value in row.items():
+            if key in ("step", "epoch"):
+                continue
+            if isinstance(value, (list, tuple)):  # per class
+                names = self.class_names or [str(i + 1) for i in range(len(value))]
+                for name, v in zip(names, value):
+                    out[f"{section}/{key}/{name}"] = v
+            else:
+                out[f"{section}/{key}"] = value
+        return out
+
+    def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
+        if self.enabled:
+            self.events.image(step, tag, rgb)
 
 
 def _row_step(line: str) -> float:
@@ -322,26 +208,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool
     """Trains (or resumes); returns the final early-stopping/meta record (and, with
     ``return_state``, the final TrainState as ``(meta, state)``)."""
     config_lib.validate(config)
-    setup_compilation_cache(config)
+    state_lib.setup_compilation_cache(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    with workdir_lock(workdir):
+    with workdir_lib.run_lock(workdir):
         return _train(config, workdir, mesh, return_state)
 
 
-def workdir_lock(workdir: str):
-    """The workdir's lock (process 0 holds it for all hosts of the run)."""
-    return workdir_lib.lock(workdir, enabled=jax.process_index() == 0)
-
-
 def _train(config, workdir: str, mesh, return_state: bool = False):
-    check_workdir_config(config, workdir)
-    dataset, _, samples = pipeline.prepare(config, workdir)
-    write_config(config, workdir)  # once the data are read: a failed start changes nothing
+    workdir_lib.check_config(config, workdir)
+    dataset, _, samples = cache.prepare(config, workdir)
+    workdir_lib.write_config(config, workdir)  # once the data are read: a failed start changes nothing
     train_samples, val_samples = samples["train"], samples["val"]
     batch = config.train.batch_size
-    if isinstance(train_samples, pipeline.Volumes):  # patches covering the data once
+    if isinstance(train_samples, cache.Volumes):  # patches covering the data once
         n_train = train_samples.patches_per_pass(tuple(config.data.image_size),
                                                  config.data.slice_axis)
     else:
@@ -350,14 +231,14 @@ def _train(config, workdir: str, mesh, return_state: bool = False):
     total_steps = steps_per_epoch * config.train.num_epochs
     logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples of "
                  "shape %s x %d channel(s); %d classes %s",
-                 *(len(dataset.splits[s]) for s in pipeline.SPLITS), len(train_samples),
-                 "volumes" if isinstance(train_samples, pipeline.Volumes) else "samples",
+                 *(len(dataset.splits[s]) for s in dataset_lib.SPLITS), len(train_samples),
+                 "volumes" if isinstance(train_samples, cache.Volumes) else "samples",
                  len(val_samples), tuple(config.data.image_size), dataset.num_channels,
                  dataset.num_classes, dataset.labels)
 
-    model = build_model(config, dataset.num_classes)
+    model = state_lib.build_model(config, dataset.num_classes)
     input_shape = (batch, *config.data.image_size, dataset.num_channels)
-    state = init_state(config, model, input_shape, total_steps, mesh)
+    state = state_lib.init_state(config, model, input_shape, total_steps, mesh)
     logging.info("Model %s (%dD, base %d, depth %d): %s parameters", config.model.name,
                  config.model.spatial_dims, config.model.base_features, config.model.depth,
                  f"{count_params(state.params):,}")
@@ -377,7 +258,9 @@ def _train(config, workdir: str, mesh, return_state: bool = False):
                      progress["steps"] if progress else steps_per_epoch, steps_per_epoch)
     elif config.train.init_from:
         state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
-    log = MetricsLog(workdir, int(state.step))
+    log = MetricsLog(workdir, int(state.step),
+                     [n for v, n in sorted(dataset.labels.items()) if v != 0],
+                     resumed=latest is not None, tensorboard=config.train.tensorboard)
 
     freeze_steps = (config.train.freeze_encoder_epochs * steps_per_epoch
                     if config.train.init_from else 0)
@@ -393,12 +276,23 @@ def _train(config, workdir: str, mesh, return_state: bool = False):
     with _sigterm_sets(stop):
         try:
             loop = _Loop(config, checkpointer, log, train_fn, eval_fn, mesh, train_samples,
-                         val_samples, steps_per_epoch, stop)
+                         val_samples, steps_per_epoch, stop, *_overlay_setup(config, mesh,
+                                                                             val_samples))
             state = loop.run(state, meta, start_epoch, progress)
         finally:  # also on Ctrl-C or SIGTERM: let a pending checkpoint save finish
             checkpointer.close()
     logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
     return (meta, state) if return_state else meta
+
+
+def _overlay_setup(config, mesh, val_samples) -> tuple[int | None, Any]:
+    """(index of the validation sample with the most foreground, a prediction function)
+    for the per-epoch overlay image in TensorBoard; (None, None) when off."""
+    if not config.train.tensorboard or not len(val_samples):
+        return None, None
+    labels = val_samples.labels
+    counts = [int(np.count_nonzero(labels[i])) for i in range(len(labels))]
+    return int(np.argmax(counts)), state_lib.make_predict_fn(config, mesh, tta=False)
 
 
 def _first_bad(pending) -> tuple[int, float, float] | None:
@@ -425,6 +319,22 @@ class _Loop:
     val_samples: Any
     steps_per_epoch: int
     stop: threading.Event
+    overlay_index: int | None = None  # the validation sample drawn into TensorBoard
+    predict_fn: Any = None
+
+    def overlay(self, state) -> np.ndarray:
+        """The validation sample ``overlay_index`` with its reference (green) and predicted
+        (red) outlines; for 3D samples, the axial slice with the most foreground."""
+        i = self.overlay_index
+        image = np.asarray(self.val_samples.images[i:i + 1])
+        label = np.asarray(self.val_samples.labels[i])
+        probs = inference.predict_batches(self.predict_fn, state, image,
+                                          self.config.eval.batch_size, self.mesh)
+        pred, image = np.argmax(probs[0], axis=-1), image[0, ..., 0]
+        if label.ndim == 3:
+            k = int(np.argmax((label > 0).sum(axis=(0, 1))))
+            image, label, pred = image[..., k], label[..., k], pred[..., k]
+        return events_lib.overlay(image, label, pred, scale=max(1, 256 // max(label.shape)))
 
     def run(self, state, meta: dict, start_epoch: int, progress: dict | None):
         """Trains epochs from ``start_epoch`` (``progress``: steps already done in it);
@@ -434,7 +344,7 @@ class _Loop:
         first = start_epoch * self.steps_per_epoch + (progress["steps"] if progress else 0)
         # One input pipeline for the whole run (grain workers start once), consumed epoch
         # by epoch; prefetching runs on into the next epoch.
-        host = pipeline.run_batches(self.train_samples, config, self.steps_per_epoch, first)
+        host = loader.run_batches(self.train_samples, config, self.steps_per_epoch, first)
         batches = sharding.prefetch_to_device(host, self.mesh, config.train.prefetch)
         try:
             for epoch in range(start_epoch, config.train.num_epochs):
@@ -563,6 +473,8 @@ class _Loop:
                        images_per_second=self.steps_per_epoch * config.train.batch_size
                        / max(t_val - t_epoch, 1e-9),
                        epoch_seconds=epoch_time)
+        if self.overlay_index is not None:
+            self.log.image(step, "epoch/val_overlay", self.overlay(state))
         self.checkpointer.save(step, state,
                                dict(meta, **{k: val[k] for k in ("val_loss", "val_dice")}),
                                {"val_dice": val["val_dice"], "val_loss": val["val_loss"]})
@@ -575,8 +487,6 @@ class _Loop:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if possible), then evaluates the best checkpoint."""
-    from medseg_jax import evaluate  # noqa: PLC0415
-
-    with workdir_lock(workdir):
+    with workdir_lib.run_lock(workdir):
         train(config, workdir)
         return evaluate.evaluate(config, workdir)

@@ -1,20 +1,29 @@
-"""The run's folder: created, checked writable, and locked while a run uses it.
+"""The run's folder: created, checked writable, locked while a run uses it, and
+checked to hold a run of the same config.
 
 The lock is an ``fcntl.flock`` on ``<workdir>/.lock``, held by the run's
 process (process 0 on several hosts). The kernel drops it when that process
 ends, however it ends (SIGKILL included), so a lock file left by a dead run
 never blocks the next one. The file holds the holder's pid and host, for the
 message a second run gets.
+
+``config.json`` records the resolved config of the run and the versions of the
+libraries that decide its numbers; a later run (or evaluation) with a config that
+differs in the model or the data is refused, naming the fields (``check_config``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import tempfile
 from typing import Iterator
+
+from medseg_jax import config as config_lib
+from medseg_jax import fileio
 
 LOCK_NAME = ".lock"
 
@@ -82,3 +91,97 @@ def lock(workdir: str, enabled: bool = True) -> Iterator[None]:
             del _held[key]
     finally:
         os.close(fd)  # releases the flock; the file stays (another run may have it open)
+
+
+def run_lock(workdir: str):
+    """The workdir's lock for a run of one or several processes (process 0 holds it)."""
+    import jax  # noqa: PLC0415
+
+    return lock(workdir, enabled=jax.process_index() == 0)
+
+
+# --------------------------------------------------------------------------- #
+# config.json: the same run, or refused
+# --------------------------------------------------------------------------- #
+
+# Fields that may change between runs in one workdir (they change neither the
+# model, the data nor the checkpoint's structure).
+_FREE_FIELDS = ("data.num_workers", "data.cache_dir")
+# What evaluation compares: what the network is and what it is fed.
+EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.rescale_01",
+               "data.target_spacing", "data.in_plane")
+
+
+def config_differences(previous: dict, current: dict,
+                       fields=("model", "data")) -> list[str]:
+    """``section.field: old -> new`` for each of ``fields`` (sections or section.field)
+    that differs between two config.json contents."""
+    differ = []
+    defaults = config_json(config_lib.default_config())
+    for name in fields:
+        section, _, only = name.partition(".")
+        for k, v in current[section].items():
+            if k not in previous.get(section, {}) and defaults.get(section, {}).get(k) == v:
+                continue  # a field added since that run, at its default: same behaviour
+            old = previous.get(section, {}).get(k)
+            dotted = f"{section}.{k}"
+            if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
+                differ.append(f"{dotted}: {old!r} -> {v!r}")
+    old = previous.get("train", {}).get("weight_decay", 0.0)
+    new = current.get("train", {}).get("weight_decay", 0.0)
+    if (old > 0) != (new > 0):  # Adam <-> AdamW: another optimizer state to restore
+        differ.append(f"train.weight_decay: {old!r} -> {new!r} (switches Adam/AdamW)")
+    return differ
+
+
+def config_json(config) -> dict:
+    """A config as config.json holds it."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def check_config(config, workdir: str, fields=("model", "data")) -> None:
+    """Raises ValueError naming each field in which ``config`` differs from the workdir's run."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the run's config: {e}") from e
+    differ = config_differences(previous, config_json(config), fields)
+    if differ:
+        raise ValueError(
+            f"{workdir} holds a run with a different config ({'; '.join(differ)}); "
+            "use another --workdir or the same settings")
+
+
+def write_config(config, workdir: str) -> None:
+    """Writes config.json (with versions); refuses a workdir made with another model/data."""
+    import jax  # noqa: PLC0415
+
+    check_config(config, workdir)
+    current = config_json(config)
+    current["versions"] = versions()
+    if jax.process_index() == 0:
+        fileio.write_json_atomic(os.path.join(workdir, "config.json"), current)
+
+
+def versions() -> dict:
+    """Python, the libraries that decide the numbers, and the devices."""
+    import importlib.metadata  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    from medseg_jax import __version__  # noqa: PLC0415
+
+    out = {"python": platform.python_version(), "medseg_jax": __version__,
+           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
+                 "scipy", "nibabel"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out

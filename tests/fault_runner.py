@@ -16,7 +16,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from orbax.checkpoint._src.path import atomicity
 
 from medseg_jax import main, sharding
-from medseg_jax.data import pipeline
+from medseg_jax.data import loader
 
 SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -52,7 +52,7 @@ def _install(kind: str, step: str) -> None:
 def _signal_at_step(signum: str, step: str) -> None:
     """Sends the signal when the training loop takes the device batch of step S (batches
     are prefetched ahead, so the moment a batch is read from the pipeline is earlier)."""
-    original, marked = pipeline.run_batches, set()
+    original, marked = loader.run_batches, set()
 
     def run_batches(train, config, steps, first=0, last=None):
         for i, batch in enumerate(original(train, config, steps, first, last), first):
@@ -75,7 +75,7 @@ def _signal_at_step(signum: str, step: str) -> None:
             os.kill(os.getpid(), int(signum))
         return device_batch
 
-    pipeline.run_batches = run_batches
+    loader.run_batches = run_batches
     sharding.prefetch_to_device = prefetch_to_device
 
 

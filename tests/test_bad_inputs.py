@@ -17,7 +17,8 @@ import pytest
 
 from conftest import tiny_config
 from medseg_jax import evaluate, main, train
-from medseg_jax.data import pipeline, synthetic
+from medseg_jax.data import synthetic
+from medseg_jax import fileio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def copy(trained, tmp_path):
     shutil.copytree(run, tmp_path / "run")
     config_json = json.loads((tmp_path / "run" / "config.json").read_text())
     config_json["data"]["root"] = str(tmp_path / "data")
-    pipeline.write_json_atomic(str(tmp_path / "run" / "config.json"), config_json)
+    fileio.write_json_atomic(str(tmp_path / "run" / "config.json"), config_json)
     return tmp_path / "data", tmp_path / "run"
 
 

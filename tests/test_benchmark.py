@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from medseg_jax import benchmark, evaluate, train
+from medseg_jax import evaluate, train
+from medseg_jax import study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_benchmark_with_sweep_never_chooses_on_the_test_split(tmp_path, monkeypa
                              "sweep.learning_rates": "1e-3,3e-2", "sweep.batch_sizes": "8",
                              "sweep.num_epochs": "1", "sweep.patience": "0"})
     workdir = tmp_path / "bench"
-    results = benchmark.run(config, str(workdir))
+    results = study.run(config, str(workdir))
 
     # Every trial is trained and scored on the validation split; the test split is
     # evaluated once per architecture, for the chosen trial, after all of its trials.
@@ -84,7 +85,7 @@ def test_benchmark_with_sweep_never_chooses_on_the_test_split(tmp_path, monkeypa
 def test_choose_trial_by_validation_dice():
     trials = [{"val_dice": 0.5}, {"val_dice": float("nan")}, {"val_dice": 0.7},
               {"val_dice": 0.7}]
-    assert benchmark.choose_trial(trials) == 2
+    assert study.choose_trial(trials) == 2
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -96,11 +97,11 @@ def test_choose_trial_by_validation_dice():
 ])
 def test_bad_benchmark_fields_are_named(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
-        benchmark.run(bench_config(**fields), str(tmp_path))
+        study.run(bench_config(**fields), str(tmp_path))
 
 
 def test_entries_with_3d_and_fine_tuning():
-    entries = benchmark.parse_entries(bench_config(models="unet,fcn_3d", init_from="/old"))
+    entries = study.parse_entries(bench_config(models="unet,fcn_3d", init_from="/old"))
     assert [(e.label, e.name, e.dims, e.init_from) for e in entries] == [
         ("unet", "unet", 2, ""), ("fcn_3d", "fcn", 3, ""),
         ("unet_finetuned", "unet", 2, "/old/unet"), ("fcn_3d_finetuned", "fcn", 3, "/old/fcn_3d")]

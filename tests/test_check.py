@@ -66,7 +66,7 @@ def _clean(root: Path, n: int = 3, listed: bool = True, **fields) -> Path:
 def _cli(*roots: Path | str) -> subprocess.CompletedProcess:
     args = [f"--root={r}" for r in roots]
     return subprocess.run(
-        [sys.executable, "-m", "medseg_jax.data.check", *args],
+        [sys.executable, "-m", "medseg_jax.tools.check_data", *args],
         capture_output=True, text=True, timeout=120,
     )
 

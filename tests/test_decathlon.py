@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from medseg_jax.data import decathlon
-from medseg_jax.data.decathlon import load_case, read_dataset, to_original_orientation
+from medseg_jax.data.decathlon import read_dataset
+from medseg_jax.data.nifti import load_case, to_original_orientation
 
 SHAPE = (6, 5, 4)
 SPACING = (0.8, 0.9, 2.5)

@@ -295,3 +295,147 @@ def _all_eqns(jaxpr):
             inner = p if hasattr(p, "eqns") else getattr(p, "jaxpr", None)
             if hasattr(inner, "eqns"):
                 yield from _all_eqns(inner)
+
+
+# --------------------------------------------------------------------------- #
+# Per-axis geometry, layer formulations, deep supervision, config building
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("factors", [(2, 2), (2, 1), (1, 2, 2), (2, 2, 2)])
+def test_layer_impls_give_the_same_values_and_gradients(factors):
+    """layer_impl="reshape" (matmul + depth-to-space, reshape pool) and "lax"
+    (lax.conv_transpose, reduce_window): same parameters, outputs and gradients."""
+    dims = len(factors)
+    x = jax.random.normal(jax.random.key(1), (2,) + (4,) * dims + (3,))
+    up = {impl: layers.UpConv(5, dims, factors=factors, impl=impl) for impl in ("reshape", "lax")}
+    v = up["reshape"].init(jax.random.key(2), x)
+    assert jax.tree.structure(v) == jax.tree.structure(up["lax"].init(jax.random.key(2), x))
+    v = jax.tree.map(lambda a: a + 0.1, v)
+    outs = {k: m.apply(v, x) for k, m in up.items()}
+    assert outs["lax"].shape == (2, *(4 * f for f in factors), 5)
+    np.testing.assert_allclose(outs["reshape"], outs["lax"], rtol=1e-5, atol=1e-6)
+    grads = {k: jax.grad(lambda v, x, m=m: (m.apply(v, x) ** 2).sum(), (0, 1))(v, x)
+             for k, m in up.items()}
+    for a, b in zip(jax.tree.leaves(grads["reshape"]), jax.tree.leaves(grads["lax"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    xp = np.maximum(np.random.default_rng(0).normal(size=(2,) + (4,) * dims + (3,)), 0)
+    xp = jnp.asarray(xp, jnp.float32)  # ReLU zeros: ties inside windows
+    pool = {impl: functools.partial(layers.max_pool, spatial_dims=dims, factors=factors,
+                                    impl=impl) for impl in ("reshape", "lax")}
+    np.testing.assert_array_equal(pool["reshape"](xp), pool["lax"](xp))
+    g = jax.random.normal(jax.random.key(0), pool["lax"](xp).shape)
+    np.testing.assert_array_equal(jax.vjp(pool["reshape"], xp)[1](g)[0],
+                                  jax.vjp(pool["lax"], xp)[1](g)[0])
+
+
+def test_auto_layer_impl_is_the_cpu_form_here():
+    assert layers.resolve_impl("auto", "up_conv") == layers.AUTO_IMPL["cpu"]["up_conv"]
+    assert layers.resolve_impl("lax", "max_pool") == "lax"
+    with pytest.raises(ValueError, match="layer_impl must be one of auto, reshape, lax"):
+        layers.resolve_impl("cudnn", "max_pool")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_models_agree_across_layer_impls(name):
+    x = inputs(3)
+    variables = tiny_variables(name, 3)
+    out = {impl: apply_fn(tiny(name, 3, layer_impl=impl), train=False)(variables, x)
+           for impl in ("reshape", "lax")}
+    np.testing.assert_allclose(out["reshape"], out["lax"], rtol=1e-4, atol=1e-5)
+
+
+ANISO = {"pool_sizes": ((2, 2, 1), (2, 2, 2)), "kernel_sizes": ((3, 3, 1), (3, 3, 3), (3, 3, 3))}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_axis_pooling_and_kernels(name):
+    """Thick slices: the third axis is pooled once (not twice) and convolved with kernel 1
+    at the first level; shapes, kernels and the divisibility check follow the geometry."""
+    depth = 3
+    model = create_model(name, num_classes=3, spatial_dims=3, base_features=4, depth=depth,
+                         **ANISO)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 2, 1))  # z = 2 = its total pooling
+    shapes = abstract_init(model, x.shape)
+    assert shapes["params"]["enc_0"]["Conv_0"]["kernel"].shape == (3, 3, 1, 1, 4)
+    assert shapes["params"]["enc_1"]["Conv_0"]["kernel"].shape == (3, 3, 3, 4, 8)
+    if name != "fcn":
+        assert shapes["params"]["up_0"]["kernel"].shape == (2, 2, 1, 8, 4)
+    variables = init_model(model, init_key(), x.shape)
+    logits = apply_fn(model, train=False)(variables, x)
+    assert logits.shape == x.shape[:-1] + (3,)
+    assert np.isfinite(np.asarray(logits)).all()
+    with pytest.raises(ValueError, match=re.escape("divisible by (4, 4, 2), got (8, 8, 3)")):
+        abstract_init(model, (1, 8, 8, 3, 1))
+
+
+def test_geometry_errors_name_the_field():
+    with pytest.raises(ValueError, match="pool_sizes has 1 levels; depth=3 needs 2"):
+        layers.level_geometry("unet", 2, 3, ((2, 2),))
+    with pytest.raises(ValueError, match="kernel_sizes has 2 levels; depth=3 needs 3"):
+        layers.level_geometry("unet", 2, 3, (), ((3, 3), (3, 3)))
+    with pytest.raises(ValueError, match="has 3 entries for 2 spatial axes"):
+        layers.level_geometry("unet", 2, 2, ((2, 2, 2),))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deep_supervision_sows_coarser_logits(name):
+    model = tiny(name, 2, deep_supervision=True)
+    x = inputs(2)
+    variables = init_model(model, init_key(), x.shape)
+    logits, state = apply_fn(model, train=True, mutable=["batch_stats", "aux"])(variables, x)
+    aux = {k: v[-1] for k, v in state["aux"].items()}
+    depth = model.depth
+    levels = sorted(int(k.split("_")[1]) for k in aux)
+    # U-Nets: every decoder level but the finest (the output) and the bottleneck; FCN:
+    # its score maps at the three coarsest levels that are not the output's.
+    expected = list(range(1, depth - 1)) if name != "fcn" else list(range(1, depth))
+    assert levels == expected
+    for level in levels:
+        assert aux[f"level_{level}"].shape == (x.shape[0], *(s // 2**level for s in
+                                                             x.shape[1:-1]), 3)
+    plain = apply_fn(model, train=False)(variables, x)  # eval: logits only, no aux needed
+    assert plain.shape == logits.shape
+
+
+def test_from_config_refuses_unknown_fields_and_builds_every_field():
+    from medseg_jax import models
+
+    section = {"name": "fcn", "spatial_dims": 2, "base_features": 4, "depth": 3,
+               "dtype": "bfloat16", "dropout_rate": 0.3, "pool_sizes": [[2, 2], [2, 1]]}
+    model = models.from_config(section, num_classes=2)
+    assert model.dropout_rate == 0.3 and model.dtype == jnp.bfloat16
+    assert model.pool_sizes == ((2, 2), (2, 1))
+    with pytest.raises(ValueError, match=re.escape(
+            "config.model.output_transform: fcn has no field 'output_transform'; valid: name, ")):
+        models.from_config({"name": "fcn", "output_transform": True}, num_classes=2)
+    assert "output_transform" in models.model_fields("attention_unet")
+    assert models.extra_fields("fcn") == {"dropout_rate": 0.0}
+
+
+def test_figure_maps_come_from_the_model():
+    from medseg_jax import models
+
+    x = inputs(2)
+    maps = models.figure_maps(tiny("attention_unet", 2), tiny_variables("attention_unet", 2), x)
+    assert list(maps) == ["attention: finest gate"]
+    assert maps["attention: finest gate"].shape == x.shape[:-1] + (1,)
+    assert models.figure_maps(tiny("unet", 2), tiny_variables("unet", 2), x) == {}
+
+
+# Parameter counts of the README's Models table (default config: base 16, depth 4, 2D;
+# and base 32, depth 4, 2D / 3D), two classes.
+PARAMS = {("unet", 16, 2): 482_466, ("fcn", 16, 2): 656_086,
+          ("attention_unet", 16, 2): 496_245,
+          ("unet", 32, 2): 1_926_466, ("fcn", 32, 2): 2_618_086,
+          ("attention_unet", 32, 2): 1_980_901,
+          ("unet", 32, 3): 5_601_154, ("fcn", 32, 3): 7_319_398,
+          ("attention_unet", 32, 3): 5_655_589}
+
+
+@pytest.mark.parametrize("name,base,dims", sorted(PARAMS))
+def test_exact_parameter_counts(name, base, dims):
+    model = create_model(name, num_classes=2, spatial_dims=dims, base_features=base, depth=4)
+    shape = (1,) + (16,) * dims + (1,)
+    assert count_params(abstract_init(model, shape)["params"]) == PARAMS[name, base, dims]

@@ -5,7 +5,11 @@ import re
 import numpy as np
 import pytest
 
-from medseg_jax.data import pipeline
+from medseg_jax.data import cache
+from medseg_jax.data import dataset as dataset_lib
+from medseg_jax import fileio
+from medseg_jax.data import loader
+from medseg_jax.data import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -14,22 +18,22 @@ def prepared(tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config()
-    dataset, plans, samples = pipeline.prepare(config, workdir)
+    dataset, plans, samples = cache.prepare(config, workdir)
     return config, workdir, dataset, plans, samples
 
 
 def test_split_is_by_case_seeded_and_persisted(prepared):
     config, workdir, dataset, _, _ = prepared
     splits = dataset.splits
-    all_keys = [k for s in pipeline.SPLITS for k in splits[s]]
+    all_keys = [k for s in dataset_lib.SPLITS for k in splits[s]]
     assert len(all_keys) == len(set(all_keys)) == len(dataset.refs)
     tasks = {k.split("/")[0] for k in splits["test"]}
     assert len(tasks) == 3  # every synthetic modality reaches the test split
     with open(os.path.join(workdir, "splits.json")) as f:
         assert json.load(f) == splits
-    again = pipeline.make_splits(dataset.infos, tuple(config.data.split_fractions), config.seed)
+    again = dataset_lib.make_splits(dataset.infos, tuple(config.data.split_fractions), config.seed)
     assert again == splits
-    other = pipeline.make_splits(dataset.infos, tuple(config.data.split_fractions), 1)
+    other = dataset_lib.make_splits(dataset.infos, tuple(config.data.split_fractions), 1)
     assert other != splits
 
 
@@ -41,13 +45,13 @@ def test_user_splits_file_is_checked(prepared, tmp_path):
     config = config.copy_and_resolve_references()
     config.data.splits_file = str(bad)
     with pytest.raises(ValueError, match="in both 'train' and 'val'"):
-        pipeline.open_dataset(config, str(tmp_path / "w"))
+        dataset_lib.open_dataset(config, str(tmp_path / "w"))
     bad.write_text(json.dumps({"train": ["nope/x"], "val": keys[:1]}))
     with pytest.raises(ValueError, match="'nope/x'.*not in the data"):
-        pipeline.open_dataset(config, str(tmp_path / "w"))
+        dataset_lib.open_dataset(config, str(tmp_path / "w"))
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="splits.json: cannot read splits"):
-        pipeline.open_dataset(config, str(tmp_path / "w"))
+        dataset_lib.open_dataset(config, str(tmp_path / "w"))
 
 
 def test_samples_cached_and_reused(prepared):
@@ -60,7 +64,7 @@ def test_samples_cached_and_reused(prepared):
     assert intensity["SynthCT"][0]["scheme"] == "ct" and intensity["SynthMRI"][0]["scheme"] == "zscore"
     assert plans["target_spacing"] is None  # 2D models resize slices instead
     mtime = os.path.getmtime(os.path.join(train.directory, "train_images.npy"))
-    _, _, again = pipeline.prepare(config, workdir)
+    _, _, again = cache.prepare(config, workdir)
     assert again["train"].directory == train.directory
     assert os.path.getmtime(os.path.join(train.directory, "train_images.npy")) == mtime
 
@@ -68,9 +72,9 @@ def test_samples_cached_and_reused(prepared):
 def test_epoch_order_deterministic_with_foreground_share(prepared):
     _, _, _, _, samples = prepared
     train = samples["train"]
-    a = pipeline.epoch_indices(train, 8, 5, seed=0, epoch=3, foreground_fraction=0.5)
-    b = pipeline.epoch_indices(train, 8, 5, seed=0, epoch=3, foreground_fraction=0.5)
-    c = pipeline.epoch_indices(train, 8, 5, seed=0, epoch=4, foreground_fraction=0.5)
+    a = loader.epoch_indices(train, 8, 5, seed=0, epoch=3, foreground_fraction=0.5)
+    b = loader.epoch_indices(train, 8, 5, seed=0, epoch=3, foreground_fraction=0.5)
+    c = loader.epoch_indices(train, 8, 5, seed=0, epoch=4, foreground_fraction=0.5)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.shape == (5, 8)
@@ -80,9 +84,9 @@ def test_epoch_order_deterministic_with_foreground_share(prepared):
 def test_process_shards_make_up_the_global_batch(prepared):
     _, _, _, _, samples = prepared
     train = samples["train"]
-    order = pipeline.epoch_indices(train, 8, 3, seed=0, epoch=0, foreground_fraction=0.0)
-    full = list(pipeline.train_batches(train, order, 0, 1))
-    parts = [list(pipeline.train_batches(train, order, p, 2)) for p in range(2)]
+    order = loader.epoch_indices(train, 8, 3, seed=0, epoch=0, foreground_fraction=0.0)
+    full = list(loader.train_batches(train, order, 0, 1))
+    parts = [list(loader.train_batches(train, order, p, 2)) for p in range(2)]
     assert len(full) == 3
     for step in range(3):
         joined = np.concatenate([parts[0][step]["image"], parts[1][step]["image"]])
@@ -92,7 +96,7 @@ def test_process_shards_make_up_the_global_batch(prepared):
 
 def test_padded_batches_mask_the_padding():
     images = np.arange(10, dtype=np.float32).reshape(10, 1)
-    batches = list(pipeline.padded_batches(images, None, 4))
+    batches = list(loader.padded_batches(images, None, 4))
     assert [b["image"].shape[0] for b in batches] == [4, 4, 4]
     np.testing.assert_array_equal(batches[-1]["mask"], [1, 1, 0, 0])
     assert sum(b["mask"].sum() for b in batches) == 10
@@ -103,15 +107,15 @@ def test_missing_root_is_named(tmp_path):
 
     config = tiny_config(**{"data.root": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="nowhere is not a directory"):
-        pipeline.open_dataset(config, str(tmp_path / "w"))
+        dataset_lib.open_dataset(config, str(tmp_path / "w"))
 
 
 def test_worker_processes_give_the_same_batches(prepared):
     _, _, _, _, samples = prepared
     train = samples["train"]
-    order = pipeline.epoch_indices(train, 8, 3, seed=0, epoch=1, foreground_fraction=0.3)
-    inline = list(pipeline.train_batches(train, order, 0, 1, num_workers=0))
-    workers = list(pipeline.train_batches(train, order, 0, 1, num_workers=2))
+    order = loader.epoch_indices(train, 8, 3, seed=0, epoch=1, foreground_fraction=0.3)
+    inline = list(loader.train_batches(train, order, 0, 1, num_workers=0))
+    workers = list(loader.train_batches(train, order, 0, 1, num_workers=2))
     assert len(workers) == len(inline) == 3
     for a, b in zip(inline, workers):
         np.testing.assert_array_equal(a["image"], b["image"])
@@ -122,14 +126,14 @@ def test_3d_patches_centred_on_foreground(tmp_path):
     from conftest import tiny_config
 
     config = tiny_config(**{"model.spatial_dims": 3, "data.image_size": (8, 8, 8)})
-    dataset, plans, samples = pipeline.prepare(config, str(tmp_path))
+    dataset, plans, samples = cache.prepare(config, str(tmp_path))
     volumes = samples["train"]
-    assert isinstance(volumes, pipeline.Volumes) and len(volumes) == len(dataset.splits["train"])
+    assert isinstance(volumes, cache.Volumes) and len(volumes) == len(dataset.splits["train"])
     assert len(plans["target_spacing"]) == 3
-    records = pipeline.patch_records(volumes, 8, 3, seed=0, epoch=0, foreground_fraction=0.5)
-    again = pipeline.patch_records(volumes, 8, 3, seed=0, epoch=0, foreground_fraction=0.5)
+    records = loader.patch_records(volumes, 8, 3, seed=0, epoch=0, foreground_fraction=0.5)
+    again = loader.patch_records(volumes, 8, 3, seed=0, epoch=0, foreground_fraction=0.5)
     np.testing.assert_array_equal(records, again)
-    batches = list(pipeline.patch_batches(volumes, records, (8, 8, 8), 0, 1))
+    batches = list(loader.patch_batches(volumes, records, (8, 8, 8), 0, 1))
     assert len(batches) == 3
     assert batches[0]["image"].shape == (8, 8, 8, 8, 1) and batches[0]["label"].shape == (8, 8, 8, 8)
     for rec, b in zip(records, batches):  # the first half is centred on labelled voxels
@@ -144,7 +148,7 @@ def test_3d_patches_centred_on_foreground(tmp_path):
 def test_rescale_01_reaches_the_cached_samples(tmp_path):
     from conftest import tiny_config
 
-    _, _, samples = pipeline.prepare(tiny_config(**{"data.rescale_01": True}), str(tmp_path))
+    _, _, samples = cache.prepare(tiny_config(**{"data.rescale_01": True}), str(tmp_path))
     images = np.asarray(samples["train"].images)
     assert images.min() >= 0.0 and images.max() <= 1.0
 
@@ -155,9 +159,9 @@ def test_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
     from conftest import tiny_config
 
     config, workdir = tiny_config(), str(tmp_path)
-    dataset = pipeline.open_dataset(config, workdir)
-    final = os.path.join(workdir, "cache", pipeline._fingerprint(config, dataset))
-    real = pipeline.write_json_atomic
+    dataset = dataset_lib.open_dataset(config, workdir)
+    final = os.path.join(workdir, "cache", cache._fingerprint(config, dataset))
+    real = fileio.write_json_atomic
 
     def racing(path, obj):  # another process completes the same cache just before us
         real(path, obj)
@@ -166,8 +170,8 @@ def test_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
             with open(os.path.join(final, "theirs"), "w") as f:
                 f.write("x")
 
-    monkeypatch.setattr(pipeline, "write_json_atomic", racing)
-    _, _, samples = pipeline.prepare(config, workdir, dataset)
+    monkeypatch.setattr(fileio, "write_json_atomic", racing)
+    _, _, samples = cache.prepare(config, workdir, dataset)
     assert samples["train"].directory == final
     assert os.path.exists(os.path.join(final, "theirs"))  # theirs kept, not replaced
     leftovers = [d for d in os.listdir(os.path.join(workdir, "cache")) if d.startswith(".tmp_")]
@@ -180,9 +184,9 @@ def test_2d_patches_of_resampled_slices(tmp_path):
     from conftest import tiny_config
 
     config = tiny_config(**{"data.in_plane": "spacing", "data.image_size": (8, 8)})
-    dataset, plans, samples = pipeline.prepare(config, str(tmp_path))
+    dataset, plans, samples = cache.prepare(config, str(tmp_path))
     volumes = samples["train"]
-    assert isinstance(volumes, pipeline.Volumes) and len(volumes) == len(dataset.splits["train"])
+    assert isinstance(volumes, cache.Volumes) and len(volumes) == len(dataset.splits["train"])
     assert len(plans["target_spacing"]) == 2
     ndims = {len(s) for s in volumes.shapes}
     assert ndims == {2, 3}  # the synthetic set holds 2D ultrasound and 3D volumes
@@ -194,8 +198,8 @@ def test_2d_patches_of_resampled_slices(tmp_path):
     expected = sum(np.prod(s) for s in volumes.shapes) / (8 * 8)  # 8x8 or 8x8x1 inputs
     assert volumes.patches_per_pass((8, 8), 2) == int(expected)
 
-    records = pipeline.patch_records(volumes, 8, 4, seed=0, epoch=0, foreground_fraction=0.5)
-    batches = list(pipeline.patch_batches(volumes, records, (8, 8), 0, 1, slice_axis=2))
+    records = loader.patch_records(volumes, 8, 4, seed=0, epoch=0, foreground_fraction=0.5)
+    batches = list(loader.patch_batches(volumes, records, (8, 8), 0, 1, slice_axis=2))
     assert len(batches) == 4
     for rec, b in zip(records, batches):
         assert b["image"].shape == (8, 8, 8, 1) and b["label"].shape == (8, 8, 8)
@@ -206,7 +210,7 @@ def test_2d_patches_of_resampled_slices(tmp_path):
     assert val.images.shape[1:] == (8, 8, 1)
     total = 0
     for key in dataset.splits["val"]:
-        _, label = pipeline.case_volume(dataset.load(key), plans, config)
+        _, label = preprocess.case_volume(dataset.load(key), plans, config)
         total += int((label > 0).sum())
     assert int((np.asarray(val.labels) > 0).sum()) == total
 
@@ -226,9 +230,9 @@ def test_target_spacing_config(prepared, dims, given, expected):
     config.data.target_spacing = given
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=r"config\.data\.target_spacing: .*" + re.escape(expected)):
-            pipeline.target_spacing(config, dataset)
+            cache.target_spacing(config, dataset)
     else:
-        assert pipeline.target_spacing(config, dataset) == expected
+        assert cache.target_spacing(config, dataset) == expected
 
 
 @pytest.mark.parametrize("in_plane", ["resize", "spacing"])
@@ -239,23 +243,23 @@ def test_one_pipeline_for_the_run_equals_epoch_by_epoch(tmp_path, in_plane):
 
     config = tiny_config(**{"data.in_plane": in_plane, "data.image_size": (8, 8),
                             "train.num_epochs": 3})
-    _, _, samples = pipeline.prepare(config, str(tmp_path))
+    _, _, samples = cache.prepare(config, str(tmp_path))
     train, steps = samples["train"], 2
     fg = config.data.foreground_fraction
 
     def epoch(e):  # each epoch on its own, from its order (what training used to iterate)
         if in_plane == "spacing":
-            records = pipeline.patch_records(train, 8, steps, config.seed, e, fg)
-            return pipeline.patch_batches(train, records, (8, 8), 0, 1, slice_axis=2)
-        return pipeline.train_batches(
-            train, pipeline.epoch_indices(train, 8, steps, config.seed, e, fg), 0, 1)
+            records = loader.patch_records(train, 8, steps, config.seed, e, fg)
+            return loader.patch_batches(train, records, (8, 8), 0, 1, slice_axis=2)
+        return loader.train_batches(
+            train, loader.epoch_indices(train, 8, steps, config.seed, e, fg), 0, 1)
 
     per_epoch = [b for e in range(3) for b in epoch(e)]
-    run = pipeline.run_batches(train, config, steps)
+    run = loader.run_batches(train, config, steps)
     whole = list(run)
     run.close()
     config.data.num_workers = 2
-    resumed = pipeline.run_batches(train, config, steps, first=3)
+    resumed = loader.run_batches(train, config, steps, first=3)
     from_step_3 = list(resumed)
     resumed.close()
     assert len(per_epoch) == len(whole) == 6 and len(from_step_3) == 3

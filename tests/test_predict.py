@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from medseg_jax import evaluate, inference, predict, sharding, train
-from medseg_jax.data import decathlon
+from medseg_jax import inference, predict, sharding, train
+from medseg_jax.data import nifti
+from medseg_jax import state as state_lib
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +49,13 @@ def test_predictions_keep_the_input_geometry(trained, tmp_path):
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary file left
 
     # The written map is the evaluation's prediction, mapped back to the file's voxels.
-    run = evaluate.restore_run(config, str(workdir))
+    run = state_lib.restore_run(config, str(workdir))
     key = "SynthMRI/" + names[0].replace(".nii.gz", "")
     case = run.dataset.load(key)
     labels, _ = inference.predict_case(case, run.plans, config, run.state, run.predict_fn,
                                        run.mesh)
     np.testing.assert_array_equal(np.asarray(nib.load(out / names[0]).dataobj),
-                                  decathlon.to_original_orientation(labels, case))
+                                  nifti.to_original_orientation(labels, case))
 
 
 def test_a_reoriented_input_gets_the_same_prediction_in_world_space(trained, tmp_path):
@@ -129,15 +130,15 @@ def test_channel_files_form_one_case(tmp_path):
 
 def test_flip_tta_is_equivariant(trained):
     config, workdir = trained
-    run = evaluate.restore_run(config, str(workdir))
+    run = state_lib.restore_run(config, str(workdir))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, *config.data.image_size, 1)).astype(np.float32)
     xf = np.ascontiguousarray(x[:, ::-1])
     mesh = sharding.make_mesh()
     tta_config = tiny_config(**{"eval.tta": True})
-    assert len(inference.flip_axes(2)) == 4 and len(inference.flip_axes(3)) == 8
+    assert len(state_lib.flip_axes(2)) == 4 and len(state_lib.flip_axes(3)) == 8
     for cfg, equivariant in ((config, False), (tta_config, True)):
-        fn = inference.make_predict_fn(cfg, mesh)
+        fn = state_lib.make_predict_fn(cfg, mesh)
         p = np.asarray(fn(run.state, sharding.to_global({"image": x}, mesh)["image"]))
         pf = np.asarray(fn(run.state, sharding.to_global({"image": xf}, mesh)["image"]))
         close = np.allclose(pf, p[:, ::-1], atol=1e-5)

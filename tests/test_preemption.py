@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from medseg_jax import checkpoint as ckpt_lib
-from medseg_jax import sharding, train
+from medseg_jax import sharding
+from medseg_jax import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EPOCHS = 3, 4
@@ -76,8 +77,8 @@ def _epoch_rows(workdir):
 
 def _final_state(workdir, config):
     mesh = sharding.make_mesh()
-    model = train.build_model(config, 2)
-    abstract = train.abstract_state(config, model, (4, 16, 16, 1), 1, mesh)
+    model = state_lib.build_model(config, 2)
+    abstract = state_lib.abstract_state(config, model, (4, 16, 16, 1), 1, mesh)
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     state, _ = ck.restore(ck.resolve("latest"), abstract)
     ck.close()

@@ -4,12 +4,11 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from medseg_jax import sharding
-from medseg_jax.data import pipeline
+from medseg_jax.data import cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -86,7 +85,7 @@ def test_two_processes_train_like_one_process(make_tiny_config, tmp_path):
     config = make_tiny_config()
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     for workdir in (multi, single):  # data and splits written once, before the processes
-        pipeline.prepare(config, workdir)
+        cache.prepare(config, workdir)
     port = _free_port()
     procs = [_worker(multi, str(tmp_path / f"p{i}.npz"), 2, i, port, 2) for i in range(2)]
     procs.append(_worker(single, str(tmp_path / "single.npz"), 1, 0, 0, 4))

@@ -12,7 +12,8 @@ import pytest
 from scipy import ndimage
 
 from medseg_jax.data import synthetic
-from medseg_jax.data.decathlon import load_case, read_dataset
+from medseg_jax.data.decathlon import read_dataset
+from medseg_jax.data.nifti import load_case
 
 TINY = dict(num_cases=3, size=32, depth=8)
 

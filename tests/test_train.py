@@ -9,6 +9,8 @@ import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, losses, metrics, sharding, train
+from medseg_jax import state as state_lib
+from medseg_jax import workdir as workdir_lib
 
 
 def _batch(config, n=8, seed=0):
@@ -21,8 +23,8 @@ def _batch(config, n=8, seed=0):
 
 
 def _run_steps(config, mesh, steps=3):
-    model = train.build_model(config, 2)
-    state = train.init_state(config, model, (8, *config.data.image_size, 1), 10, mesh)
+    model = state_lib.build_model(config, 2)
+    state = state_lib.init_state(config, model, (8, *config.data.image_size, 1), 10, mesh)
     train_fn, _ = train.jit_steps(config, mesh, 2)
     losses = []
     for i in range(steps):
@@ -60,8 +62,8 @@ def test_batch_size_must_divide_devices(make_tiny_config, tmp_path):
 
 def _params(workdir, config, which="latest"):
     mesh = sharding.make_mesh()
-    model = train.build_model(config, 2)
-    abstract = train.abstract_state(config, model, (8, *config.data.image_size, 1), 1, mesh)
+    model = state_lib.build_model(config, 2)
+    abstract = state_lib.abstract_state(config, model, (8, *config.data.image_size, 1), 1, mesh)
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     state, meta = ck.restore(ck.resolve(which), abstract)
     ck.close()
@@ -140,12 +142,12 @@ def test_train_and_evaluate_then_eval_reproduces(make_tiny_config, tmp_path):
 
 
 def test_workdir_of_another_model_is_refused(make_tiny_config, tmp_path):
-    train.write_config(make_tiny_config(), str(tmp_path))
+    workdir_lib.write_config(make_tiny_config(), str(tmp_path))
     with pytest.raises(ValueError, match="model.name: 'unet' -> 'fcn'"):
-        train.write_config(make_tiny_config(**{"model.name": "fcn"}), str(tmp_path))
+        workdir_lib.write_config(make_tiny_config(**{"model.name": "fcn"}), str(tmp_path))
     with pytest.raises(ValueError, match=r"train.weight_decay: 0.0 -> 0.01 \(switches Adam/AdamW"):
-        train.write_config(make_tiny_config(**{"train.weight_decay": 0.01}), str(tmp_path))
-    train.write_config(make_tiny_config(**{"train.learning_rate": 1e-4, "data.num_workers": 2,
+        workdir_lib.write_config(make_tiny_config(**{"train.weight_decay": 0.01}), str(tmp_path))
+    workdir_lib.write_config(make_tiny_config(**{"train.learning_rate": 1e-4, "data.num_workers": 2,
                                            "train.grad_clip_norm": 1.0}), str(tmp_path))
 
 
@@ -268,9 +270,9 @@ def test_2d_model_on_resampled_slices_trains_and_evaluates(make_tiny_config, tmp
 
 def test_a_field_added_later_at_its_default_is_no_difference(make_tiny_config):
     """A workdir written before data.in_plane existed still evaluates with the default."""
-    current = train._config_json(make_tiny_config())
+    current = workdir_lib.config_json(make_tiny_config())
     previous = json.loads(json.dumps(current))
     del previous["data"]["in_plane"]
-    assert train.config_differences(previous, current) == []
+    assert workdir_lib.config_differences(previous, current) == []
     current["data"]["in_plane"] = "spacing"
-    assert train.config_differences(previous, current) == ["data.in_plane: None -> 'spacing'"]
+    assert workdir_lib.config_differences(previous, current) == ["data.in_plane: None -> 'spacing'"]

@@ -7,6 +7,7 @@ from conftest import tiny_config
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import sharding, train
+from medseg_jax import state as state_lib
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def test_init_from_keeps_a_head_of_another_shape_fresh(make_tiny_config, tmp_pat
 
     config = make_tiny_config()
     mesh = sharding.make_mesh()
-    model = train.build_model(config, 3)  # three classes: the head differs
-    state = train.init_state(config, model, (8, 16, 16, 1), 4, mesh)
+    model = state_lib.build_model(config, 3)  # three classes: the head differs
+    state = state_lib.init_state(config, model, (8, 16, 16, 1), 4, mesh)
     fresh_head = np.asarray(state.params["head"]["kernel"])
     state, summary = transfer.load_pretrained(state, source, mesh)
     assert any(k.startswith("params/head/kernel") for k in summary["kept_fresh"])
@@ -65,7 +66,7 @@ def test_init_from_keeps_a_head_of_another_shape_fresh(make_tiny_config, tmp_pat
                                   _params(source, None)["enc_0"]["Conv_0"]["kernel"])
 
     wide = make_tiny_config(**{"model.base_features": 8})  # every shape differs
-    other = train.init_state(wide, train.build_model(wide, 2), (8, 16, 16, 1), 4, mesh)
+    other = state_lib.init_state(wide, state_lib.build_model(wide, 2), (8, 16, 16, 1), 4, mesh)
     with pytest.raises(ValueError, match=r"only 1 of \d+ parameter arrays .* match this model"):
         transfer.load_pretrained(other, source, mesh)
     with pytest.raises(FileNotFoundError, match="holds no training run"):

@@ -1,8 +1,8 @@
 """Check Decathlon / nnU-Net data folders before training.
 
-``python -m medseg_jax.data.check --root=/path/to/Task04_Hippocampus [--root=...]``
+Command line: ``python -m medseg_jax.tools.check_data --root=/path/to/Task04_Hippocampus``.
 
-Reads ``dataset.json`` and then every case with ``decathlon.load_case`` (a
+Reads ``dataset.json`` and then every case with ``nifti.load_case`` (a
 small thread pool), collecting each case's fault instead of stopping at the
 first one, and checks across cases: duplicate case ids, differing channel
 counts, declared labels present in no case, empty labels, spacing anisotropy
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from concurrent import futures
 from typing import Any, Callable
 
 import numpy as np
 
-from medseg_jax.data import decathlon
+from medseg_jax.data import decathlon, nifti
 
 ERROR, WARNING, INFO = "ERROR", "WARNING", "INFO"
 ANISOTROPY_LIMIT = 3.0  # largest / smallest voxel size
@@ -317,7 +316,7 @@ def _open(root: str, report: Report) -> decathlon.DatasetInfo | None:
 
 
 def _inspect(ref: decathlon.CaseRef, info: decathlon.DatasetInfo) -> CaseStats:
-    case = decathlon.load_case(ref, info)
+    case = nifti.load_case(ref, info)
     flat = case.image.reshape(case.image.shape[0], -1)
     counts = None
     if case.label is not None:
@@ -517,36 +516,3 @@ def check(
         _check_across(opened, report)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _main(argv: list[str]) -> int:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    roots = decathlon.split_roots(flags.FLAGS.root or [])
-    if not roots:
-        raise app.UsageError("--root is required")
-
-    def progress(message: str) -> None:
-        print(f"[check] {message}", file=sys.stderr, flush=True)
-
-    report = check(roots, workers=flags.FLAGS.workers, progress=progress)
-    for problem in report.problems:
-        print(problem)
-    print(report.summary(), flush=True)
-    return 0 if report.ok else 1
-
-
-def run() -> None:
-    """Command-line entry point (flags are defined here, not on import)."""
-    from absl import app, flags
-
-    flags.DEFINE_multi_string(
-        "root", None, "Data folder with dataset.json; repeat or comma-separate for several.")
-    flags.DEFINE_integer("workers", None, "Threads reading cases (default: min(4, CPUs), >= 2).")
-    app.run(_main)
-
-
-if __name__ == "__main__":
-    run()

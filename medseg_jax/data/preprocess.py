@@ -20,8 +20,14 @@ Normalisation follows nnU-Net's conventions, chosen by the channel's modality:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from medseg_jax.data.nifti import Case
+
 
 _MAX_VOXELS_PER_CASE = 100_000  # foreground samples per case for CT statistics
 
@@ -235,3 +241,46 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     step = max(1, int(patch * (1.0 - overlap)))
     n = -(-(size - patch) // step) + 1
     return sorted({int(round(x)) for x in np.linspace(0, size - patch, n)})
+
+
+# --------------------------------------------------------------------------
+# A case as the network sees it (training cache, evaluation and prediction alike).
+
+
+def normalized(case: Case, plans, config) -> np.ndarray:
+    """The case's image normalised as its task's plan says (+ optional [0, 1] rescale)."""
+    image = normalize(case.image, plans["intensity"][case.task])
+    return rescale_01(image) if config.data.rescale_01 else image
+
+
+def uses_patches(config) -> bool:
+    """Whether cases are resampled to a target spacing and cut into ``image_size``
+    patches (3D models, and 2D models with ``data.in_plane='spacing'``) rather than
+    resized slice by slice."""
+    return config.model.spatial_dims == 3 or config.data.in_plane == "spacing"
+
+
+def case_samples(case: Case, plans, config):
+    """2D models with ``data.in_plane='resize'``: the case's slices (or 2D image)
+    resized to network size."""
+    image = normalized(case, plans, config)
+    return to_samples(image, case.label, tuple(config.data.image_size),
+                                 config.data.slice_axis)
+
+
+def case_volume(case: Case, plans, config):
+    """Patch-based runs: the normalised case resampled to the target spacing (in plane
+    only for 2D models), channels-last: (image (*spatial, C), label (*spatial))."""
+    image = normalized(case, plans, config)
+    target = case_target_spacing(case.spacing, plans["target_spacing"],
+                                            config.data.slice_axis)
+    return resample(image, case.label, case.spacing, target)
+
+
+def network_tiles(volume: np.ndarray, label: np.ndarray, config):
+    """Non-overlapping ``image_size`` inputs covering a resampled case (validation):
+    (images (N, *image_size, C), labels (N, *image_size))."""
+    size = tuple(config.data.image_size)
+    patch = volume_patch(size, label.ndim, config.data.slice_axis)
+    imgs, labs = tiles(volume, label, patch)
+    return (imgs.reshape(len(imgs), *size, imgs.shape[-1]), labs.reshape(len(labs), *size))

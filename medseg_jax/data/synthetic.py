@@ -17,7 +17,7 @@ read back through the real loader (``medseg_jax.data.decathlon``):
 Label 1 marks the lesion(s); every case holds at least one lesion voxel.
 Output is a pure function of the arguments: arrays, headers and the gzip
 streams (mtime 0) are byte-identical between runs. Each task is built in a
-temporary sibling folder and moved into place with ``os.replace``; a
+temporary sibling folder and moved into place (``fileio.build_folder``); a
 ``synthetic.json`` marker (written last) lets later calls reuse it.
 """
 
@@ -26,20 +26,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medseg_jax import fileio
+
 GENERATOR_VERSION = 1
 MARKER = "synthetic.json"
 TASKS = ("SynthMRI", "SynthCT", "SynthUS")
 _OWN_ENTRIES = {"dataset.json", "imagesTr", "labelsTr", MARKER}
-_STALE_TMP_S = 3600.0
 
 Phantom = tuple[np.ndarray, np.ndarray, np.ndarray]  # image, label, affine
 
@@ -475,18 +473,6 @@ def _build_task(folder: str, task: str, seed: int, num_cases: int, size: int, de
         json.dump(_marker(task, seed, num_cases, size, depth), f, indent=2)
 
 
-def _remove_stale_tmp(root: str, task: str) -> None:
-    now = time.time()
-    for name in os.listdir(root):
-        if name.startswith(f".{task}.tmp-") or name.startswith(f".{task}.old-"):
-            path = os.path.join(root, name)
-            try:
-                if now - os.path.getmtime(path) > _STALE_TMP_S:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
-
-
 def _make_task(root: str, task: str, seed: int, num_cases: int, size: int, depth: int) -> str:
     target = os.path.join(root, task)
     marker = _marker(task, seed, num_cases, size, depth)
@@ -499,30 +485,12 @@ def _make_task(root: str, task: str, seed: int, num_cases: int, size: int, depth
                 f"{target} exists and holds files the synthetic generator did not write "
                 f"({sorted(foreign)[:5]}); move it away or choose another root"
             )
-    _remove_stale_tmp(root, task)
-    tmp = tempfile.mkdtemp(prefix=f".{task}.tmp-", dir=root)
     try:
-        _build_task(tmp, task, seed, num_cases, size, depth)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if os.path.exists(target):  # outdated or incomplete: move it aside first
-            old = tempfile.mkdtemp(prefix=f".{task}.old-", dir=root)
-            try:
-                os.replace(target, os.path.join(old, task))
-            except FileNotFoundError:
-                pass  # another process moved it
-            try:
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with fileio.build_folder(target) as tmp:  # outdated or incomplete: replaced whole
+            _build_task(tmp, task, seed, num_cases, size, depth)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if _is_complete(target, marker):  # a concurrent call finished first
             return target
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 

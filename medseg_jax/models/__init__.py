@@ -102,7 +102,8 @@ def count_params(params: Any) -> int:
 
 
 def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
-    """Initialises ``model`` (train=False, jitted) on zeros of batch size 1.
+    """Initialises ``model`` (train=False, jitted) on zeros of batch size 1: its
+    ``params`` (and ``batch_stats``).
 
     ``input_shape`` is ``(B, *spatial, C)`` (B is replaced by 1) or ``(*spatial, C)``.
     """
@@ -118,4 +119,5 @@ def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> 
         )
     x = jnp.zeros(shape, jnp.float32)
     variables = jax.jit(lambda r, inp: model.init(r, inp, train=False))(rng, x)
-    return dict(variables)
+    # Values sown during init (intermediates, deep-supervision logits) are not variables.
+    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}

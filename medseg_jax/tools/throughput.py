@@ -2,7 +2,7 @@
 
 Any config and override works (``--config.model.base_features=32
 --config.data.image_size='(128,128)'``). For the training step and for inference
-(``inference.make_predict_fn``, the function evaluation runs, flip TTA included when
+(``state_lib.make_predict_fn``, the function evaluation runs, flip TTA included when
 ``eval.tta``, at ``eval.batch_size``) it prints the compile time, the steady-state
 step time (median of ``--steps`` device-synchronised steps after ``--warmup``), images/s
 (and per device), FLOPs per step from XLA's cost analysis, the achieved TFLOP/s, the MFU
@@ -11,7 +11,7 @@ reports one, else XLA's compiled-buffer estimate). ``--parts=data,loop`` add the
 pipeline alone and the full loop (pipeline + prefetch + step, the loss fetched every
 ``train.log_every_steps``), so the share of time spent waiting for data shows.
 
-The batches are the run's real ones (``pipeline.prepare`` on ``data.root`` or the embedded
+The batches are the run's real ones (``cache.prepare`` on ``data.root`` or the embedded
 synthetic set, written to ``--workdir``, a temporary folder by default).
 """
 
@@ -150,9 +150,9 @@ def time_data(train_samples, config, mesh, steps: int) -> float:
     import jax  # noqa: PLC0415
 
     from medseg_jax import sharding  # noqa: PLC0415
-    from medseg_jax.data import pipeline  # noqa: PLC0415
+    from medseg_jax.data import loader  # noqa: PLC0415
 
-    batches = pipeline.epoch_batches(train_samples, config, 1, steps + 1)
+    batches = loader.epoch_batches(train_samples, config, 1, steps + 1)
     jax.block_until_ready(sharding.to_global(next(iter(batches)), mesh))  # start-up
     t = time.perf_counter()
     for host in batches:
@@ -166,10 +166,10 @@ def time_loop(train_fn, state, train_samples, config, mesh, steps: int) -> tuple
     import jax  # noqa: PLC0415
 
     from medseg_jax import sharding  # noqa: PLC0415
-    from medseg_jax.data import pipeline  # noqa: PLC0415
+    from medseg_jax.data import loader  # noqa: PLC0415
 
     batches = sharding.prefetch_to_device(
-        pipeline.epoch_batches(train_samples, config, 2, steps + 1), mesh, config.train.prefetch)
+        loader.epoch_batches(train_samples, config, 2, steps + 1), mesh, config.train.prefetch)
     state, out = train_fn(state, next(batches))
     jax.block_until_ready(out)
     t = time.perf_counter()
@@ -188,23 +188,24 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
     import jax.numpy as jnp  # noqa: PLC0415
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
-    from medseg_jax import inference, sharding, train  # noqa: PLC0415
-    from medseg_jax.data import pipeline  # noqa: PLC0415
+    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import state as state_lib  # noqa: PLC0415
+    from medseg_jax.data import cache, loader  # noqa: PLC0415
 
     config_lib.validate(config)
-    train.setup_compilation_cache(config)
+    state_lib.setup_compilation_cache(config)
     mesh = sharding.make_mesh()
     batch = config.train.batch_size
     sharding.check_batch_size(batch, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    dataset, _, samples = pipeline.prepare(config, workdir)
-    model = train.build_model(config, dataset.num_classes)
+    dataset, _, samples = cache.prepare(config, workdir)
+    model = state_lib.build_model(config, dataset.num_classes)
     shape = (batch, *config.data.image_size, dataset.num_channels)
-    state = train.init_state(config, model, shape, 1000, mesh)
+    state = state_lib.init_state(config, model, shape, 1000, mesh)
     train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
-    predict_fn = inference.make_predict_fn(config, mesh)  # what evaluation runs
+    predict_fn = state_lib.make_predict_fn(config, mesh)  # what evaluation runs
     device_batch = sharding.to_global(
-        next(iter(pipeline.epoch_batches(samples["train"], config, 0, 1))), mesh)
+        next(iter(loader.epoch_batches(samples["train"], config, 0, 1))), mesh)
     dev = jax.devices()[0]
     print(f"config: {config.model.name} {config.model.spatial_dims}D base "
           f"{config.model.base_features} depth {config.model.depth} norm {config.model.norm} "

@@ -1,4 +1,4 @@
-"""Tests for medseg_jax.data.convert_hc18 on tiny synthetic PNGs and, when present, real HC18."""
+"""Tests for medseg_jax.data.hc18 on tiny synthetic PNGs and, when present, real HC18."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from medseg_jax.data import convert_hc18
-from medseg_jax.data.convert_hc18 import Ellipse, convert, fit_ellipse
-from medseg_jax.data.decathlon import load_case, read_dataset
+from medseg_jax.data import hc18 as convert_hc18
+from medseg_jax.data.hc18 import Ellipse, convert, fit_ellipse
+from medseg_jax.data.decathlon import read_dataset
+from medseg_jax.data.nifti import load_case
 
 SHAPE = (60, 80)  # PNG rows, cols
 CLOSED = Ellipse(cx=38.3, cy=28.7, a=24.0, b=15.0, theta=0.4)
@@ -182,7 +183,7 @@ def test_errors_name_the_file(tmp_path):
 
 def test_command_line(src, tmp_path):
     dst = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "medseg_jax.data.convert_hc18", f"--src={src}", f"--dst={dst}"]
+    cmd = [sys.executable, "-m", "medseg_jax.tools.convert_hc18", f"--src={src}", f"--dst={dst}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "wrote 3 cases" in done.stdout and "001_HC.png" in done.stdout

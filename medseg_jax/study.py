@@ -1,4 +1,5 @@
-"""The full benchmark: several architectures, one protocol, a report with statistics.
+"""The study (``configs/benchmark.py``): several architectures, one protocol, a report
+with statistics. (Speed measurements are in ``benchmarks/``, not here.)
 
 ``python -m medseg_jax.main --config=configs/benchmark.py --workdir=runs/bench`` trains
 and evaluates every architecture of ``benchmark.models`` (``unet``, ``fcn``,
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import platform
@@ -38,8 +38,12 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from medseg_jax import evaluate, metrics, report, stats, train
-from medseg_jax.data import decathlon, pipeline
+
+from medseg_jax import evaluate, fileio, metrics, models, report, stats, train
+from medseg_jax import state as state_lib
+from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import dataset as dataset_lib
+from medseg_jax.data import decathlon
 from medseg_jax.models import MODELS
 
 # Reported by the study on its own data (brain-tumour MRI, lung-nodule CT, liver-lesion
@@ -48,7 +52,6 @@ STUDY = {"unet": (0.85, 0.76, 3.2), "fcn": (0.82, 0.73, 3.8),
          "attention_unet": (0.78, 0.69, 4.1)}
 
 
-_REPORTED = (("dice", 3), ("iou", 3), ("hd", 2), ("hd95", 2), ("assd", 2))
 _VERSIONED = ("python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
               "numpy", "scipy", "nibabel", "medseg_jax")
 
@@ -119,6 +122,12 @@ def run_config(config, entry: Entry, roots: list[str], workdir: str,
     bench = values.pop("benchmark")
     c = ml_collections.ConfigDict(values)
     c.model.name, c.model.spatial_dims = entry.name, entry.dims
+    fields = models.model_fields(entry.name)
+    for key in [k for k in c.model if k != "name" and k not in fields]:
+        del c.model[key]  # another architecture's own field
+    for key, value in models.extra_fields(entry.name).items():
+        if key not in c.model:  # this architecture's own fields, at their defaults
+            c.model[key] = value
     if entry.dims == 3:
         c.data.image_size = tuple(bench["image_size_3d"])
         c.train.batch_size = c.eval.batch_size = int(bench["batch_size_3d"])
@@ -203,7 +212,7 @@ def run(config, workdir: str) -> dict:
     if config.benchmark.sweep.enabled:
         sweep_grid(config)  # fail early on a bad list
     os.makedirs(workdir, exist_ok=True)
-    roots = pipeline.data_roots(config, workdir)  # the synthetic set made once for all runs
+    roots = dataset_lib.data_roots(config, workdir)  # the synthetic set made once for all runs
     infos, trials = [], []
     for entry in entries:
         info, entry_trials = _run_entry(config, entry, roots, workdir)
@@ -217,10 +226,10 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         results["figures"] = write_figures(infos, workdir)
         results["wall_seconds"] = time.time() - t0
-        pipeline.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        pipeline.write_text_atomic(os.path.join(workdir, "results.csv"), results_csv(infos))
+        fileio.write_json_atomic(os.path.join(workdir, "results.json"), results)
+        fileio.write_text_atomic(os.path.join(workdir, "results.csv"), results_csv(infos))
         text = report_markdown(results)
-        pipeline.write_text_atomic(os.path.join(workdir, "report.md"), text)
+        fileio.write_text_atomic(os.path.join(workdir, "report.md"), text)
         print(text, flush=True)
         logging.info("Benchmark done in %.1f min; wrote %s", results["wall_seconds"] / 60,
                      os.path.join(workdir, "report.md"))
@@ -237,7 +246,7 @@ def command_line() -> str:
 
 def environment() -> dict:
     """The run's versions (as in each run's config.json) plus the machine."""
-    return {**train.versions(), "platform": platform.platform(),
+    return {**workdir_lib.versions(), "platform": platform.platform(),
             "processor": platform.processor() or "?", "cpu_count": os.cpu_count(),
             "backend": jax.default_backend(), "processes": jax.process_count()}
 
@@ -313,9 +322,10 @@ def report_markdown(results: dict) -> str:
             for cls, m in classes.items():
                 n = m["dice"]["n"] + m["dice"]["n_nan"]
                 rows.append([info["label"], group, cls, n]
-                            + [report.stats_cell(m[k], d, ci=True) for k, d in _REPORTED])
-    lines += report.markdown_table(["architecture", "data", "class", "cases", "Dice", "IoU",
-                                    "HD (mm)", "HD95 (mm)", "ASSD (mm)"], rows) + [""]
+                            + [report.stats_cell(m[k.name], k.digits, ci=True)
+                               for k in metrics.TABLE_METRICS])
+    lines += report.markdown_table(["architecture", "data", "class", "cases"]
+                                   + [k.title for k in metrics.TABLE_METRICS], rows) + [""]
 
     lines += ["## Cost", ""]
     rows = [[i["label"], f"{i['params']:,}", f"{i['train_seconds'] / 60:.1f}",
@@ -394,7 +404,7 @@ def case_rows(infos: list[dict]) -> list[dict]:
     runs = []
     for info in infos:
         c = ml_collections.ConfigDict(info["config"])
-        runs.append((info["label"], evaluate.restore_run(c, info["workdir"])))
+        runs.append((info["label"], state_lib.restore_run(c, info["workdir"])))
     rows = []
     for title, key in picks:
         row, index = None, None

@@ -1,6 +1,7 @@
-"""Convert the HC18 fetal head ultrasound training set to a Decathlon folder.
+"""The HC18 fetal head ultrasound training set, converted to a Decathlon folder.
 
-``python -m medseg_jax.data.convert_hc18 --src=../shared/data/HC18 --dst=/tmp/HC18_decathlon``
+Command line: ``python -m medseg_jax.tools.convert_hc18 --src=../shared/data/HC18
+--dst=/tmp/HC18_decathlon``.
 
 Input (as the HC18 challenge distributes it): ``src/training_set/NNN_HC.png``
 (8-bit grayscale), ``NNN_HC_Annotation.png`` (a one-pixel ellipse outline,
@@ -43,9 +44,6 @@ import gzip
 import json
 import os
 import re
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -55,6 +53,10 @@ from absl import logging
 from PIL import Image  # a matplotlib dependency
 from scipy import ndimage
 
+from medseg_jax import fileio
+
+# The converter's mark in its summary (the module's first name, kept so that folders
+# converted then are still recognised as the converter's own).
 GENERATOR = "medseg_jax.data.convert_hc18"
 VERSION = 1
 MARKER = "hc18_conversion.json"
@@ -453,10 +455,7 @@ def convert(
     dst = os.path.abspath(os.path.expanduser(dst))
     _check_dst(dst, overwrite)
     items = list_images(src, limit=limit, only=only)
-    parent, base = os.path.split(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    try:
+    with fileio.build_folder(dst) as tmp:
         images_dir = os.path.join(tmp, "imagesTr")
         labels_dir = os.path.join(tmp, "labelsTr")
         os.makedirs(images_dir)
@@ -504,67 +503,6 @@ def convert(
         summary["seconds"] = round(time.perf_counter() - start, 2)
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _check_dst(dst, overwrite)  # again: something may have appeared meanwhile
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-            try:
-                os.replace(dst, os.path.join(old, base))
-                os.replace(tmp, dst)
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
-
-
-# --------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------
-
-
-def _define_flags() -> None:
-    from absl import flags  # noqa: PLC0415
-
-    flags.DEFINE_string("src", None, "HC18 folder (training_set/ and the pixel size CSV).")
-    flags.DEFINE_string("dst", None, "Decathlon folder to write.")
-    flags.DEFINE_integer("limit", None, "Convert only the first N images (file-number order).")
-    flags.DEFINE_list("only", None, "Convert only these images, e.g. 186_HC,010_2HC.")
-    flags.DEFINE_bool("overwrite", False, "Replace a non-empty dst not written by this tool.")
-    flags.mark_flags_as_required(["src", "dst"])
-
-
-def main(argv: list[str]) -> None:
-    from absl import app, flags  # noqa: PLC0415
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().setFormatter(None)
-    fl = flags.FLAGS
-    try:
-        summary = convert(fl.src, fl.dst, limit=fl.limit, only=fl.only, overwrite=fl.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError) as e:
-        print(f"convert_hc18: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(
-        f"wrote {summary['num_cases']} cases to {summary['dst']} in {summary['seconds']:.1f} s; "
-        f"head circumference of the masks vs the CSV: median relative error "
-        f"{100 * summary['hc_rel_error_median']:.3f}%, max "
-        f"{100 * summary['hc_rel_error_max']:.3f}% ({summary['hc_rel_error_max_image']}), "
-        f"{len(summary['hc_over_5_percent'])} above 5% (outlines: median "
-        f"{100 * summary['hc_outline_rel_error_median']:.4f}%, max "
-        f"{100 * summary['hc_outline_rel_error_max']:.4f}%); filled by ellipse fit: "
-        f"{', '.join(summary['ellipse_fit']) or 'none'}"
-    )
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)

@@ -1,0 +1,264 @@
+"""Preprocessing, once per data and settings: the cache a training run reads.
+
+``prepare(config, workdir)`` fits the intensity normalisation and the target spacing
+on the training cases only, preprocesses the training and validation cases (resized
+slices, or cases resampled to the target spacing for patch-based runs) and stores them
+as ``.npy`` files in a folder keyed by a fingerprint of the files and the settings, so
+an epoch reads memory-mapped arrays and never decodes NIfTI. The folder is built under
+a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from absl import logging
+
+from medseg_jax import fileio
+from medseg_jax.data import preprocess
+from medseg_jax.data.dataset import Dataset, open_dataset
+
+
+_CACHE_VERSION = 3
+
+
+def _fingerprint(config, dataset: Dataset) -> str:
+    files = []
+    for s in ("train", "val"):
+        for key in dataset.splits[s]:
+            ref, _ = dataset.refs[key]
+            for p in (*ref.image_paths, ref.label_path):
+                st = os.stat(p)
+                files.append((s, key, os.path.abspath(p), st.st_size, int(st.st_mtime_ns)))
+    settings = {
+        "version": _CACHE_VERSION,
+        "image_size": list(config.data.image_size),
+        "slice_axis": config.data.slice_axis,
+        "spatial_dims": config.model.spatial_dims,
+        "target_spacing": list(config.data.target_spacing),
+        "in_plane": config.data.in_plane,
+        "rescale_01": bool(config.data.rescale_01),
+        "files": files,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def intensity_plans(dataset: Dataset, loaded: dict | None = None) -> dict[str, list[dict]]:
+    """Per task, per channel normalisation, from that task's training cases only.
+
+    Cases read for the CT statistics are left in ``loaded`` (key -> Case) for reuse.
+    """
+    plans = {}
+    loaded = {} if loaded is None else loaded
+    for info in dataset.infos:
+        keys = [k for k in dataset.splits["train"] if dataset.refs[k][1] is info]
+        if not any(preprocess.is_ct(m) for m in info.modalities):
+            plans[info.name] = [{"scheme": "zscore"} for _ in info.modalities]
+            continue
+        for k in keys:
+            loaded[k] = dataset.load(k)
+        cases = [loaded[k] for k in keys]
+        plans[info.name] = preprocess.intensity_plan(
+            info.modalities, [c.image for c in cases], [c.label for c in cases])
+    return plans
+
+
+def canonical_spacing(path: str) -> tuple[float, ...]:
+    """Voxel size (mm) of a NIfTI file along the RAS axes, from its header only."""
+    import nibabel as nib  # noqa: PLC0415
+
+    img = nib.load(path)
+    zooms = img.header.get_zooms()[:3]
+    ornt = nib.io_orientation(img.affine)
+    spacing = [0.0] * len(zooms)
+    for axis, (target, _) in enumerate(ornt[: len(zooms)]):
+        spacing[int(target)] = float(zooms[axis])
+    return tuple(spacing)
+
+
+def target_spacing(config, dataset: Dataset) -> list[float]:
+    """config.data.target_spacing, or the median spacing of the training cases.
+
+    3D models: three entries (mm along the RAS axes). 2D models: two, the in-plane
+    axes (a 3D case keeps its own spacing along ``data.slice_axis``); a given
+    three-entry value is accepted and its slice-axis entry dropped.
+    """
+    dims = config.model.spatial_dims
+    axis = config.data.slice_axis
+    given = tuple(config.data.target_spacing)
+    if given:
+        if len(given) not in ((3,) if dims == 3 else (2, 3)) or min(given) <= 0:
+            raise ValueError(
+                f"config.data.target_spacing: {given} must be "
+                f"{'three' if dims == 3 else 'two (in plane) or three'} positive numbers "
+                "(mm) or empty (median of the training cases)")
+        if dims == 2 and len(given) == 3:
+            given = given[:axis] + given[axis + 1:]
+        return [float(x) for x in given]
+    spacings = []
+    for k in dataset.splits["train"]:
+        ref, info = dataset.refs[k]
+        spacing = canonical_spacing(ref.image_paths[0])
+        if info.is_2d:
+            spacing = spacing[:2]
+        elif dims == 2:
+            spacing = spacing[:axis] + spacing[axis + 1:]
+        elif len(spacing) != 3:
+            raise ValueError(f"{ref.image_paths[0]}: a 3D model needs 3D images")
+        spacings.append(spacing)
+    return [float(x) for x in np.median(np.array(spacings), axis=0)]
+
+
+@dataclasses.dataclass
+
+
+class Samples:
+    """Preprocessed samples of one split, memory-mapped from the cache."""
+
+    directory: str
+    split: str
+
+    def __post_init__(self):
+        base = os.path.join(self.directory, self.split)
+        self.images = np.load(base + "_images.npy", mmap_mode="r")
+        self.labels = np.load(base + "_labels.npy", mmap_mode="r")
+        self.case_index = np.load(base + "_case.npy")
+        self.foreground = np.load(base + "_fg.npy")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": np.asarray(self.images[i]), "label": np.asarray(self.labels[i])}
+
+    def __getstate__(self):  # grain workers re-open the memmaps
+        return {"directory": self.directory, "split": self.split}
+
+    def __setstate__(self, state):
+        self.directory, self.split = state["directory"], state["split"]
+        self.__post_init__()
+
+
+def prepare(config, workdir: str, dataset: Dataset | None = None):
+    """Returns (dataset, plans, {"train": Samples or Volumes (3D), "val": Samples}).
+
+    ``plans`` = {"intensity": {task: per-channel normalisation}, "target_spacing":
+    mm per axis for 3D models, per in-plane axis for 2D models with
+    ``data.in_plane='spacing'``, None for resized 2D slices}.
+    """
+    dataset = dataset or open_dataset(config, workdir)
+    cache_root = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "cache"))
+    directory = os.path.join(cache_root, _fingerprint(config, dataset))
+    plan_path = os.path.join(directory, "plan.json")
+    volumetric = preprocess.uses_patches(config)
+    if not volumetric and len(config.data.target_spacing):
+        logging.warning("config.data.target_spacing=%s is not used: 2D models with "
+                        "data.in_plane='resize' resize slices to data.image_size",
+                        tuple(config.data.target_spacing))
+    if not os.path.exists(plan_path):
+        logging.info("Preprocessing %d training and %d validation cases into %s",
+                     len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
+        loaded: dict = {}  # cases already read for the CT statistics, used once more below
+        plans = {"intensity": intensity_plans(dataset, loaded),
+                 "target_spacing": target_spacing(config, dataset) if volumetric else None}
+        os.makedirs(cache_root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
+        try:
+            if volumetric:
+                _write_volumes(tmp, "train", dataset, plans, config, loaded)
+            for split in ("val",) if volumetric else ("train", "val"):
+                images, labels, case_idx = [], [], []
+                for i, key in enumerate(dataset.splits[split]):
+                    case = loaded.pop(key, None) or dataset.load(key)
+                    if volumetric:
+                        imgs, labs = preprocess.network_tiles(*preprocess.case_volume(case, plans, config), config)
+                    else:
+                        imgs, labs = preprocess.case_samples(case, plans, config)
+                    images.append(imgs)
+                    labels.append(labs)
+                    case_idx.append(np.full(len(imgs), i, np.int32))
+                labels = np.concatenate(labels)
+                base = os.path.join(tmp, split)
+                np.save(base + "_images.npy", np.concatenate(images))
+                np.save(base + "_labels.npy", labels)
+                np.save(base + "_case.npy", np.concatenate(case_idx))
+                np.save(base + "_fg.npy", labels.reshape(len(labels), -1).max(axis=1) > 0)
+            fileio.write_json_atomic(os.path.join(tmp, "plan.json"), plans)
+            try:  # atomic: the cache folder is complete or absent
+                os.replace(tmp, directory)
+            except OSError:
+                if not os.path.exists(plan_path):
+                    raise
+                shutil.rmtree(tmp)  # another process finished the same cache first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    with open(plan_path) as f:
+        plans = json.load(f)
+    fileio.write_json_atomic(os.path.join(workdir, "preprocess.json"), plans)
+    train = Volumes(directory, "train") if volumetric else Samples(directory, "train")
+    return dataset, plans, {"train": train, "val": Samples(directory, "val")}
+
+
+_MAX_FG_COORDS = 20_000  # labelled voxels kept per case for foreground-centred patches
+
+
+def _write_volumes(directory: str, split: str, dataset: Dataset, plans, config,
+                   loaded: dict) -> None:
+    shapes, mins = [], []
+    for i, key in enumerate(dataset.splits[split]):
+        image, label = preprocess.case_volume(loaded.pop(key, None) or dataset.load(key), plans, config)
+        mins.append(float(image.min()))
+        fg = np.argwhere(label > 0).astype(np.int32)
+        if len(fg) > _MAX_FG_COORDS:
+            fg = fg[:: len(fg) // _MAX_FG_COORDS + 1]
+        base = os.path.join(directory, f"{split}_vol{i:05d}")
+        np.save(base + "_image.npy", image)
+        np.save(base + "_label.npy", label)
+        np.save(base + "_fg.npy", fg)
+        shapes.append(list(label.shape))
+    fileio.write_json_atomic(os.path.join(directory, f"{split}_volumes.json"),
+                      {"shapes": shapes, "mins": mins})
+
+
+class Volumes:
+    """Preprocessed whole volumes of one split (3D models), memory-mapped from the cache."""
+
+    def __init__(self, directory: str, split: str):
+        self.directory, self.split = directory, split
+        with open(os.path.join(directory, f"{split}_volumes.json")) as f:
+            meta = json.load(f)
+        self.shapes = [tuple(s) for s in meta["shapes"]]
+        self.mins = meta["mins"]
+        self._cache: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def patches_per_pass(self, image_size: tuple[int, ...], slice_axis: int = 2) -> int:
+        """How many ``image_size`` inputs hold as many voxels as the whole split (one
+        'epoch'); a 2D input in a volume is one slice thick."""
+        return max(1, int(sum(
+            np.prod(s) / np.prod(preprocess.volume_patch(image_size, len(s), slice_axis))
+            for s in self.shapes)))
+
+    def case(self, i: int):
+        """(image (*spatial, C), label (*spatial), foreground voxel coordinates)."""
+        if i not in self._cache:
+            base = os.path.join(self.directory, f"{self.split}_vol{i:05d}")
+            self._cache[i] = (np.load(base + "_image.npy", mmap_mode="r"),
+                              np.load(base + "_label.npy", mmap_mode="r"),
+                              np.load(base + "_fg.npy"))
+        return self._cache[i]
+
+    def __getstate__(self):  # grain workers re-open the memmaps
+        return {"directory": self.directory, "split": self.split}
+
+    def __setstate__(self, state):
+        self.__init__(state["directory"], state["split"])

@@ -1,0 +1,272 @@
+"""Reading one case's NIfTI files: checked, reoriented to RAS+, and mapped back.
+
+``load_case`` reads the image channels and the label of a ``decathlon.CaseRef``,
+reoriented to the closest canonical (RAS+) orientation, and checks them thoroughly
+(geometry, finiteness, label values): every problem is a ValueError naming the file.
+``to_original_orientation`` maps a label map back onto the voxel grid of the file it
+came from (predictions are written in the input's geometry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from medseg_jax.data.decathlon import CaseRef, DatasetInfo
+
+
+@dataclasses.dataclass
+
+
+class Case:
+    """One loaded case. ``image`` is ``(C, *spatial)``, ``label`` ``spatial``.
+
+    ``affine`` and ``spacing`` describe the arrays as returned (after
+    reorientation); ``original_affine`` and ``original_shape`` (spatial shape
+    of the file on disk, e.g. ``(X, Y, 1)`` for a 2D image stored as 3D)
+    describe the image file, for writing predictions back.
+    """
+
+    case_id: str
+    task: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple[int, ...]
+    modalities: tuple[str, ...]
+
+
+def _load_nifti(path: str) -> nib.Nifti1Image:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file does not exist")
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise ValueError(f"{path}: cannot read NIfTI header ({_reason(e)})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    return img
+
+
+def _read_array(img: nib.Nifti1Image, path: str) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ...
+        raise ValueError(f"{path}: cannot read NIfTI data ({_reason(e)})") from e
+
+
+def _reason(e: Exception) -> str:
+    """A library's error on one line (nibabel's may span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _in_plane_ornt(affine: np.ndarray) -> np.ndarray:
+    """Reorientation of a 2D image (as X, Y, 1) that keeps the singleton axis last.
+
+    The two in-plane axes are flipped / swapped so that they point along
+    increasing world axes, in world-axis order, like ``as_closest_canonical``.
+    """
+    ornt = orientations.io_orientation(affine)
+    world = ornt[:2, 0]
+    order = np.argsort(world)  # rank of each in-plane axis
+    rank = np.empty(2, dtype=float)
+    rank[order] = [0, 1]
+    return np.array([[rank[0], ornt[0, 1]], [rank[1], ornt[1, 1]], [2, 1]], dtype=float)
+
+
+def _reorient(
+    img: nib.Nifti1Image, data: np.ndarray, is_2d: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient ``data`` (spatial axes first) to closest canonical; return data, affine."""
+    if not is_2d:
+        canonical = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
+        return np.asanyarray(canonical.dataobj), canonical.affine
+    flat = data.ndim == 2
+    data3 = data[:, :, None] if flat else data
+    ornt = _in_plane_ornt(img.affine)
+    out = orientations.apply_orientation(data3, ornt)
+    affine = img.affine @ orientations.inv_ornt_aff(ornt, data3.shape[:3])
+    return (out[:, :, 0] if flat else out), affine
+
+
+def _spatial(data: np.ndarray, path: str, is_2d: bool, channels: bool) -> np.ndarray:
+    """Bring ``data`` to ``(X, Y[, Z])`` or ``(X, Y[, Z], C)`` with ``C`` only when ``channels``."""
+    shape = data.shape
+    if is_2d:
+        if data.ndim == 2:
+            return data[..., None] if channels else data
+        if data.ndim == 3 and shape[2] == 1:
+            return data[:, :, 0][..., None] if channels else data[:, :, 0]
+        if channels and data.ndim == 4 and shape[2] == 1:
+            return data[:, :, 0, :]
+        if channels and data.ndim == 3:
+            return data  # (X, Y, C)
+        raise ValueError(
+            f"{path}: shape {shape} is not a 2D image (expected (X, Y) or (X, Y, 1))"
+        )
+    if data.ndim == 3:
+        return data[..., None] if channels else data
+    if data.ndim == 4 and (channels or shape[3] == 1):
+        return data if channels else data[..., 0]
+    raise ValueError(f"{path}: shape {shape} is not a 3D {'image' if channels else 'label map'}")
+
+
+def _file_is_2d(img: nib.Nifti1Image, info: DatasetInfo) -> bool:
+    shape = img.shape
+    return len(shape) == 2 or (info.tensor_dims == 2 and len(shape) >= 3 and shape[2] == 1)
+
+
+def _voxel_sizes(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.sqrt((affine[:3, :ndim] ** 2).sum(axis=0)))
+
+
+def _check_same_grid(
+    path_a: str, shape_a: tuple[int, ...], aff_a: np.ndarray,
+    path_b: str, shape_b: tuple[int, ...], aff_b: np.ndarray, what: str,
+) -> None:
+    if tuple(shape_a) != tuple(shape_b):
+        raise ValueError(
+            f"{what} spatial shapes differ: {path_a} has {tuple(shape_a)}, "
+            f"{path_b} has {tuple(shape_b)}"
+        )
+    tol = 1e-3 * max(_voxel_sizes(aff_a, 3))
+    diff = float(np.max(np.abs(aff_a - aff_b)))
+    if diff > tol:
+        raise ValueError(
+            f"{what} affines differ by {diff:.4g} (> {tol:.3g}): {path_a} has "
+            f"{np.round(aff_a[:3], 4).tolist()}, {path_b} has {np.round(aff_b[:3], 4).tolist()}"
+        )
+
+
+def _label_values(label: np.ndarray) -> np.ndarray:
+    """Distinct values of an integer array (bincount when the range is small)."""
+    lo, hi = int(label.min()), int(label.max())
+    if hi - lo < 1 << 16:
+        counts = np.bincount((label.ravel().astype(np.int64) - lo))
+        return np.nonzero(counts)[0] + lo
+    return np.unique(label)
+
+
+def _to_uint8_label(data: np.ndarray, path: str, labels: dict[int, str]) -> np.ndarray:
+    if data.size == 0:
+        raise ValueError(f"{path}: empty label map")
+    if np.issubdtype(data.dtype, np.floating):
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise ValueError(f"{path}: label map holds {int((~finite).sum())} NaN/inf voxels")
+        rounded = np.rint(data)
+        frac = rounded != data
+        if frac.any():
+            examples = np.unique(data[frac])[:5].tolist()
+            raise ValueError(f"{path}: label map holds non-integer values, e.g. {examples}")
+        data = rounded.astype(np.int64)
+    elif not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:
+        raise ValueError(f"{path}: label map has unsupported dtype {data.dtype}")
+    values = _label_values(data)
+    undeclared = sorted(set(values.tolist()) - set(labels))
+    if undeclared:
+        raise ValueError(
+            f"{path}: label values {undeclared[:10]} are not declared in dataset.json "
+            f"'labels' {sorted(labels)}"
+        )
+    return data.astype(np.uint8)
+
+
+def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
+    """Load and check one case; with ``canonical`` reorient to closest RAS+."""
+    n_mod = len(info.modalities)
+    channels: list[np.ndarray] = []
+    ref_path, ref_shape, ref_is_2d = "", (), False
+    ref_affine: np.ndarray | None = None
+    original_affine: np.ndarray | None = None
+    original_shape: tuple[int, ...] = ()
+    for path in ref.image_paths:
+        img = _load_nifti(path)
+        is_2d = _file_is_2d(img, info)
+        data = _spatial(_read_array(img, path), path, is_2d, channels=True)
+        if len(ref.image_paths) > 1 and data.shape[-1] != 1:
+            raise ValueError(f"{path}: channel file holds {data.shape[-1]} channels, expected 1")
+        if np.issubdtype(data.dtype, np.floating):
+            bad = ~np.isfinite(data)
+            if bad.any():
+                raise ValueError(
+                    f"{path}: image holds {int(bad.sum())} non-finite (NaN/inf) voxels"
+                )
+        elif not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
+            raise ValueError(f"{path}: unsupported image dtype {data.dtype}")
+        data = data.astype(np.float32, copy=False)
+        if original_affine is None:
+            original_affine = img.affine.copy()
+            original_shape = tuple(int(s) for s in img.shape[: 2 if len(img.shape) == 2 else 3])
+        affine = img.affine
+        if canonical:
+            data, affine = _reorient(img, data, is_2d)
+        if ref_affine is None:
+            ref_path, ref_shape, ref_affine, ref_is_2d = path, data.shape[:-1], affine, is_2d
+        else:
+            if is_2d != ref_is_2d:
+                raise ValueError(f"{path}: channel files mix 2D and 3D images ({ref_path})")
+            _check_same_grid(
+                ref_path, ref_shape, ref_affine, path, data.shape[:-1], affine, "channel"
+            )
+        channels.extend(np.moveaxis(data, -1, 0))
+    if len(channels) != n_mod:
+        raise ValueError(
+            f"{ref.image_paths[0]}: image holds {len(channels)} channel(s) but dataset.json "
+            f"declares {n_mod} modalities {info.modalities}"
+        )
+    image = np.ascontiguousarray(np.stack(channels).astype(np.float32, copy=False))
+    assert ref_affine is not None and original_affine is not None
+    label = None
+    if ref.label_path is not None:
+        limg = _load_nifti(ref.label_path)
+        lpath = ref.label_path
+        lshape = limg.shape
+        lis_2d = ref_is_2d and (len(lshape) == 2 or (len(lshape) == 3 and lshape[2] == 1))
+        ldata = _spatial(_read_array(limg, lpath), lpath, lis_2d, channels=False)
+        ldata = _to_uint8_label(ldata, lpath, info.labels)
+        laffine = limg.affine
+        if canonical:
+            ldata, laffine = _reorient(limg, ldata, lis_2d)
+        _check_same_grid(
+            ref_path, ref_shape, ref_affine, lpath, ldata.shape, laffine, "image/label"
+        )
+        label = np.ascontiguousarray(ldata)
+    spacing = _voxel_sizes(ref_affine, image.ndim - 1)
+    return Case(
+        case_id=ref.case_id,
+        task=ref.task,
+        image=image,
+        label=label,
+        spacing=spacing,
+        affine=np.asarray(ref_affine, dtype=np.float64),
+        original_affine=np.asarray(original_affine, dtype=np.float64),
+        original_shape=original_shape,
+        modalities=info.modalities,
+    )
+
+
+def to_original_orientation(array: np.ndarray, case: Case) -> np.ndarray:
+    """Map a label map on ``case``'s (reoriented) grid back to the file's voxel grid.
+
+    Returns an array of shape ``case.original_shape``; write it with
+    ``case.original_affine`` to get a mask in the original geometry.
+    """
+    array = np.asarray(array)
+    spatial = case.image.shape[1:]
+    if array.shape != spatial:
+        raise ValueError(
+            f"array shape {array.shape} does not match case {case.case_id} grid {spatial}"
+        )
+    arr3 = array[..., None] if array.ndim == 2 else array
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(case.affine), orientations.io_orientation(case.original_affine)
+    )
+    out = orientations.apply_orientation(arr3, transform)
+    return np.ascontiguousarray(out.reshape(case.original_shape))

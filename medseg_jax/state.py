@@ -1,0 +1,186 @@
+"""What a run is made of, for every job that builds or restores one.
+
+- the network (``build_model``: ``Model(**config.model)``), the optimizer and the
+  ``TrainState`` (params, BatchNorm statistics, optimizer state), initialised on the
+  mesh (``init_state``) or described for a restore (``abstract_state``);
+- the jitted prediction function (``make_predict_fn``: softmax, averaged over flips
+  with ``eval.tta``);
+- a trained run restored from its workdir (``restore_run``): its config check, data,
+  plans and the chosen checkpoint, ready for evaluation, prediction and figures.
+
+Training (``train.py``), evaluation, prediction, the study and the tools all build on
+this module; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from medseg_jax import checkpoint as ckpt_lib
+from medseg_jax import config as config_lib
+from medseg_jax import fileio, models, sharding
+from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import dataset as dataset_lib
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+def setup_compilation_cache(config) -> None:
+    path = config.train.compilation_cache_dir
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def build_model(config, num_classes: int):
+    """The network of ``config.model`` (``models.from_config``)."""
+    return models.from_config(config.model, num_classes)
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    t = config.train
+    if t.lr_schedule == "cosine":
+        lr = optax.cosine_decay_schedule(t.learning_rate, max(1, total_steps))
+    else:
+        lr = t.learning_rate
+    opt = optax.adamw(lr, weight_decay=t.weight_decay) if t.weight_decay > 0 else optax.adam(lr)
+    # Always in the chain (a no-op at inf), so clipping can be switched on when
+    # resuming a run that diverged: the optimizer state keeps its structure.
+    max_norm = t.grad_clip_norm if t.grad_clip_norm > 0 else float("inf")
+    return optax.chain(optax.clip_by_global_norm(max_norm), opt)
+
+
+def create_state(config, model, input_shape, total_steps: int, rng) -> TrainState:
+    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=make_optimizer(config, total_steps))
+
+
+def init_state(config, model, input_shape, total_steps: int, mesh) -> TrainState:
+    """Initialises the state directly onto the mesh, replicated."""
+    init = jax.jit(
+        functools.partial(create_state, config, model, input_shape, total_steps),
+        out_shardings=sharding.replicated(mesh))
+    return init(jax.random.key(config.seed))
+
+
+def abstract_state(config, model, input_shape, total_steps: int, mesh):
+    shapes = jax.eval_shape(
+        functools.partial(create_state, config, model, input_shape, total_steps),
+        jax.random.key(config.seed))
+    return ckpt_lib.abstract_like(shapes, sharding.replicated(mesh))
+
+
+def variables(state) -> dict:
+    """The model variables of a state (what ``model.apply`` takes)."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# --------------------------------------------------------------------------- #
+# Prediction
+# --------------------------------------------------------------------------- #
+
+
+def predict_step(state: TrainState, images):
+    logits = state.apply_fn(variables(state), images, train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def flip_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a (B, *spatial, C) batch, () first."""
+    axes = range(1, spatial_dims + 1)
+    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
+
+
+def _tta_predict_step(state, images, flips: tuple[tuple[int, ...], ...]):
+    total = 0.0
+    for axes in flips:
+        probs = predict_step(state, jnp.flip(images, axes) if axes else images)
+        total = total + (jnp.flip(probs, axes) if axes else probs)
+    return total / len(flips)
+
+
+def make_predict_fn(config, mesh, tta: bool | None = None):
+    """Jitted ``(state, images) -> softmax``, averaged over flips when ``tta`` (default:
+    ``eval.tta``)."""
+    tta = config.eval.tta if tta is None else tta
+    flips = tuple(flip_axes(config.model.spatial_dims)) if tta else ((),)
+    return jax.jit(functools.partial(_tta_predict_step, flips=flips),
+                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                   out_shardings=sharding.batch_sharded(mesh))
+
+
+# --------------------------------------------------------------------------- #
+# A trained run, restored
+# --------------------------------------------------------------------------- #
+
+
+def load_plans(workdir: str) -> dict:
+    """The run's ``preprocess.json``: intensity normalisation and target spacing."""
+    path = os.path.join(workdir, "preprocess.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} holds no training run")
+    return fileio.read_json(path, "the run's preprocessing plan",
+                            "it is rewritten by training: run the training command again "
+                            "(it resumes from the checkpoints)")
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run restored for inference."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    plans: dict
+    dataset: dataset_lib.Dataset
+    model: Any
+    state: TrainState
+    step: int
+    epoch: int
+    which: str
+    predict_fn: Any
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Foreground label value -> class name."""
+        return {v: n for v, n in self.dataset.labels.items() if v != 0}
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str,
+                checkpoint: str | None = None) -> Run:
+    """Restores the ``checkpoint`` (best, latest or a step) of the run in ``workdir``."""
+    config_lib.validate(config)
+    which = str(checkpoint or config.eval.checkpoint)
+    setup_compilation_cache(config)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    if not os.path.exists(os.path.join(workdir, "splits.json")):
+        raise FileNotFoundError(f"{workdir}/splits.json not found: train in this workdir first")
+    workdir_lib.check_config(config, workdir, workdir_lib.EVAL_FIELDS)
+    plans = load_plans(workdir)
+    dataset = dataset_lib.open_dataset(config, workdir)
+    model = build_model(config, dataset.num_classes)
+    input_shape = (config.train.batch_size, *config.data.image_size, dataset.num_channels)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    step = checkpointer.resolve(which)
+    # The optimizer state is restored too: the schedule length does not change shapes.
+    abstract = abstract_state(config, model, input_shape, 1, mesh)
+    state, meta = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    return Run(config, workdir, mesh, plans, dataset, model, state, step,
+               meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh))
