@@ -9,7 +9,7 @@ Every field can be overridden on the command line, e.g.
 
 import ml_collections
 
-from medseg_jax.data.augment import default_augment_config
+from medseg_jax.data.augment import default_augment_config, nnunet_augment_config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,7 +57,16 @@ def default_config() -> ml_collections.ConfigDict:
     data.splits_file = ""
     # Share of each training batch drawn from slices that contain foreground.
     data.foreground_fraction = 0.33
+    # How that share is centred: "foreground" (any labelled voxel) or "class" (a class
+    # drawn among those the case or slice holds, then one of its voxels: nnU-Net's).
+    data.oversample = "foreground"
     data.num_workers = 0  # grain worker processes (0: read in the main process)
+    # Plans from the data, as nnU-Net makes them (medseg_jax/planning): "auto" fills the
+    # fields left "to the plan" (image_size (), target_spacing (), train.batch_size 0,
+    # model.base_features 0, model.depth 0, model.max_features 0) from the training
+    # cases; the run's plans.json says what was used and why. "": off.
+    data.plan = ""
+    data.plan_budget = "auto"  # auto (by backend) | cpu | gpu: how big a step may be
 
     # --- model: the network is built as Model(**config.model) ------------------
     # The fields every architecture has; an architecture's own fields (FCN's
@@ -92,12 +101,18 @@ def default_config() -> ml_collections.ConfigDict:
     # --- training ---------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 16  # global batch, split over all devices
+    train.optimizer = "adam"  # adam (the study's) | sgd (Nesterov momentum, nnU-Net's)
     train.learning_rate = 1e-3
-    train.lr_schedule = "constant"  # constant | cosine
-    train.weight_decay = 0.0  # >0 switches Adam to AdamW
+    train.lr_schedule = "constant"  # constant | cosine | poly (nnU-Net: (1 - t/T)**0.9)
+    train.momentum = 0.99  # sgd only
+    train.weight_decay = 0.0  # adam: >0 switches to AdamW; sgd: L2 added to the gradient
     train.grad_clip_norm = 0.0  # 0: no clipping
     train.num_epochs = 30
     train.steps_per_epoch = 0  # 0: one pass over the training samples
+    # A wall-time budget for training, in minutes (0: off): the step and validation times
+    # are measured before training and num_epochs is set so that the run fits (recorded
+    # in config.json; a resumed run keeps it).
+    train.budget_minutes = 0.0
     train.patience = 8  # early stopping on validation loss, in epochs (0: off)
     train.min_delta = 0.0
     train.init_from = ""  # another run's workdir: start from its best checkpoint (transfer)
@@ -131,14 +146,75 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def study_section() -> ml_collections.ConfigDict:
+    """The ``benchmark`` section of a study config (configs/benchmark.py): what to compare."""
+    b = ml_collections.ConfigDict()
+    # Architectures, comma-separated: unet, fcn, attention_unet; "_3d" for the 3D variant
+    # (e.g. "unet,unet_3d"; 3D runs skip 2D data sets such as the synthetic ultrasound).
+    b.models = "unet,fcn,attention_unet"
+    # Several data sets, each with its own label set: "name:folder,name:folder" (a
+    # Decathlon folder, or the raw HC18 / OpenKBP folders, converted once into
+    # <workdir>/converted/). Empty: data.root (or the embedded synthetic set).
+    b.datasets = ""
+    # Wall-time budget of the whole study in minutes (0: off): shared equally by the
+    # runs, each sets its epochs to fit (train.budget_minutes), evaluation included.
+    b.budget_minutes = 0.0
+    b.image_size_3d = (64, 64, 24)  # patch size of the 3D variants; (): from the plan
+    b.batch_size_3d = 2  # 0: from the plan
+    # Transfer learning: an earlier benchmark workdir; each architecture is fine-tuned
+    # from its counterpart there (and, with compare_scratch, also trained from scratch).
+    b.init_from = ""
+    b.compare_scratch = True
+    b.freeze_encoder_epochs = 0
+    # Hyperparameter search (the study's): every combination is trained and scored on the
+    # validation split; the best by validation Dice is evaluated once on the test split.
+    b.sweep = s = ml_collections.ConfigDict()
+    s.enabled = False
+    s.learning_rates = "1e-3,3e-4"
+    s.batch_sizes = "16"
+    s.num_epochs = "30"
+    s.patience = "8"
+    return b
+
+
+def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """nnU-Net's training recipe, beside the study's protocol, the same for every
+    architecture (the comparison stays fair): a plan from the data (patch, spacing,
+    per-axis pooling, depth, batch: ``data.plan``), deep supervision, polynomial
+    learning-rate decay over epochs of a fixed 250 iterations, per-class foreground
+    oversampling, nnU-Net's augmentation set, no early stopping (the best checkpoint by
+    validation Dice is kept), flip test-time augmentation. Adam stays the optimizer (the
+    study's); ``train.optimizer="sgd"`` gives nnU-Net's SGD with Nesterov momentum
+    (``learning_rate=1e-2``, ``weight_decay=3e-5``). Changes ``config`` in place."""
+    config.data.plan = "auto"
+    config.data.image_size = ()
+    config.data.target_spacing = ()
+    config.train.batch_size = 0
+    config.model.base_features = 0
+    config.model.depth = 0
+    config.model.max_features = 0
+    config.model.deep_supervision = True
+    config.data.oversample = "class"
+    config.train.lr_schedule = "poly"
+    config.train.steps_per_epoch = 250
+    config.train.patience = 0
+    config.eval.tta = True
+    config.augment = nnunet_augment_config(config.model.spatial_dims)
+    return config
+
+
 _CHOICES = {
     "model.spatial_dims": (2, 3),
     "model.norm": ("batch", "instance", "none"),
     "data.in_plane": ("resize", "spacing"),
+    "data.plan": ("", "auto"),
+    "data.oversample": ("foreground", "class"),
+    "data.plan_budget": ("auto", "cpu", "gpu"),
     "data.slice_axis": (0, 1, 2),
     "model.dtype": ("float32", "bfloat16"),
     "model.layer_impl": ("auto", "reshape", "lax"),
-    "train.lr_schedule": ("constant", "cosine"),
+    "train.lr_schedule": ("constant", "cosine", "poly"),
+    "train.optimizer": ("adam", "sgd"),
     "train.transfer_guard": ("", "log", "disallow"),
     "eval.split": ("train", "val", "test"),
 }

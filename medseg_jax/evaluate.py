@@ -49,6 +49,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
 
 def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
     run = state_lib.restore_run(config, workdir, checkpoint)
+    config = run.config  # with the run's plan applied
     keys = run.dataset.splits[split]
     if not keys:
         raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases")
@@ -62,8 +63,9 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
         pred, n = inference.predict_case(case, run.plans, config, run.state, run.predict_fn,
                                          run.mesh)
         t1 = time.time()
+        ref, _ = run.dataset.refs[key]
         case_metrics = metrics.evaluate_case(pred, case.label, case.spacing, run.labels,
-                                             config.eval.nsd_tolerance_mm)
+                                             config.eval.nsd_tolerance_mm, ref.annotated)
         t_predict, t_metrics, n_samples = t_predict + t1 - t0, t_metrics + time.time() - t1, \
             n_samples + n
         per_case.append({"case": key, "task": case.task,
@@ -160,8 +162,8 @@ def _figure_maps(run: Run, case: nifti.Case, index: int | None,
                                            config)
         x = volume if index is None else np.take(volume, index, axis=config.data.slice_axis)
         pools, _ = layers.level_geometry("model", config.model.spatial_dims,
-                                                config.model.depth, config.model.pool_sizes,
-                                                config.model.kernel_sizes)
+                                         config.model.depth, config.model.pool_sizes,
+                                         config.model.kernel_sizes)
         stride = layers.total_stride(pools, config.model.spatial_dims)
         shape = x.shape[:-1]
         padded = tuple(-(-n // s) * s for n, s in zip(shape, stride))

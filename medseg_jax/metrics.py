@@ -341,10 +341,14 @@ def evaluate_case(
     spacing: Sequence[float] | None,
     labels: dict[int, str],
     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+    annotated: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics for each foreground label of one case: ``{name: {metric: value}}``.
 
     ``labels`` maps label value -> class name; value 0 (background) is skipped.
+    ``annotated`` (partial labels): the label values annotated in this case; the others
+    are not scored at all (they are left out of the result, and ``aggregate`` counts
+    them as "not annotated").
     """
     pred_labels = np.asarray(pred_labels)
     gt_labels = np.asarray(gt_labels)
@@ -357,7 +361,7 @@ def evaluate_case(
     return {
         name: binary_metrics(pred_labels == value, gt_labels == value, spacing, nsd_tolerance)
         for value, name in labels.items()
-        if int(value) != 0
+        if int(value) != 0 and (annotated is None or int(value) in annotated)
     }
 
 
@@ -372,6 +376,8 @@ def aggregate(
     Non-finite values (nan, inf) are skipped and counted in ``n_nan``; with no
     finite value mean/std/median are nan, and with fewer than two the interval
     is nan. The bootstrap is seeded, so the same cases give the same interval.
+    Cases in which a class was not annotated (partial labels: the class is absent from
+    the case's metrics) are counted in ``n_not_annotated``, present only when some are.
     """
     values: dict[str, dict[str, list[float]]] = {}
     for case in per_case:
@@ -381,6 +387,7 @@ def aggregate(
     out: dict[str, dict[str, dict[str, float]]] = {}
     for cls, metrics in values.items():
         out[cls] = {}
+        missing = sum(cls not in case for case in per_case)
         for metric, vals in metrics.items():
             arr = np.asarray(vals, dtype=np.float64)
             finite = arr[np.isfinite(arr)]
@@ -395,6 +402,8 @@ def aggregate(
                 "n": int(finite.size),
                 "n_nan": int(arr.size - finite.size),
             }
+            if missing:
+                out[cls][metric]["n_not_annotated"] = int(missing)
     return out
 
 
@@ -408,13 +417,16 @@ def dice_counts(
     labels: jax.Array,
     num_classes: int,
     mask: jax.Array | None = None,
+    annotated: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-class (intersection, pred_sum, gt_sum), float32 of shape (num_classes,).
 
     Summed over the whole batch. ``pred_labels`` and ``labels`` are integer
     (B, *spatial); ``mask`` is an optional (B,) weight (1.0 real sample, 0.0
-    padding). Label values outside [0, num_classes) count for no class.
-    Jittable; sum the counts over the validation set, then ``dice_from_counts``.
+    padding); ``annotated`` an optional (B, K) weight: a class counts only in the
+    samples where it is annotated (partial labels). Label values outside [0,
+    num_classes) count for no class. Jittable; sum the counts over the validation
+    set, then ``dice_from_counts``.
     """
     if pred_labels.shape != labels.shape:
         raise ValueError(
@@ -425,6 +437,10 @@ def dice_counts(
     if mask is not None:
         w = jnp.asarray(mask, jnp.float32).reshape((-1,) + (1,) * (gt_oh.ndim - 1))
         pred_oh, gt_oh = pred_oh * w, gt_oh * w
+    if annotated is not None:
+        a = jnp.asarray(annotated, jnp.float32)
+        a = a.reshape((a.shape[0],) + (1,) * (gt_oh.ndim - 2) + (num_classes,))
+        pred_oh, gt_oh = pred_oh * a, gt_oh * a
     axes = tuple(range(gt_oh.ndim - 1))
     inter = jnp.sum(jnp.minimum(pred_oh, gt_oh), axis=axes)  # = w where both hit the class
     return inter, jnp.sum(pred_oh, axis=axes), jnp.sum(gt_oh, axis=axes)

@@ -110,6 +110,7 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
             save_probabilities: bool = False) -> dict:
     """Predicts every case of ``input_path`` into ``output_dir``; returns a summary."""
     run = state_lib.restore_run(config, workdir)
+    config = run.config  # with the run's plan applied
     info = _pick_task(run, task)
     inputs = find_inputs(input_path, len(info.modalities))
     writer = jax.process_index() == 0
@@ -125,7 +126,7 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
                  " and flip TTA" if config.eval.tta else "")
     written, skipped, t0, t_predict = [], [], time.time(), 0.0
     for name, files in inputs:
-        ref = nifti.CaseRef(case_id=name, image_paths=files, label_path=None,
+        ref = decathlon.CaseRef(case_id=name, image_paths=files, label_path=None,
                                 task=info.name)
         try:
             case = nifti.load_case(ref, info)

@@ -30,6 +30,8 @@ def stats_cell(stats: dict, digits: int, ci: bool = False) -> str:
         text += f" [{stats['ci_low']:.{digits}f}, {stats['ci_high']:.{digits}f}]"
     if stats.get("n_nan"):
         text += f" ({stats['n_nan']} undef.)"
+    if stats.get("n_not_annotated"):
+        text += f" ({stats['n_not_annotated']} not annotated)"
     return text
 
 
@@ -98,21 +100,34 @@ def per_case_csv(per_case: list[dict],
 SUMMARY_HEADER = ["data", "class", "metric", *_STATS]
 
 
-def summary_rows(groups: dict[str, dict]) -> list[list]:
+def partial_labels(groups: dict[str, dict]) -> bool:
+    """Whether some class was not annotated in some case (partial labels)."""
+    return any("n_not_annotated" in stats for classes in groups.values()
+               for per_metric in classes.values() for stats in per_metric.values())
+
+
+def summary_rows(groups: dict[str, dict], partial: bool | None = None) -> list[list]:
     """One row per (group, class, metric) of ``metrics.aggregate`` output:
-    ``SUMMARY_HEADER`` (mean, std, median, 95% CI, n, n_nan)."""
+    ``SUMMARY_HEADER`` (mean, std, median, 95% CI, n, n_nan), plus ``n_not_annotated``
+    for partially labelled data."""
+    partial = partial_labels(groups) if partial is None else partial
+    keys = _STATS + (("n_not_annotated",) if partial else ())
     rows = []
     for group, classes in groups.items():
         for cls, per_metric in classes.items():
             for metric, stats in per_metric.items():
                 rows.append([group, cls, metric] + [
-                    str(stats[k]) if k in ("n", "n_nan") else _num(stats[k]) for k in _STATS])
+                    str(stats.get(k, 0)) if k.startswith("n") else _num(stats[k])
+                    for k in keys])
     return rows
 
 
 def summary_csv(groups: dict[str, dict]) -> str:
-    """One row per (group, class, metric) with mean, std, median, 95% CI, n, n_nan."""
-    return csv_text(SUMMARY_HEADER, summary_rows(groups))
+    """One row per (group, class, metric) with mean, std, median, 95% CI, n, n_nan (and
+    n_not_annotated for partially labelled data)."""
+    partial = partial_labels(groups)
+    header = SUMMARY_HEADER + (["n_not_annotated"] if partial else [])
+    return csv_text(header, summary_rows(groups, partial))
 
 
 # --------------------------------------------------------------------------- #

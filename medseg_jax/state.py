@@ -28,7 +28,7 @@ from flax.training import train_state
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import fileio, models, sharding
+from medseg_jax import fileio, models, planning, sharding
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import dataset as dataset_lib
 
@@ -50,12 +50,27 @@ def build_model(config, num_classes: int):
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """``train.optimizer`` with ``train.lr_schedule`` over ``total_steps``, after global
+    gradient-norm clipping (``train.grad_clip_norm``; a no-op when 0).
+
+    adam: Adam, or AdamW with ``weight_decay`` > 0 (the study's). sgd: SGD with Nesterov
+    momentum ``train.momentum`` and L2 weight decay added to the gradient (nnU-Net's).
+    Schedules: constant, cosine, poly (``lr * (1 - step / total) ** 0.9``, nnU-Net's).
+    """
     t = config.train
     if t.lr_schedule == "cosine":
         lr = optax.cosine_decay_schedule(t.learning_rate, max(1, total_steps))
+    elif t.lr_schedule == "poly":
+        lr = optax.polynomial_schedule(t.learning_rate, 0.0, 0.9, max(1, total_steps))
     else:
         lr = t.learning_rate
-    opt = optax.adamw(lr, weight_decay=t.weight_decay) if t.weight_decay > 0 else optax.adam(lr)
+    if t.get("optimizer", "adam") == "sgd":
+        opt = optax.chain(optax.add_decayed_weights(t.weight_decay),
+                          optax.sgd(lr, momentum=t.momentum, nesterov=True))
+    elif t.weight_decay > 0:
+        opt = optax.adamw(lr, weight_decay=t.weight_decay)
+    else:
+        opt = optax.adam(lr)
     # Always in the chain (a no-op at inf), so clipping can be switched on when
     # resuming a run that diverged: the optimizer state keeps its structure.
     max_norm = t.grad_clip_norm if t.grad_clip_norm > 0 else float("inf")
@@ -163,7 +178,9 @@ class Run:
 
 def restore_run(config: ml_collections.ConfigDict, workdir: str,
                 checkpoint: str | None = None) -> Run:
-    """Restores the ``checkpoint`` (best, latest or a step) of the run in ``workdir``."""
+    """Restores the ``checkpoint`` (best, latest or a step) of the run in ``workdir``;
+    ``Run.config`` is the run's config with its plan applied (``data.plan``)."""
+    config, _ = planning.resolve(config, workdir)
     config_lib.validate(config)
     which = str(checkpoint or config.eval.checkpoint)
     setup_compilation_cache(config)

@@ -1,5 +1,6 @@
-"""The study (``configs/benchmark.py``): several architectures, one protocol, a report
-with statistics. (Speed measurements are in ``benchmarks/``, not here.)
+"""The study (``configs/benchmark.py``): several architectures, one protocol, one or
+several data sets, a report with statistics. (Speed measurements are in
+``benchmarks/``, not here; the report's files are written by ``study_report.py``.)
 
 ``python -m medseg_jax.main --config=configs/benchmark.py --workdir=runs/bench`` trains
 and evaluates every architecture of ``benchmark.models`` (``unet``, ``fcn``,
@@ -15,7 +16,11 @@ split, then writes to the workdir:
 - ``figures/``      training curves, per-case box plots, case overlays side by side.
 
 Each architecture trains in ``<workdir>/<label>/`` (a normal run folder: rerunning
-the command resumes or reuses it). With ``benchmark.sweep.enabled`` every
+the command resumes or reuses it); with ``benchmark.datasets`` (several data sets, each
+with its own label set) in ``<workdir>/<data set>/<label>/``, raw HC18 and OpenKBP
+folders converted once into ``<workdir>/converted/<data set>``.
+``benchmark.budget_minutes`` shares a wall-time budget equally between the runs, each
+setting its epochs to fit (``train.budget_minutes``). With ``benchmark.sweep.enabled`` every
 combination of the listed learning rates, batch sizes, epoch counts and
 patiences is trained in ``<label>/trial_<i>/`` and scored on the validation
 split only; the best by validation Dice is then evaluated once on the test
@@ -39,22 +44,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import evaluate, fileio, metrics, models, report, stats, train
-from medseg_jax import state as state_lib
+from medseg_jax import evaluate, fileio, models, report, stats, study_report, train
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import dataset as dataset_lib
-from medseg_jax.data import decathlon
+from medseg_jax.data import augment, decathlon
 from medseg_jax.models import MODELS
-
-# Reported by the study on its own data (brain-tumour MRI, lung-nodule CT, liver-lesion
-# images): mean Dice, IoU and Hausdorff distance (mm). Not comparable to other data.
-STUDY = {"unet": (0.85, 0.76, 3.2), "fcn": (0.82, 0.73, 3.8),
-         "attention_unet": (0.78, 0.69, 4.1)}
-
-
-_VERSIONED = ("python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-              "numpy", "scipy", "nibabel", "medseg_jax")
-
 
 @dataclasses.dataclass
 class Entry:
@@ -116,8 +110,9 @@ def sweep_grid(config) -> list[dict]:
 
 
 def run_config(config, entry: Entry, roots: list[str], workdir: str,
-               setting: dict | None = None) -> ml_collections.ConfigDict:
-    """The single-run config of one entry (and sweep setting)."""
+               setting: dict | None = None,
+               budget_minutes: float = 0.0) -> ml_collections.ConfigDict:
+    """The single-run config of one entry (and sweep setting, and time budget)."""
     values = config.to_dict()
     bench = values.pop("benchmark")
     c = ml_collections.ConfigDict(values)
@@ -129,8 +124,15 @@ def run_config(config, entry: Entry, roots: list[str], workdir: str,
         if key not in c.model:  # this architecture's own fields, at their defaults
             c.model[key] = value
     if entry.dims == 3:
-        c.data.image_size = tuple(bench["image_size_3d"])
-        c.train.batch_size = c.eval.batch_size = int(bench["batch_size_3d"])
+        if len(bench["image_size_3d"]):  # else the plan's (data.plan="auto")
+            c.data.image_size = tuple(bench["image_size_3d"])
+        if int(bench["batch_size_3d"]):
+            c.train.batch_size = c.eval.batch_size = int(bench["batch_size_3d"])
+        else:
+            c.eval.batch_size = 4
+        if c.augment.to_dict() == augment.nnunet_augment_config(config.model.spatial_dims
+                                                               ).to_dict():
+            c.augment = augment.nnunet_augment_config(3)  # the recipe's 3D ranges
         roots = [r for r in roots if not decathlon.read_dataset(r).is_2d]
         if not roots:
             raise ValueError(f"config.benchmark.models: {entry.label} is 3D but every data "
@@ -141,6 +143,8 @@ def run_config(config, entry: Entry, roots: list[str], workdir: str,
     c.train.freeze_encoder_epochs = int(bench["freeze_encoder_epochs"])
     for key, value in (setting or {}).items():
         c.train[key] = value
+    if budget_minutes:
+        c.train.budget_minutes = float(budget_minutes)
     return c
 
 
@@ -159,36 +163,40 @@ def choose_trial(trials: list[dict]) -> int:
     return int(np.argmax(scores))
 
 
-def _run_entry(config, entry: Entry, roots: list[str], workdir: str) -> tuple[dict, list]:
-    """Trains (or reuses) one entry; returns (test results + run facts, trials)."""
-    folder = os.path.join(workdir, entry.label)
+def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: str = "",
+               budget_minutes: float = 0.0) -> tuple[dict, list]:
+    """Trains (or reuses) one entry on one data set; returns (test results + run facts,
+    trials)."""
+    folder = os.path.join(workdir, dataset, entry.label)
     trials = []
     if config.benchmark.sweep.enabled:
-        for i, setting in enumerate(sweep_grid(config)):
-            c = run_config(config, entry, roots, workdir, setting)
+        grid = sweep_grid(config)
+        for i, setting in enumerate(grid):
+            c = run_config(config, entry, roots, workdir, setting, budget_minutes / len(grid))
             c.eval.split, c.eval.figures = "val", False
             trial_dir = os.path.join(folder, f"trial_{i}")
             logging.info("Benchmark %s, trial %d: %s", entry.label, i, setting)
             val = train.train_and_evaluate(c, trial_dir)
-            trials.append({"entry": entry.label, "trial": i, **setting, "workdir": trial_dir,
-                           "val_dice": _class_mean_dice(val), **_run_facts(trial_dir)})
+            trials.append({"entry": entry.label, "dataset": dataset, "trial": i, **setting,
+                           "workdir": trial_dir, "val_dice": _class_mean_dice(val),
+                           **_run_facts(trial_dir)})
         best = choose_trial(trials)
         trials[best]["chosen"] = True
-        c = run_config(config, entry, roots, workdir, sweep_grid(config)[best])
+        c = run_config(config, entry, roots, workdir, grid[best], budget_minutes / len(grid))
         c.eval.split = "test"
         run_dir = trials[best]["workdir"]
         logging.info("Benchmark %s: trial %d chosen by validation Dice %.4f; testing it",
                      entry.label, best, trials[best]["val_dice"])
         results = evaluate.evaluate(c, run_dir, split="test")
     else:
-        c = run_config(config, entry, roots, workdir)
+        c = run_config(config, entry, roots, workdir, budget_minutes=budget_minutes)
         c.eval.split = "test"
         run_dir = folder
         results = train.train_and_evaluate(c, run_dir)
     n_cases = max(len(results["per_case"]), 1)
     info = {"label": entry.label, "model": entry.name, "dims": entry.dims,
-            "init_from": entry.init_from, "workdir": run_dir, "config": c.to_dict(),
-            "params": results["params"], **_run_facts(run_dir),
+            "dataset": dataset, "init_from": entry.init_from, "workdir": run_dir,
+            "config": c.to_dict(), "params": results["params"], **_run_facts(run_dir),
             "infer_seconds_per_case": results["predict_seconds"] / n_cases,
             "aggregate": results["aggregate"], "per_case": results["per_case"],
             "checkpoint_epoch": results["epoch"]}
@@ -205,6 +213,55 @@ def _run_facts(run_dir: str) -> dict:
             "images_per_second": float(np.median(ips)) if ips else float("nan")}
 
 
+def parse_datasets(config, workdir: str) -> list[tuple[str, list[str]]]:
+    """[(name, data folders)] of ``benchmark.datasets`` ("name:folder,..."; raw HC18 and
+    OpenKBP folders converted into ``<workdir>/converted/<name>``), or [("", the folders of
+    data.root or the synthetic set)]."""
+    text = str(config.benchmark.get("datasets", ""))
+    if not text.strip():
+        return [("", dataset_lib.data_roots(config, workdir))]
+    out = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        name, sep, path = item.partition(":")
+        name, path = name.strip(), os.path.expanduser(path.strip())
+        if not sep or not name or not path or not name.replace("_", "").isalnum():
+            raise ValueError(f"config.benchmark.datasets: {item!r} is not name:folder (a "
+                             "name of letters, digits and _, then the folder)")
+        if any(n == name for n, _ in out):
+            raise ValueError(f"config.benchmark.datasets: {name!r} is listed twice")
+        out.append((name, [dataset_folder(name, path, workdir)]))
+    return out
+
+
+def dataset_folder(name: str, path: str, workdir: str) -> str:
+    """A Decathlon folder for ``path``: itself, or its conversion (HC18 as the challenge
+    ships it: ``training_set/``; OpenKBP: ``train-pats/``), made once and reused."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"config.benchmark.datasets: {name}: {path} is not a folder")
+    if os.path.exists(os.path.join(path, decathlon.DATASET_JSON)):
+        return path
+    from medseg_jax.data import hc18, openkbp  # noqa: PLC0415
+
+    dst = os.path.join(workdir, "converted", name)
+    if os.path.isdir(os.path.join(path, hc18.IMAGES_DIR)):
+        marker, convert = hc18.MARKER, hc18.convert
+    elif os.path.isdir(os.path.join(path, "train-pats")):
+        marker, convert = openkbp.MARKER, openkbp.convert
+    else:
+        raise ValueError(f"config.benchmark.datasets: {name}: {path} is neither a Decathlon "
+                         "folder (dataset.json) nor raw HC18 (training_set/) or OpenKBP "
+                         "(train-pats/)")
+    done = os.path.join(dst, marker)
+    if os.path.exists(done) and os.path.exists(os.path.join(dst, decathlon.DATASET_JSON)):
+        summary = fileio.read_json(done, "the conversion summary", f"delete {dst} to convert "
+                                   "again")
+        if os.path.realpath(str(summary.get("src", ""))) == os.path.realpath(path):
+            return dst
+    logging.info("Converting %s (%s) into %s", name, path, dst)
+    convert(path, dst, overwrite=True)
+    return dst
+
+
 def run(config, workdir: str) -> dict:
     """Runs the benchmark described by ``config.benchmark``; returns results.json's content."""
     t0 = time.time()
@@ -212,23 +269,34 @@ def run(config, workdir: str) -> dict:
     if config.benchmark.sweep.enabled:
         sweep_grid(config)  # fail early on a bad list
     os.makedirs(workdir, exist_ok=True)
-    roots = dataset_lib.data_roots(config, workdir)  # the synthetic set made once for all runs
+    datasets = parse_datasets(config, workdir)  # the synthetic set made once for all runs
+    runs = [(name, roots, entry) for name, roots in datasets for entry in entries
+            if entry.dims == 2 or not name
+            or not all(decathlon.read_dataset(r).is_2d for r in roots)]
+    budget = float(config.benchmark.get("budget_minutes", 0.0))
+    # Evaluation, conversion and start-up take about 15% of a run on the CPU.
+    per_run = 0.85 * (budget - (time.time() - t0) / 60) / max(len(runs), 1) if budget else 0.0
+    if budget and per_run < 0.1:
+        raise ValueError(f"config.benchmark.budget_minutes={budget:g} leaves less than 6 s "
+                         f"to each of the {len(runs)} runs")
     infos, trials = [], []
-    for entry in entries:
-        info, entry_trials = _run_entry(config, entry, roots, workdir)
+    for name, roots, entry in runs:
+        info, entry_trials = _run_entry(config, entry, roots, workdir, name, per_run)
         infos.append(info)
         trials += entry_trials
     results = {"command": command_line(),
                "environment": environment(), "seed": int(config.seed),
-               "data": roots, "entries": infos, "trials": trials,
+               "data": {name or "data": roots for name, roots in datasets},
+               "entries": infos, "trials": trials,
                "comparisons": compare(infos),
                "benchmark_config": config.benchmark.to_dict()}
     if jax.process_index() == 0:
-        results["figures"] = write_figures(infos, workdir)
+        results["figures"] = study_report.write_figures(infos, workdir)
         results["wall_seconds"] = time.time() - t0
         fileio.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        fileio.write_text_atomic(os.path.join(workdir, "results.csv"), results_csv(infos))
-        text = report_markdown(results)
+        fileio.write_text_atomic(os.path.join(workdir, "results.csv"),
+                                 study_report.results_csv(infos))
+        text = study_report.report_markdown(results)
         fileio.write_text_atomic(os.path.join(workdir, "report.md"), text)
         print(text, flush=True)
         logging.info("Benchmark done in %.1f min; wrote %s", results["wall_seconds"] / 60,
@@ -256,166 +324,24 @@ def environment() -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def _per_case(info: dict, cls: str, metric: str) -> dict[str, float]:
-    return {c["case"]: c["metrics"][cls][metric] for c in info["per_case"]
-            if cls in c["metrics"]}
-
-
 def compare(infos: list[dict]) -> list[dict]:
-    """Paired Wilcoxon tests of every pair of entries, per class, on Dice and HD95."""
+    """Paired Wilcoxon tests of every pair of entries on the same data set, per class (and
+    on the class mean when there are several classes), on Dice and HD95."""
     out = []
     for a, b in itertools.combinations(infos, 2):
+        if a.get("dataset", "") != b.get("dataset", ""):
+            continue
         classes = [c for c in a["aggregate"]["all"] if c in b["aggregate"]["all"]]
-        for cls, metric in itertools.product(classes, ("dice", "hd95")):
-            va, vb = _per_case(a, cls, metric), _per_case(b, cls, metric)
+        pairs = [(cls, metric, study_report.per_case(a, cls, metric),
+                  study_report.per_case(b, cls, metric))
+                 for cls, metric in itertools.product(classes, ("dice", "hd95"))]
+        if len(classes) > 1:
+            pairs += [("mean", metric, study_report.class_mean(a, metric),
+                       study_report.class_mean(b, metric))
+                      for metric in ("dice", "hd95")]
+        for cls, metric, va, vb in pairs:
             common = sorted(set(va) & set(vb))
             test = stats.paired_wilcoxon([va[k] for k in common], [vb[k] for k in common])
-            out.append({"a": a["label"], "b": b["label"], "class": cls, "metric": metric,
-                        "cases": len(common), **test})
+            out.append({"dataset": a.get("dataset", ""), "a": a["label"], "b": b["label"],
+                        "class": cls, "metric": metric, "cases": len(common), **test})
     return out
-
-
-# --------------------------------------------------------------------------- #
-# Files
-# --------------------------------------------------------------------------- #
-
-
-def results_csv(infos: list[dict]) -> str:
-    """Each entry's ``<split>_summary.csv`` rows, prefixed by the entry."""
-    rows = [[info["label"], info["model"], info["dims"], *row]
-            for info in infos for row in report.summary_rows(info["aggregate"])]
-    return report.csv_text(["entry", "model", "dims", *report.SUMMARY_HEADER], rows)
-
-
-def report_markdown(results: dict) -> str:
-    infos = results["entries"]
-    env = results["environment"]
-    lines = ["# Benchmark report", "",
-             f"Command: `{results['command']}`  ",
-             f"Device: {env['devices']} ({env['backend']}, {env['cpu_count']} CPU cores, "
-             f"{env['processes']} process(es)); seed {results['seed']}  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k in _VERSIONED)
-             + "  ",
-             f"Data: {', '.join(results['data'])}", ""]
-    if infos:
-        c = infos[0]["config"]
-        t, d = c["train"], c["data"]
-        lines += [f"Protocol: split {'/'.join(f'{x:g}' for x in d['split_fractions'])} by case "
-                  f"(seed {results['seed']}), Adam lr {t['learning_rate']:g}, batch "
-                  f"{t['batch_size']}, at most {t['num_epochs']} epochs, early stopping on "
-                  f"validation loss (patience {t['patience']}), Dice + CE loss, on-device "
-                  "rotation / flip / scaling / intensity augmentation; best checkpoint by "
-                  f"validation Dice; input {tuple(d['image_size'])} (sweep trials override "
-                  "lr, batch and epochs, see below)  "]
-    if "wall_seconds" in results:
-        lines += [f"Wall time of this invocation: {results['wall_seconds'] / 60:.1f} min", ""]
-    else:
-        lines += [""]
-
-    lines += ["## Test metrics", "",
-              "Mean ± std over test cases [95% bootstrap interval of the mean]; distances in "
-              "mm. 'undef.': cases where the metric is undefined (a distance with an empty "
-              "mask), left out.", ""]
-    rows = []
-    for info in infos:
-        for group, classes in info["aggregate"].items():
-            for cls, m in classes.items():
-                n = m["dice"]["n"] + m["dice"]["n_nan"]
-                rows.append([info["label"], group, cls, n]
-                            + [report.stats_cell(m[k.name], k.digits, ci=True)
-                               for k in metrics.TABLE_METRICS])
-    lines += report.markdown_table(["architecture", "data", "class", "cases"]
-                                   + [k.title for k in metrics.TABLE_METRICS], rows) + [""]
-
-    lines += ["## Cost", ""]
-    rows = [[i["label"], f"{i['params']:,}", f"{i['train_seconds'] / 60:.1f}",
-             i["epochs_run"], i["checkpoint_epoch"], f"{i['images_per_second']:.1f}",
-             f"{i['infer_seconds_per_case']:.3f}"] for i in infos]
-    lines += report.markdown_table(["architecture", "parameters", "training (min)",
-                                    "epochs run", "best epoch", "train images/s",
-                                    "inference s/case"], rows) + [""]
-
-    if results["comparisons"]:
-        lines += ["## Paired comparisons", "",
-                  "Wilcoxon signed-rank test, two-sided, on the per-case values of the test "
-                  "cases both architectures were scored on; n counts the non-zero, defined "
-                  "differences. Median difference is A - B (Dice: > 0 favours A; HD95: < 0 "
-                  "favours A).", ""]
-        rows = [[c["a"], c["b"], c["class"], c["metric"], c["n"], f"{c['median_diff']:+.4f}",
-                 "n/a" if not math.isfinite(c["p_value"]) else f"{c['p_value']:.4g}"]
-                for c in results["comparisons"]]
-        lines += report.markdown_table(["A", "B", "class", "metric", "n", "median A - B", "p"],
-                                       rows) + [""]
-
-    lines += ["## The study's figures (their data, for reference only)", "",
-              "Reported by the study on its own MRI, CT and ultrasound data; not the same "
-              "data or split as above, so not directly comparable.", ""]
-    lines += report.markdown_table(["architecture", "Dice", "IoU", "HD (mm)"],
-                                   [[k, *v] for k, v in STUDY.items()]) + [""]
-
-    if results["trials"]:
-        lines += ["## Sweep trials (validation split only)", ""]
-        rows = [[t["entry"], t["trial"], t["learning_rate"], t["batch_size"], t["num_epochs"],
-                 t["patience"], t["epochs_run"], f"{t['val_dice']:.4f}",
-                 "yes" if t.get("chosen") else ""] for t in results["trials"]]
-        lines += report.markdown_table(["architecture", "trial", "lr", "batch", "max epochs",
-                                        "patience", "epochs run", "val Dice", "chosen"],
-                                       rows) + [""]
-
-    figures = results.get("figures", {})
-    if figures:
-        lines += ["## Figures", ""]
-        lines += [f"![{name}]({path})" for name, path in figures.items()] + [""]
-    return "\n".join(lines)
-
-
-def write_figures(infos: list[dict], workdir: str) -> dict[str, str]:
-    """Curves of all entries, per-case box plots and side-by-side case overlays."""
-    folder = os.path.join(workdir, "figures")
-    out = {"training curves": os.path.join(folder, "training_curves.png"),
-           "per-case Dice and HD95": os.path.join(folder, "boxplots.png")}
-    report.plot_curves({i["label"]: i["workdir"] for i in infos}, out["training curves"])
-    classes = list(infos[0]["aggregate"]["all"])
-    panels = {}
-    for cls, (metric, name) in itertools.product(classes, (("dice", "Dice"),
-                                                           ("hd95", "HD95 (mm)"))):
-        panels[f"{name}, {cls}"] = {i["label"]: list(_per_case(i, cls, metric).values())
-                                    for i in infos}
-    report.plot_boxplots(panels, out["per-case Dice and HD95"])
-    rows = case_rows(infos)
-    if rows:
-        out["test cases"] = os.path.join(folder, "test_cases.png")
-        report.plot_cases(rows, out["test cases"], "best, median and worst test case by "
-                          "Dice averaged over the architectures")
-    return {name: os.path.relpath(path, workdir) for name, path in out.items()}
-
-
-def case_rows(infos: list[dict]) -> list[dict]:
-    """Views of the same best / median / worst test cases through every architecture."""
-    dice = [{c["case"]: evaluate.mean_dice(c["metrics"]) for c in i["per_case"]}
-            for i in infos]
-    scores = {}
-    for key in set.intersection(*(set(d) for d in dice)):
-        finite = [d[key] for d in dice if math.isfinite(d[key])]
-        scores[key] = float(np.mean(finite)) if finite else float("nan")
-    picks = evaluate.select_cases(scores)
-    if not picks:
-        return []
-    runs = []
-    for info in infos:
-        c = ml_collections.ConfigDict(info["config"])
-        runs.append((info["label"], state_lib.restore_run(c, info["workdir"])))
-    rows = []
-    for title, key in picks:
-        row, index = None, None
-        for label, run in runs:
-            view = evaluate.case_view(run, key, title, index)
-            index = view["index"]
-            if row is None:
-                row = {"title": view["title"], "image": view["image"], "gt": view["gt"],
-                       "preds": {}, "maps": {}}
-            row["preds"][label] = view["preds"][run.config.model.name]
-            for name, values in view["maps"].items():
-                row["maps"][f"{label} {name}"] = values
-        rows.append(row)
-    return rows

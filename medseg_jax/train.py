@@ -41,7 +41,8 @@ from absl import logging
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import evaluate, fileio, inference, losses, metrics, report, sharding, transfer
+from medseg_jax import (evaluate, fileio, inference, losses, metrics, planning, report,
+                        sharding, transfer)
 from medseg_jax import events as events_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
@@ -52,7 +53,8 @@ from medseg_jax.models import count_params
 
 def train_step(state: state_lib.TrainState, batch: dict, *, config, num_classes: int,
                freeze_steps: int = 0):
-    """One Adam step on a global batch: on-device augmentation, Dice + CE.
+    """One optimizer step on a global batch: on-device augmentation, Dice + CE (plus the
+    coarser outputs with ``model.deep_supervision``).
 
     For the first ``freeze_steps`` steps the encoder stays fixed (transfer learning).
     """
@@ -61,13 +63,19 @@ def train_step(state: state_lib.TrainState, batch: dict, *, config, num_classes:
     images, labels = augment.augment_batch(aug_rng, batch["image"], batch["label"],
                                            config.augment)
 
+    deep = bool(config.model.get("deep_supervision", False))
+
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-            mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        loss = losses.dice_ce_loss(logits, labels, num_classes,
-                                   dice_weight=config.train.dice_weight,
-                                   ce_weight=config.train.ce_weight)
+            mutable=["batch_stats", "aux"] if deep else ["batch_stats"],
+            rngs={"dropout": dropout_rng})
+        aux = {int(name.split("_")[1]): value[-1]
+               for name, value in updates.get("aux", {}).items()}
+        loss = losses.supervised_loss(logits, labels, num_classes,
+                                      dice_weight=config.train.dice_weight,
+                                      ce_weight=config.train.ce_weight, aux=aux,
+                                      annotated=batch.get("annotated"))
         return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -88,11 +96,13 @@ def train_step(state: state_lib.TrainState, batch: dict, *, config, num_classes:
 def eval_step(state: state_lib.TrainState, batch: dict, *, config, num_classes: int):
     """Loss (weighted by real rows) and Dice counts of one padded batch."""
     logits = state.apply_fn(state_lib.variables(state), batch["image"], train=False)
-    mask = batch["mask"]
-    loss = losses.dice_ce_loss(logits, batch["label"], num_classes,
-                               dice_weight=config.train.dice_weight,
-                               ce_weight=config.train.ce_weight, mask=mask)
-    counts = metrics.dice_counts(jnp.argmax(logits, -1), batch["label"], num_classes, mask=mask)
+    mask, annotated = batch["mask"], batch.get("annotated")
+    loss = losses.supervised_loss(logits, batch["label"], num_classes,
+                                  dice_weight=config.train.dice_weight,
+                                  ce_weight=config.train.ce_weight, mask=mask,
+                                  annotated=annotated)
+    counts = metrics.dice_counts(jnp.argmax(logits, -1), batch["label"], num_classes, mask=mask,
+                                 annotated=annotated)
     return {"loss_sum": loss * mask.sum(), "n": mask.sum(), "counts": jnp.stack(counts)}
 
 
@@ -112,8 +122,8 @@ def validate(eval_fn, state, samples: cache.Samples, config, mesh) -> dict:
     """Validation loss and Dice (counts summed over the whole split, divided once)."""
     loss_sum, n, counts = 0.0, 0.0, 0.0
     for batch in loader.padded_batches(samples.images, samples.labels,
-                                         config.eval.batch_size, jax.process_index(),
-                                         jax.process_count()):
+                                       config.eval.batch_size, jax.process_index(),
+                                       jax.process_count(), samples.annotated):
         out = eval_fn(state, sharding.to_global(batch, mesh))
         loss_sum, n, counts = loss_sum + out["loss_sum"], n + out["n"], counts + out["counts"]
     loss_sum, n, counts = jax.device_get((loss_sum, n, counts))
@@ -207,19 +217,22 @@ def _sigterm_sets(flag: threading.Event):
 def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool = False):
     """Trains (or resumes); returns the final early-stopping/meta record (and, with
     ``return_state``, the final TrainState as ``(meta, state)``)."""
+    plan = None
+    if planning.wanted(config):  # the fields left to the plan, from the data
+        with workdir_lib.run_lock(workdir):
+            config, plan = planning.resolve(config, workdir)
     config_lib.validate(config)
     state_lib.setup_compilation_cache(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     with workdir_lib.run_lock(workdir):
-        return _train(config, workdir, mesh, return_state)
+        return _train(config, workdir, mesh, plan, return_state)
 
 
-def _train(config, workdir: str, mesh, return_state: bool = False):
+def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = False):
     workdir_lib.check_config(config, workdir)
     dataset, _, samples = cache.prepare(config, workdir)
-    workdir_lib.write_config(config, workdir)  # once the data are read: a failed start changes nothing
     train_samples, val_samples = samples["train"], samples["val"]
     batch = config.train.batch_size
     if isinstance(train_samples, cache.Volumes):  # patches covering the data once
@@ -228,6 +241,12 @@ def _train(config, workdir: str, mesh, return_state: bool = False):
     else:
         n_train = len(train_samples)
     steps_per_epoch = config.train.steps_per_epoch or max(1, n_train // batch)
+    if config.train.get("budget_minutes", 0):
+        config = _fit_budget(config, workdir, mesh, dataset, train_samples, val_samples,
+                             steps_per_epoch)
+    # Once the data are read: a failed start changes nothing.
+    workdir_lib.write_config(config, workdir)
+    planning.write(plan, workdir)
     total_steps = steps_per_epoch * config.train.num_epochs
     logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples of "
                  "shape %s x %d channel(s); %d classes %s",
@@ -293,6 +312,55 @@ def _overlay_setup(config, mesh, val_samples) -> tuple[int | None, Any]:
     labels = val_samples.labels
     counts = [int(np.count_nonzero(labels[i])) for i in range(len(labels))]
     return int(np.argmax(counts)), state_lib.make_predict_fn(config, mesh, tta=False)
+
+
+def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
+                steps_per_epoch: int):
+    """``config`` with ``train.num_epochs`` set so that training fits
+    ``train.budget_minutes``: the run's earlier value when it resumes, else measured on a
+    throw-away state (a few steps after compilation, and a few validation batches)."""
+    budget = float(config.train.budget_minutes)
+    path = os.path.join(workdir, "config.json")
+    out = ml_collections.ConfigDict(config.to_dict())
+    if os.path.exists(path):
+        previous = fileio.read_json(path, "the run's config").get("train", {})
+        if previous.get("budget_minutes") == budget and previous.get("num_epochs"):
+            out.train.num_epochs = int(previous["num_epochs"])
+            return out
+    t0 = time.time()
+    num_classes, batch = dataset.num_classes, config.train.batch_size
+    model = state_lib.build_model(config, num_classes)
+    shape = (batch, *config.data.image_size, dataset.num_channels)
+    state = state_lib.init_state(config, model, shape, steps_per_epoch, mesh)
+    train_fn, eval_fn = jit_steps(config, mesh, num_classes)
+    host = loader.epoch_batches(train_samples, config, 0, 4)
+    batches = [sharding.to_global(b, mesh) for b in host]
+    host.close()
+    t_compile = time.time()
+    state, out_ = train_fn(state, batches[0])
+    jax.block_until_ready(out_)
+    t_step = time.time()
+    compile_s = t_step - t_compile
+    for b in batches[1:]:
+        state, out_ = train_fn(state, b)
+    jax.block_until_ready(out_)
+    step_s = (time.time() - t_step) / (len(batches) - 1)
+    val = list(loader.padded_batches(val_samples.images, val_samples.labels,
+                                     config.eval.batch_size, jax.process_index(),
+                                     jax.process_count(), val_samples.annotated))
+    jax.block_until_ready(eval_fn(state, sharding.to_global(val[0], mesh)))  # compiles
+    t_val = time.time()
+    timed = val[1:4] or val[:1]
+    for b in timed:
+        jax.block_until_ready(eval_fn(state, sharding.to_global(b, mesh)))
+    val_s = (time.time() - t_val) / len(timed) * len(val)
+    epoch_s = steps_per_epoch * step_s + val_s + 1.0  # + the checkpoint save
+    left = budget * 60 - (time.time() - t0) - 2 * compile_s  # the real run compiles too
+    out.train.num_epochs = max(1, min(1000, int(left // epoch_s)))
+    logging.info("Time budget %.1f min: %.2f s per step, %.1f s per validation, %.1f s per "
+                 "epoch of %d steps -> %d epochs (measured in %.1f s)", budget, step_s, val_s,
+                 epoch_s, steps_per_epoch, out.train.num_epochs, time.time() - t0)
+    return out
 
 
 def _first_bad(pending) -> tuple[int, float, float] | None:

@@ -127,9 +127,12 @@ def config_differences(previous: dict, current: dict,
             dotted = f"{section}.{k}"
             if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
                 differ.append(f"{dotted}: {old!r} -> {v!r}")
-    old = previous.get("train", {}).get("weight_decay", 0.0)
-    new = current.get("train", {}).get("weight_decay", 0.0)
-    if (old > 0) != (new > 0):  # Adam <-> AdamW: another optimizer state to restore
+    before, now = previous.get("train", {}), current.get("train", {})
+    optimizer = now.get("optimizer", "adam")
+    if before.get("optimizer", "adam") != optimizer:  # another optimizer state to restore
+        differ.append(f"train.optimizer: {before.get('optimizer', 'adam')!r} -> {optimizer!r}")
+    old, new = before.get("weight_decay", 0.0), now.get("weight_decay", 0.0)
+    if optimizer == "adam" and (old > 0) != (new > 0):  # Adam <-> AdamW: another state
         differ.append(f"train.weight_decay: {old!r} -> {new!r} (switches Adam/AdamW)")
     return differ
 

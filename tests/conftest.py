@@ -50,9 +50,35 @@ def tiny_config(**overrides):
     return config
 
 
+def tiny_recipe_config(**overrides):
+    """``tiny_config`` with nnU-Net's recipe (medseg_jax.config.recipe): a plan from the
+    data, deep supervision, poly schedule, class oversampling, nnU-Net's augmentation;
+    batch, width and steps stay tiny (explicit fields win over the plan)."""
+    from medseg_jax.config import recipe
+
+    config = recipe(tiny_config())
+    config.model.base_features = 4
+    config.train.batch_size = 8
+    config.train.steps_per_epoch = 2
+    config.eval.tta = False
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config
+
+
+@pytest.fixture(params=["study", "recipe"])
+def make_run_config(request):
+    """The tiny config with the study's protocol, then with nnU-Net's recipe."""
+    return tiny_config if request.param == "study" else tiny_recipe_config
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def bench_config(**benchmark_fields):
     config = tiny_config(**{"train.num_epochs": 1})
-    config.benchmark = runpy.run_path(str(ROOT / "configs" / "benchmark.py"))["get_config"]().benchmark
+    config.benchmark = runpy.run_path(str(ROOT / "configs" / "benchmark.py"))[
+        "get_config"]().benchmark
     for key, value in benchmark_fields.items():
         node = config.benchmark
         *parents, leaf = key.split(".")
@@ -105,3 +106,40 @@ def test_entries_with_3d_and_fine_tuning():
     assert [(e.label, e.name, e.dims, e.init_from) for e in entries] == [
         ("unet", "unet", 2, ""), ("fcn_3d", "fcn", 3, ""),
         ("unet_finetuned", "unet", 2, "/old/unet"), ("fcn_3d_finetuned", "fcn", 3, "/old/fcn_3d")]
+
+
+def test_study_on_several_data_sets_with_a_budget(tmp_path):
+    """Two data sets with their own label sets: one section each, a summary table across
+    them, runs in <workdir>/<data set>/<architecture>, a time budget shared by the runs."""
+    from medseg_jax.data import synthetic
+
+    roots = synthetic.make_synthetic(str(tmp_path / "data"), num_cases=4, size=16, depth=4)
+    mri = next(r for r in roots if r.endswith("SynthMRI"))
+    us = next(r for r in roots if r.endswith("SynthUS"))
+    config = bench_config(**{"models": "unet,fcn", "datasets": f"mri:{mri},us:{us}",
+                             "budget_minutes": 1.0})
+    workdir = tmp_path / "bench"
+    results = study.run(config, str(workdir))
+    assert sorted((i["dataset"], i["label"]) for i in results["entries"]) == [
+        ("mri", "fcn"), ("mri", "unet"), ("us", "fcn"), ("us", "unet")]
+    for info in results["entries"]:
+        assert Path(info["workdir"]) == workdir / info["dataset"] / info["label"]
+        recorded = json.loads((Path(info["workdir"]) / "config.json").read_text())
+        assert recorded["train"]["budget_minutes"] > 0
+    assert {c["dataset"] for c in results["comparisons"]} == {"mri", "us"}
+    report = (workdir / "report.md").read_text()
+    assert "## Summary across data sets" in report and "## mri" in report
+    assert "## us" in report and "the study (theirs)" in report
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["dataset"] for r in rows} == {"mri", "us"}
+    assert (workdir / "figures" / "mri" / "boxplots.png").exists()
+
+
+def test_study_datasets_field_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="is not name:folder"):
+        study.parse_datasets(bench_config(datasets="justapath"), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="x: /nonexistent is not a folder"):
+        study.parse_datasets(bench_config(datasets="x:/nonexistent"), str(tmp_path))
+    with pytest.raises(ValueError, match="neither a Decathlon folder"):
+        study.parse_datasets(bench_config(datasets=f"x:{tmp_path}"), str(tmp_path))

@@ -24,3 +24,14 @@ def test_peak_flops_by_device_kind_and_dtype():
     assert throughput.peak_flops("NVIDIA A100-SXM4-40GB", "float32") == 156e12
     assert throughput.peak_flops("TPU v4", "float32") == 275e12
     assert throughput.peak_flops("cpu", "float32") is None
+
+
+def test_peak_flops_matches_whole_device_names():
+    assert throughput.peak_flops("NVIDIA L4", "bfloat16") == 121e12
+    assert throughput.peak_flops("NVIDIA L40S", "bfloat16") is None  # not an L4
+    assert throughput.peak_flops("NVIDIA A100-SXM4-40GB", "float32") == 156e12
+    assert throughput.peak_flops("NVIDIA A10G", "bfloat16") is None  # not an A10
+    assert throughput.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert throughput.peak_flops("TPU v5p", "bfloat16") == 459e12
+    assert throughput.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+    assert throughput.peak_flops("cpu", "float32") is None

@@ -61,6 +61,9 @@ def test_batch_size_must_divide_devices(make_tiny_config, tmp_path):
 
 
 def _params(workdir, config, which="latest"):
+    from medseg_jax import planning
+
+    config, _ = planning.resolve(config, workdir)  # the run's plan (recipe configs)
     mesh = sharding.make_mesh()
     model = state_lib.build_model(config, 2)
     abstract = state_lib.abstract_state(config, model, (8, *config.data.image_size, 1), 1, mesh)
@@ -70,11 +73,11 @@ def _params(workdir, config, which="latest"):
     return state, meta
 
 
-def test_resume_equals_uninterrupted_run(make_tiny_config, tmp_path):
+def test_resume_equals_uninterrupted_run(make_run_config, tmp_path):
     full_dir, split_dir = str(tmp_path / "full"), str(tmp_path / "split")
-    config3 = make_tiny_config(**{"train.num_epochs": 3, "train.patience": 0})
+    config3 = make_run_config(**{"train.num_epochs": 3, "train.patience": 0})
     train.train(config3, full_dir)
-    train.train(make_tiny_config(**{"train.num_epochs": 2, "train.patience": 0}), split_dir)
+    train.train(make_run_config(**{"train.num_epochs": 2, "train.patience": 0}), split_dir)
     meta = train.train(config3, split_dir)  # resumes at epoch 3
     assert meta["epoch"] == 2
     full, _ = _params(full_dir, config3)
@@ -106,9 +109,9 @@ def test_latest_and_best_are_both_kept(make_tiny_config, tmp_path):
     ck.close()
 
 
-def test_train_and_evaluate_then_eval_reproduces(make_tiny_config, tmp_path):
+def test_train_and_evaluate_then_eval_reproduces(make_run_config, tmp_path):
     workdir = str(tmp_path)
-    config = make_tiny_config()
+    config = make_run_config()
     results = train.train_and_evaluate(config, workdir)
     for name in ("config.json", "splits.json", "preprocess.json", "metrics.jsonl",
                  "test_metrics.json", "test_metrics.md", "test_per_case.csv",
@@ -205,9 +208,9 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(
     assert meta["epoch"] == 1
 
 
-def test_same_seed_gives_bit_identical_numbers_with_worker_processes(make_tiny_config,
+def test_same_seed_gives_bit_identical_numbers_with_worker_processes(make_run_config,
                                                                      tmp_path):
-    config = make_tiny_config(**{"data.num_workers": 1, "train.num_epochs": 1})
+    config = make_run_config(**{"data.num_workers": 1, "train.num_epochs": 1})
     rows, states = [], []
     for name in ("first", "second"):
         workdir = str(tmp_path / name)

@@ -25,7 +25,7 @@ from medseg_jax.data import preprocess
 from medseg_jax.data.dataset import Dataset, open_dataset
 
 
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 
 
 def _fingerprint(config, dataset: Dataset) -> str:
@@ -116,8 +116,6 @@ def target_spacing(config, dataset: Dataset) -> list[float]:
 
 
 @dataclasses.dataclass
-
-
 class Samples:
     """Preprocessed samples of one split, memory-mapped from the cache."""
 
@@ -130,6 +128,10 @@ class Samples:
         self.labels = np.load(base + "_labels.npy", mmap_mode="r")
         self.case_index = np.load(base + "_case.npy")
         self.foreground = np.load(base + "_fg.npy")
+        self.classes = np.load(base + "_classes.npy")  # (N, K): classes present
+        # (N, K): classes annotated (partial labels only; None when all are)
+        path = base + "_annotated.npy"
+        self.annotated = np.load(path) if os.path.exists(path) else None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -173,22 +175,27 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
             if volumetric:
                 _write_volumes(tmp, "train", dataset, plans, config, loaded)
             for split in ("val",) if volumetric else ("train", "val"):
-                images, labels, case_idx = [], [], []
+                images, labels, case_idx, annotated = [], [], [], []
                 for i, key in enumerate(dataset.splits[split]):
                     case = loaded.pop(key, None) or dataset.load(key)
                     if volumetric:
-                        imgs, labs = preprocess.network_tiles(*preprocess.case_volume(case, plans, config), config)
+                        volume = preprocess.case_volume(case, plans, config)
+                        imgs, labs = preprocess.network_tiles(*volume, config)
                     else:
                         imgs, labs = preprocess.case_samples(case, plans, config)
                     images.append(imgs)
                     labels.append(labs)
                     case_idx.append(np.full(len(imgs), i, np.int32))
+                    annotated.append(np.repeat(dataset.annotated(key)[None], len(imgs), 0))
                 labels = np.concatenate(labels)
                 base = os.path.join(tmp, split)
                 np.save(base + "_images.npy", np.concatenate(images))
                 np.save(base + "_labels.npy", labels)
                 np.save(base + "_case.npy", np.concatenate(case_idx))
                 np.save(base + "_fg.npy", labels.reshape(len(labels), -1).max(axis=1) > 0)
+                np.save(base + "_classes.npy", class_presence(labels, dataset.num_classes))
+                if dataset.partial:
+                    np.save(base + "_annotated.npy", np.concatenate(annotated))
             fileio.write_json_atomic(os.path.join(tmp, "plan.json"), plans)
             try:  # atomic: the cache folder is complete or absent
                 os.replace(tmp, directory)
@@ -206,14 +213,35 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
     return dataset, plans, {"train": train, "val": Samples(directory, "val")}
 
 
-_MAX_FG_COORDS = 20_000  # labelled voxels kept per case for foreground-centred patches
+_MAX_FG_COORDS = 20_000  # labelled voxels kept per case (and class) for centred patches
+
+
+def class_presence(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, K) bool: which classes occur in each of N label maps."""
+    flat = labels.reshape(len(labels), -1)
+    return np.stack([(flat == c).any(axis=1) for c in range(num_classes)], axis=1)
+
+
+def class_coordinates(label: np.ndarray) -> np.ndarray:
+    """(M, ndim + 1) int32: voxel coordinates of each foreground class (at most
+    ``_MAX_FG_COORDS`` per class, evenly thinned) and the class, sorted by class."""
+    out = [np.zeros((0, label.ndim + 1), np.int32)]
+    for c in np.unique(label):
+        if c == 0:
+            continue
+        coords = np.argwhere(label == c).astype(np.int32)
+        if len(coords) > _MAX_FG_COORDS:
+            coords = coords[:: len(coords) // _MAX_FG_COORDS + 1]
+        out.append(np.concatenate([coords, np.full((len(coords), 1), c, np.int32)], axis=1))
+    return np.concatenate(out)
 
 
 def _write_volumes(directory: str, split: str, dataset: Dataset, plans, config,
                    loaded: dict) -> None:
-    shapes, mins = [], []
+    shapes, mins, annotated = [], [], []
     for i, key in enumerate(dataset.splits[split]):
-        image, label = preprocess.case_volume(loaded.pop(key, None) or dataset.load(key), plans, config)
+        case = loaded.pop(key, None) or dataset.load(key)
+        image, label = preprocess.case_volume(case, plans, config)
         mins.append(float(image.min()))
         fg = np.argwhere(label > 0).astype(np.int32)
         if len(fg) > _MAX_FG_COORDS:
@@ -222,9 +250,13 @@ def _write_volumes(directory: str, split: str, dataset: Dataset, plans, config,
         np.save(base + "_image.npy", image)
         np.save(base + "_label.npy", label)
         np.save(base + "_fg.npy", fg)
+        np.save(base + "_fgclass.npy", class_coordinates(label))
         shapes.append(list(label.shape))
-    fileio.write_json_atomic(os.path.join(directory, f"{split}_volumes.json"),
-                      {"shapes": shapes, "mins": mins})
+        annotated.append([int(v) for v in np.flatnonzero(dataset.annotated(key))])
+    meta = {"shapes": shapes, "mins": mins}
+    if dataset.partial:
+        meta["annotated"], meta["num_classes"] = annotated, dataset.num_classes
+    fileio.write_json_atomic(os.path.join(directory, f"{split}_volumes.json"), meta)
 
 
 class Volumes:
@@ -236,7 +268,10 @@ class Volumes:
             meta = json.load(f)
         self.shapes = [tuple(s) for s in meta["shapes"]]
         self.mins = meta["mins"]
+        self.annotated = meta.get("annotated")  # per case, partial labels only
+        self.num_classes = meta.get("num_classes", 0)
         self._cache: dict[int, tuple] = {}
+        self._classes: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -256,6 +291,17 @@ class Volumes:
                               np.load(base + "_label.npy", mmap_mode="r"),
                               np.load(base + "_fg.npy"))
         return self._cache[i]
+
+    def class_coordinates(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(coordinates (M, ndim), the classes present, where each class's rows start and
+        end) of case ``i``'s foreground, sorted by class (per-class oversampling)."""
+        if i not in self._classes:
+            base = os.path.join(self.directory, f"{self.split}_vol{i:05d}")
+            table = np.load(base + "_fgclass.npy")
+            classes, starts = np.unique(table[:, -1], return_index=True)
+            bounds = np.append(starts, len(table))
+            self._classes[i] = (table[:, :-1], classes, bounds)
+        return self._classes[i]
 
     def __getstate__(self):  # grain workers re-open the memmaps
         return {"directory": self.directory, "split": self.split}

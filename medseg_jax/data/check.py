@@ -238,7 +238,7 @@ def _list_training(meta: dict[str, Any], info: decathlon.DatasetInfo, report: Re
         try:
             refs = decathlon._cases_from_training_list(
                 info.root, {"training": [entry]}, json_path, info.name, info.modalities,
-                info.file_ending)
+                info.file_ending, info.labels)
         except (OSError, ValueError) as e:
             file, fault = _locate(str(e), paths, info.root)
             report.add(ERROR, f"{info.name}/{name}", file, fault)

@@ -40,13 +40,11 @@ def data_roots(config, workdir: str) -> list[str]:
 
 
 @dataclasses.dataclass
-
-
 class Dataset:
     """Everything a run needs to know about its data."""
 
     infos: list[decathlon.DatasetInfo]
-    refs: dict[str, tuple[nifti.CaseRef, decathlon.DatasetInfo]]  # "Task/case" -> ref
+    refs: dict[str, tuple[decathlon.CaseRef, decathlon.DatasetInfo]]  # "Task/case" -> ref
     splits: dict[str, list[str]]
     labels: dict[int, str]
     num_classes: int
@@ -56,8 +54,22 @@ class Dataset:
         ref, info = self.refs[case_key]
         return nifti.load_case(ref, info)
 
+    @property
+    def partial(self) -> bool:
+        """Partial labels: some case lacks the annotation of some class."""
+        return any(info.partial for info in self.infos)
 
-def case_key(ref: nifti.CaseRef) -> str:
+    def annotated(self, case_key: str) -> np.ndarray:
+        """(num_classes,) bool: the classes annotated in the case (background always)."""
+        ref, _ = self.refs[case_key]
+        out = np.ones(self.num_classes, bool)
+        if ref.annotated is not None:
+            out[1:] = False
+            out[list(ref.annotated)] = True
+        return out
+
+
+def case_key(ref: decathlon.CaseRef) -> str:
     return f"{ref.task}/{ref.case_id}"
 
 

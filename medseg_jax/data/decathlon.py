@@ -32,6 +32,9 @@ class CaseRef:
     image_paths: tuple[str, ...]  # one per channel, or one 4D file
     label_path: str | None
     task: str
+    # Partial labels: the foreground label values annotated in this case (an organ not
+    # contoured is unknown, not absent); None: every declared label is annotated.
+    annotated: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -54,6 +57,11 @@ class DatasetInfo:
     @property
     def is_2d(self) -> bool:
         return self.tensor_dims == 2
+
+    @property
+    def partial(self) -> bool:
+        """Whether some case lacks the annotation of some declared label."""
+        return any(c.annotated is not None for c in self.cases)
 
 
 # --------------------------------------------------------------------------
@@ -169,6 +177,7 @@ def _cases_from_training_list(
     task: str,
     modalities: tuple[str, ...],
     file_ending: str,
+    labels: dict[int, str] | None = None,
 ) -> list[CaseRef]:
     """Cases from the Decathlon ``training`` list (nnU-Net v1 channel files accepted)."""
     entries = meta["training"]
@@ -215,8 +224,28 @@ def _cases_from_training_list(
         if case_id in seen:
             raise ValueError(f"{json_path}: case {case_id!r} is listed twice in 'training'")
         seen.add(case_id)
-        cases.append(CaseRef(case_id, image_paths, label, task))
+        cases.append(CaseRef(case_id, image_paths, label, task,
+                             _annotated(entry, i, json_path, labels)))
     return cases
+
+
+def _annotated(entry: dict, index: int, json_path: str,
+               labels: dict[int, str] | None) -> tuple[int, ...] | None:
+    """A training entry's ``annotated_labels`` (partial labels): the foreground label
+    values annotated in that case; None when the entry has none (all annotated)."""
+    raw = entry.get("annotated_labels")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                            for v in raw):
+        raise ValueError(f"{json_path}: 'training' entry {index} ({entry.get('image')}): "
+                         f"'annotated_labels' must be a list of label values, got {raw!r}")
+    unknown = sorted(set(raw) - set(labels) - {0}) if labels else []
+    if unknown:
+        raise ValueError(f"{json_path}: 'training' entry {index} ({entry.get('image')}): "
+                         f"'annotated_labels' {unknown} are not declared in 'labels' "
+                         f"{sorted(labels)}")
+    return tuple(sorted(set(raw) - {0}))
 
 
 def list_folder(folder: str, file_ending: str) -> dict[str, str]:
@@ -326,7 +355,7 @@ def read_dataset(root: str) -> DatasetInfo:
     json_path = os.path.join(info.root, DATASET_JSON)
     if meta.get("training"):
         info.cases = _cases_from_training_list(info.root, meta, json_path, info.name,
-                                               info.modalities, info.file_ending)
+                                               info.modalities, info.file_ending, info.labels)
     else:
         info.cases = _cases_from_folders(info.root, info.name, info.modalities,
                                          info.file_ending)

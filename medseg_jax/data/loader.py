@@ -18,16 +18,22 @@ from medseg_jax.data import preprocess
 from medseg_jax.data.cache import Samples, Volumes
 
 
+FOREGROUND, CLASS = 1, 2  # how a patch is centred on foreground (``data.oversample``)
+
+
 def patch_records(volumes: Volumes, batch_size: int, steps: int, seed: int, epoch: int,
-                  foreground_fraction: float) -> np.ndarray:
-    """Patch draws of one epoch: (steps, batch, 3) of (case, centred-on-foreground, seed)."""
+                  foreground_fraction: float, oversample: str = "foreground") -> np.ndarray:
+    """Patch draws of one epoch: (steps, batch, 3) of (case, centring, seed); centring 0:
+    anywhere, ``FOREGROUND``: on a labelled voxel, ``CLASS``: on a voxel of a class drawn
+    among those the case holds (nnU-Net's oversampling)."""
     rng = np.random.default_rng([seed, epoch, 3])
     n = len(volumes)
     reps = -(-steps * batch_size // n)
     cases = np.concatenate([rng.permutation(n) for _ in range(reps)])[: steps * batch_size]
     records = np.zeros((steps, batch_size, 3), np.int64)
     records[..., 0] = cases.reshape(steps, batch_size)
-    records[:, : int(round(foreground_fraction * batch_size)), 1] = 1
+    records[:, : int(round(foreground_fraction * batch_size)), 1] = (
+        CLASS if oversample == "class" else FOREGROUND)
     records[..., 2] = rng.integers(0, 2**31 - 1, size=(steps, batch_size))
     return records
 
@@ -53,7 +59,11 @@ class _Patch:
         rng = np.random.default_rng(seed)
         shape = label.shape
         patch = preprocess.volume_patch(self.size, len(shape), self.slice_axis)
-        if on_fg and len(fg):
+        if on_fg == CLASS and len(fg):
+            coords, classes, bounds = self.volumes.class_coordinates(case)
+            c = rng.integers(len(classes))
+            centre = coords[bounds[c] + rng.integers(bounds[c + 1] - bounds[c])]
+        elif on_fg and len(fg):
             centre = fg[rng.integers(len(fg))]
         else:
             centre = [rng.integers(n) for n in shape]
@@ -98,10 +108,13 @@ class _StepBatch:
         self.batch = int(config.train.batch_size)
         self.seed = int(config.seed)
         self.fg = float(config.data.foreground_fraction)
+        self.oversample = str(config.data.get("oversample", "foreground"))
         local = self.batch // process_count
         self.rows = slice(process_index * local, (process_index + 1) * local)
+        self.num_classes = 0
         if isinstance(train, Volumes):
             self.patch = _Patch(train, tuple(config.data.image_size), config.data.slice_axis)
+            self.num_classes = train.num_classes
         else:
             self.lookup = _BatchLookup(train)
         self._epoch, self._order = None, None
@@ -110,7 +123,8 @@ class _StepBatch:
         epoch, i = divmod(int(step), self.steps)
         if epoch != self._epoch:
             make = patch_records if isinstance(self.train, Volumes) else epoch_indices
-            self._order = make(self.train, self.batch, self.steps, self.seed, epoch, self.fg)
+            self._order = make(self.train, self.batch, self.steps, self.seed, epoch, self.fg,
+                               self.oversample)
             self._epoch = epoch
         rows = self._order[i, self.rows]
         if not isinstance(self.train, Volumes):
@@ -120,7 +134,12 @@ class _StepBatch:
         label = np.empty((len(rows), *self.patch.size), np.uint8)
         for j, record in enumerate(rows):
             self.patch.fill(record, image[j], label[j])
-        return {"image": image, "label": label}
+        batch = {"image": image, "label": label}
+        if self.train.annotated is not None:  # partial labels: classes annotated per row
+            batch["annotated"] = annotated_rows(
+                [self.train.annotated[int(r[0])] for r in rows], label.shape[0],
+                int(self.num_classes))
+        return batch
 
     def __getstate__(self):
         return dict(self.__dict__, _epoch=None, _order=None)
@@ -150,11 +169,13 @@ def epoch_batches(train: "Samples | Volumes", config, epoch: int, steps: int,
 
 
 def epoch_indices(samples: Samples, batch_size: int, steps: int, seed: int, epoch: int,
-                  foreground_fraction: float) -> np.ndarray:
+                  foreground_fraction: float, oversample: str = "foreground") -> np.ndarray:
     """Global sample order of one epoch: (steps, batch_size), a function of (seed, epoch).
 
     A pass over a fresh permutation, with the first ``round(fraction * batch)``
-    entries of every batch replaced by samples that contain foreground.
+    entries of every batch replaced by samples that contain foreground
+    (``oversample="class"``: a class drawn uniformly among the foreground classes of
+    the split, then a sample that holds it).
     """
     rng = np.random.default_rng([seed, epoch])
     n = len(samples)
@@ -163,7 +184,17 @@ def epoch_indices(samples: Samples, batch_size: int, steps: int, seed: int, epoc
     order = order.reshape(steps, batch_size)
     fg = np.flatnonzero(samples.foreground)
     k = int(round(foreground_fraction * batch_size))
-    if k and fg.size:
+    if k and fg.size and oversample == "class":
+        present = [np.flatnonzero(samples.classes[:, c])
+                   for c in range(1, samples.classes.shape[1])]
+        present = [p for p in present if p.size]
+        drawn = rng.integers(len(present), size=(steps, k))
+        picks = np.empty((steps, k), np.int64)
+        for c, rows in enumerate(present):
+            where = drawn == c
+            picks[where] = rng.choice(rows, size=int(where.sum()))
+        order[:, :k] = picks
+    elif k and fg.size:
         order[:, :k] = rng.choice(fg, size=(steps, k))
     return order
 
@@ -182,8 +213,20 @@ class _BatchLookup:
 
     def __call__(self, rows) -> dict:
         rows = np.asarray(rows)
-        return {"image": np.asarray(self.samples.images[rows]),
-                "label": np.asarray(self.samples.labels[rows])}
+        batch = {"image": np.asarray(self.samples.images[rows]),
+                 "label": np.asarray(self.samples.labels[rows])}
+        if self.samples.annotated is not None:  # partial labels
+            batch["annotated"] = self.samples.annotated[rows].astype(np.float32)
+        return batch
+
+
+def annotated_rows(per_row: list, rows: int, num_classes: int) -> np.ndarray:
+    """(rows, K) float32 1/0: the classes annotated in each row (lists of label values,
+    background included)."""
+    out = np.zeros((rows, num_classes), np.float32)
+    for j, values in enumerate(per_row):
+        out[j, list(values)] = 1.0
+    return out
 
 
 def _iterate(ds, num_workers: int) -> Iterator[dict]:
@@ -205,15 +248,20 @@ def train_batches(samples: Samples, order: np.ndarray, process_index: int,
 
 
 def padded_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int,
-                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Fixed-size batches over all samples, the last padded; ``mask`` marks real rows."""
+                   process_index: int = 0, process_count: int = 1,
+                   annotated: np.ndarray | None = None) -> Iterator[dict]:
+    """Fixed-size batches over all samples, the last padded; ``mask`` marks real rows
+    (``annotated``: (N, K) classes annotated per sample, for partial labels)."""
     n = len(images)
     local = batch_size // process_count
     for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)[process_index * local:(process_index + 1) * local]
+        rows = slice(process_index * local, (process_index + 1) * local)
+        idx = np.arange(start, start + batch_size)[rows]
         real = idx < n
         idx = np.where(real, idx, 0)
         batch = {"image": np.asarray(images[idx]), "mask": real.astype(np.float32)}
         if labels is not None:
             batch["label"] = np.asarray(labels[idx])
+        if annotated is not None:
+            batch["annotated"] = np.asarray(annotated[idx], np.float32)
         yield batch

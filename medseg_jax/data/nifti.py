@@ -20,8 +20,6 @@ from medseg_jax.data.decathlon import CaseRef, DatasetInfo
 
 
 @dataclasses.dataclass
-
-
 class Case:
     """One loaded case. ``image`` is ``(C, *spatial)``, ``label`` ``spatial``.
 

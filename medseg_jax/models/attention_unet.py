@@ -26,7 +26,8 @@ class AttentionGate(nn.Module):
     strides: tuple[int, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, g: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, g: jax.Array,
+                 train: bool = False) -> tuple[jax.Array, jax.Array]:
         dims, dtype = self.spatial_dims, self.dtype
         inter = self.inter_features
         strides = tuple(self.strides) or 2
@@ -68,7 +69,7 @@ class AttentionUNet(SegmentationNet):
             self.sow("intermediates", f"attention_{i}", alpha.astype(jnp.float32))
             x = layers.up_conv(features[i], dims, dtype, f"up_{i}", pools[i], impl)(x)
             x = jnp.concatenate([gated, x], axis=-1)
-            x = layers.ConvBlock(features[i], dims, self.norm, dtype, kernels[i],
+            x = layers.ConvBlock(features[i], dims, self.norm, dtype, kernels[i], impl,
                                  name=f"dec_{i}")(x, train)
             if i > 0:
                 self.aux_logits(x, i)

@@ -10,7 +10,7 @@ know which architecture they run:
 - input ``(B, *spatial, C_in)``, output float32 logits ``(B, *spatial, num_classes)``;
 - with ``deep_supervision``, the logits of coarser decoder levels are sown into the
   ``"aux"`` collection as ``level_<i>`` (i = how many poolings below the input), for the
-  loss to supervise (``losses.deep_supervision_loss``);
+  loss to supervise (``losses.supervised_loss``);
 - maps worth drawing next to a prediction (attention coefficients) are sown into
   ``"intermediates"``; ``FIGURE_MAPS`` names the ones the figures show.
 """

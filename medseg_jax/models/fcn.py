@@ -92,7 +92,8 @@ class FCN(SegmentationNet):
         # fc6 (3x3) and fc7 (1x1) as convolutions at the coarsest level, 2x its width.
         h = stages[-1]
         for name, k in (("fc6", kernels[-1]), ("fc7", 1)):
-            h = layers.conv(2 * features[-1], k, dims, dtype, use_bias=bias, name=name)(h)
+            h = layers.conv(2 * features[-1], k, dims, dtype, use_bias=bias, name=name,
+                            impl=self.layer_impl)(h)
             h = layers.make_norm(self.norm, train, dtype, name=f"{name}_norm")(h)
             h = nn.relu(h)
             if self.dropout_rate > 0:

@@ -21,7 +21,7 @@ class UNet(SegmentationNet):
         for i in reversed(range(self.depth - 1)):
             x = layers.up_conv(features[i], dims, dtype, f"up_{i}", pools[i], impl)(x)
             x = jnp.concatenate([skips[i], x], axis=-1)
-            x = layers.ConvBlock(features[i], dims, self.norm, dtype, kernels[i],
+            x = layers.ConvBlock(features[i], dims, self.norm, dtype, kernels[i], impl,
                                  name=f"dec_{i}")(x, train)
             if i > 0:
                 self.aux_logits(x, i)

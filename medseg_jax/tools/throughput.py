@@ -18,6 +18,7 @@ synthetic set, written to ``--workdir``, a temporary folder by default).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -55,9 +56,11 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
-    """The dense peak of one device for ``dtype``, or None when unknown (CPUs)."""
+    """The dense peak of one device for ``dtype``, or None when unknown (CPUs). A key
+    matches a whole name in ``device_kind`` ("NVIDIA L40S" is not an L4)."""
     for key, (bf16, fp32) in PEAK_FLOPS.items():
-        if key.lower() in device_kind.lower():
+        if re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])",
+                     device_kind.lower()):
             return bf16 if dtype == "bfloat16" else fp32
     return None
 
@@ -192,6 +195,9 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
     from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.data import cache, loader  # noqa: PLC0415
 
+    from medseg_jax import planning  # noqa: PLC0415
+
+    config, _ = planning.resolve(config, workdir)
     config_lib.validate(config)
     state_lib.setup_compilation_cache(config)
     mesh = sharding.make_mesh()
@@ -232,7 +238,8 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
             jnp.zeros((config.eval.batch_size, *shape[1:]), jnp.float32),
             sharding.batch_sharded(mesh))
         rows.append(measure(
-            "inference" + (" (flip TTA)" if config.eval.tta else ""), predict_fn, (holder["state"], images),
+            "inference" + (" (flip TTA)" if config.eval.tta else ""), predict_fn,
+            (holder["state"], images),
             config.eval.batch_size,
             lambda c: jax.block_until_ready(c(holder["state"], images)), config, steps, warmup))
     print_table(rows)

@@ -1,0 +1,21 @@
+"""The three architectures compared with nnU-Net's recipe instead of the study's protocol.
+
+python -m medseg_jax.main --config=configs/benchmark_recipe.py --workdir=runs/bench_recipe \
+    --config.data.root=/tmp/HC18_decathlon
+
+Every architecture gets the same plan, deep supervision (FCN: its score maps; Attention
+U-Net: its decoder), schedule, augmentation and oversampling (medseg_jax/config.py
+`recipe`); only model.name differs between the runs.
+"""
+
+from medseg_jax.config import default_config, recipe, study_section
+
+
+def get_config():
+    config = default_config()
+    config.benchmark = study_section()
+    recipe(config)
+    config.train.num_epochs = 20  # of 250 steps
+    config.benchmark.image_size_3d = ()  # 3D entries: patch and batch from the plan too
+    config.benchmark.batch_size_3d = 0
+    return config

@@ -1,0 +1,192 @@
+"""nnU-Net's recipe: schedule, optimizer, deep supervision, oversampling, plans in a run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from medseg_jax import losses, planning, train
+from medseg_jax import state as state_lib
+from medseg_jax.config import default_config
+from medseg_jax.data import cache, loader
+
+
+def test_poly_schedule_values():
+    config = default_config()
+    config.train.lr_schedule, config.train.learning_rate = "poly", 0.01
+    config.train.optimizer, config.train.momentum = "sgd", 0.0
+    tx = state_lib.make_optimizer(config, 100)
+    params = {"w": jnp.zeros(())}
+    opt_state = tx.init(params)
+    seen = []
+    for step in range(100):
+        updates, opt_state = tx.update({"w": jnp.ones(())}, opt_state, params)
+        seen.append(-float(updates["w"]))  # plain SGD, gradient 1: the learning rate
+    np.testing.assert_allclose(seen[0], 0.01, rtol=1e-6)
+    for step in (10, 50, 99):
+        np.testing.assert_allclose(seen[step], 0.01 * (1 - step / 100) ** 0.9, rtol=1e-5)
+
+
+def test_sgd_is_nesterov_with_l2_weight_decay():
+    config = default_config()
+    config.train.optimizer, config.train.learning_rate = "sgd", 0.1
+    config.train.momentum, config.train.weight_decay = 0.9, 0.01
+    tx = state_lib.make_optimizer(config, 10)
+    p = {"w": jnp.array(2.0)}
+    opt_state = tx.init(p)
+    g1 = 0.5 + 0.01 * 2.0  # gradient + weight decay * parameter
+    updates, opt_state = tx.update({"w": jnp.array(0.5)}, opt_state, p)
+    # Nesterov, first step: velocity v = g; update = -lr * (g + momentum * v)
+    np.testing.assert_allclose(float(updates["w"]), -0.1 * (g1 + 0.9 * g1), rtol=1e-6)
+
+
+def test_switching_the_optimizer_is_refused_on_resume():
+    from medseg_jax import workdir as workdir_lib
+
+    before = workdir_lib.config_json(default_config())
+    config = default_config()
+    config.train.optimizer = "sgd"
+    after = workdir_lib.config_json(config)
+    assert workdir_lib.config_differences(before, after) == ["train.optimizer: 'adam' -> 'sgd'"]
+    config.train.optimizer, config.train.learning_rate = "adam", 0.5
+    assert workdir_lib.config_differences(before, workdir_lib.config_json(config)) == []
+
+
+def test_deep_supervision_weights_and_loss():
+    assert losses.deep_supervision_weights([1, 2]) == pytest.approx(
+        {0: 4 / 7, 1: 2 / 7, 2: 1 / 7})
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, (2, 8, 8)))
+    aux = {1: jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32),
+           2: jnp.asarray(rng.normal(size=(2, 2, 2, 3)), jnp.float32)}
+    plain = losses.dice_ce_loss(logits, labels, 3)
+    assert losses.supervised_loss(logits, labels, 3) == plain  # bit for bit
+    expected = (4 / 7 * plain + 2 / 7 * losses.dice_ce_loss(aux[1], labels[:, ::2, ::2], 3)
+                + 1 / 7 * losses.dice_ce_loss(aux[2], labels[:, ::4, ::4], 3))
+    np.testing.assert_allclose(losses.supervised_loss(logits, labels, 3, aux=aux), expected,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(losses.downsample_labels(labels, (4, 4)),
+                                  labels[:, ::2, ::2])
+
+
+def test_class_oversampling_draws_slices_of_every_class(tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config()
+    _, _, samples = cache.prepare(config, str(tmp_path))
+    train_samples = samples["train"]
+    assert train_samples.classes.shape == (len(train_samples), 2)
+    np.testing.assert_array_equal(train_samples.classes[:, 1], train_samples.foreground)
+    a = loader.epoch_indices(train_samples, 8, 20, 0, 3, 0.5, "class")
+    b = loader.epoch_indices(train_samples, 8, 20, 0, 3, 0.5, "class")
+    np.testing.assert_array_equal(a, b)  # a function of (seed, epoch)
+    assert train_samples.foreground[a[:, :4].ravel()].all()
+    # The default mode draws exactly what it always drew.
+    fg = loader.epoch_indices(train_samples, 8, 20, 0, 3, 0.5)
+    assert not np.array_equal(fg, a) and train_samples.foreground[fg[:, :4].ravel()].all()
+
+
+def test_class_centred_patches(tmp_path):
+    """A patch drawn for a class is centred on a voxel of that class."""
+    from conftest import tiny_config
+
+    config = tiny_config(**{"model.spatial_dims": 3, "data.image_size": (8, 8, 4),
+                            "model.depth": 2})
+    _, _, samples = cache.prepare(config, str(tmp_path))
+    volumes = samples["train"]
+    coords, classes, bounds = volumes.class_coordinates(0)
+    assert list(classes) == [1] and bounds[-1] == len(coords)
+    records = loader.patch_records(volumes, 4, 3, 0, 0, 1.0, "class")
+    assert (records[..., 1] == loader.CLASS).all()
+    patch = loader._Patch(volumes, (8, 8, 4))
+    for record in records.reshape(-1, 3):
+        out = patch(record)
+        assert out["label"].any()  # centred on a labelled voxel: it is in the patch
+
+
+def test_a_planned_run_fills_the_fields_left_to_the_plan(tmp_path):
+    from conftest import tiny_recipe_config
+
+    workdir = str(tmp_path / "run")
+    config = tiny_recipe_config(**{"train.num_epochs": 1})
+    meta = train.train(config, workdir)
+    assert meta["epoch"] == 0
+    with open(os.path.join(workdir, "plans.json")) as f:
+        saved = json.load(f)
+    fields = saved["fields"]
+    assert fields["data.image_size"]["source"] == "plan"
+    assert fields["train.batch_size"] == {"value": 8, "source": "config"}  # explicit wins
+    assert fields["model.base_features"] == {"value": 4, "source": "config"}
+    assert fields["model.depth"]["source"] == "plan"
+    with open(os.path.join(workdir, "config.json")) as f:
+        recorded = json.load(f)
+    assert recorded["data"]["image_size"] == fields["data.image_size"]["value"]
+    assert recorded["model"]["pool_sizes"] == fields["model.pool_sizes"]["value"]
+    assert recorded["data"]["in_plane"] == "spacing"
+    assert "reasons" in saved["plan"] and saved["summary"]
+    # A later run reads the run's plans.json (not the planner): edit it and see.
+    resolved, _ = planning.resolve(config, workdir)
+    assert list(resolved.data.image_size) == fields["data.image_size"]["value"]
+    saved["plan"]["patch_size"] = [32, 32]
+    with open(os.path.join(workdir, "plans.json"), "w") as f:
+        json.dump(saved, f)
+    assert tuple(planning.resolve(config, workdir)[0].data.image_size) == (32, 32)
+    assert planning.resolve(default_config(), workdir) == (default_config(), None)
+
+
+def test_budget_minutes_sets_the_epochs_and_a_resume_keeps_them(tmp_path, make_tiny_config):
+    workdir = str(tmp_path / "run")
+    config = make_tiny_config(**{"train.budget_minutes": 0.5, "train.num_epochs": 1,
+                                 "train.patience": 0})
+    train.train(config, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        epochs = json.load(f)["train"]["num_epochs"]
+    assert 1 <= epochs <= 1000
+    rows = [json.loads(r) for r in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert len([r for r in rows if "val_loss" in r]) == epochs
+    # Resuming (here: a finished run) keeps the measured epochs instead of measuring again.
+    config2 = make_tiny_config(**{"train.budget_minutes": 0.5, "train.num_epochs": 1})
+    out = train._fit_budget(config2, workdir, None, None, None, None, 2)
+    assert out.train.num_epochs == epochs
+
+
+def test_recipe_configs_are_short_and_valid():
+    import runpy
+
+    here = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in ("unet_3d.py", "unet_2d_planned.py", "benchmark_recipe.py"):
+        path = os.path.join(here, name)
+        assert len(open(path).read().splitlines()) < 40, name
+        config = runpy.run_path(path)["get_config"]()
+        assert config.data.plan == "auto" and config.model.deep_supervision
+        assert config.train.lr_schedule == "poly" and config.data.oversample == "class"
+        assert config.augment.p_blur > 0 and config.augment.p_lowres > 0
+
+
+def test_jitted_step_with_deep_supervision_learns():
+    from conftest import tiny_recipe_config
+    from medseg_jax import sharding
+
+    config = tiny_recipe_config()
+    config.data.image_size, config.model.depth = (16, 16), 3
+    config.augment.enabled = False  # the same batch every step: the loss must fall
+    mesh = sharding.make_mesh()
+    model = state_lib.build_model(config, 3)
+    state = state_lib.init_state(config, model, (8, 16, 16, 1), 10, mesh)
+    step, _ = train.jit_steps(config, mesh, 3)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(8, 16, 16, 1)).astype(np.float32)
+    label = (image[..., 0] > 0.5).astype(np.uint8) + (image[..., 0] > 1.5)
+    batch = sharding.to_global({"image": image, "label": label}, mesh)
+    first = None
+    for _ in range(8):
+        state, out = step(state, batch)
+        first = float(out["loss"]) if first is None else first
+    assert float(out["loss"]) < first
+    assert optax.tree.norm(state.params) > 0
+    assert jax.tree.leaves(state.params)
