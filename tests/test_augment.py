@@ -279,3 +279,285 @@ def test_invalid_config_raises():
     with pytest.raises(ValueError):
         run(jax.random.key(0), images, labels,
                               make_cfg(p_rotate=1.0, rotate_3d_axes="sideways"))
+
+
+# --- nnU-Net's further transforms: blur, low resolution, inverted gamma, ... ---------
+
+_NEW_P = ("p_blur", "p_lowres", "p_gamma_invert")
+_BASELINE_COMMIT = "43f50aa"  # augment.py before blur / low resolution were added
+
+
+def _baseline_module(tmp_path):
+    """The module as of ``_BASELINE_COMMIT``, imported from a file in tmp_path."""
+    import importlib.util
+    import pathlib
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{_BASELINE_COMMIT}:medseg_jax/data/augment.py"], cwd=repo,
+            capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("baseline augment.py not available from git")
+    path = tmp_path / "augment_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("augment_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("spatial", SHAPES)
+def test_default_config_bit_identical_to_baseline(spatial, tmp_path):
+    old = _baseline_module(tmp_path)
+    images, labels = make_batch(spatial, batch=6, channels=2)
+    all_on = augment.default_augment_config()
+    all_on.update({p: 1.0 for p in _ALL_P})
+    for cfg in (augment.default_augment_config(), all_on):
+        old_cfg = ml_collections.ConfigDict({k: v for k, v in cfg.items()
+                                             if k in old.default_augment_config()})
+        for seed in range(3):
+            new_i, new_l = run(jax.random.key(seed), images, labels, cfg)
+            old_i, old_l = run(jax.random.key(seed), images, labels, old_cfg)
+            np.testing.assert_array_equal(bits(new_i), bits(old_i))
+            np.testing.assert_array_equal(new_l, old_l)
+
+
+def test_new_fields_default_off():
+    cfg = augment.default_augment_config()
+    assert all(cfg[p] == 0.0 for p in _NEW_P)
+    assert tuple(cfg.blur_sigma) == (0.5, 1.0) and cfg.p_blur_channel == 0.5
+    assert tuple(cfg.lowres_range) == (0.5, 1.0) and cfg.p_lowres_channel == 0.5
+    assert tuple(cfg.lowres_axes) == () and tuple(cfg.scale_axes) == ()
+    assert not (cfg.scale_inverse or cfg.intensity_per_channel or cfg.factors_split_at_one
+                or cfg.gamma_retain_stats)
+    assert not augment._uses_extra(cfg)
+
+
+@pytest.mark.parametrize("dims,aniso", [(2, False), (2, True), (3, False), (3, True)])
+def test_nnunet_augment_config_values(dims, aniso):
+    cfg = augment.nnunet_augment_config(dims, anisotropic=aniso)
+    assert set(cfg.keys()) == set(augment.default_augment_config().keys())
+    assert cfg.enabled
+    assert cfg.p_rotate == 0.2 and cfg.p_scale == 0.2 and cfg.p_flip == 0.5
+    assert cfg.rotate_degrees == {(2, False): 180.0, (2, True): 15.0,
+                                  (3, False): 30.0, (3, True): 180.0}[dims, aniso]
+    dummy_2d = dims == 3 and aniso
+    assert cfg.rotate_3d_axes == ("inplane" if dummy_2d else "all")
+    assert tuple(cfg.scale_range) == (0.7, 1.4) and cfg.scale_inverse
+    assert tuple(cfg.scale_axes) == tuple(cfg.lowres_axes) == ((1, 2) if dummy_2d else ())
+    assert cfg.p_noise == 0.1 and cfg.noise_std == 0.1
+    assert cfg.p_blur == 0.2 and tuple(cfg.blur_sigma) == (0.5, 1.0) and cfg.p_blur_channel == 0.5
+    assert cfg.p_brightness == 0.15 and tuple(cfg.brightness_range) == (0.75, 1.25)
+    assert cfg.p_contrast == 0.15 and tuple(cfg.contrast_range) == (0.75, 1.25)
+    assert cfg.p_lowres == 0.25 and tuple(cfg.lowres_range) == (0.5, 1.0)
+    assert cfg.p_lowres_channel == 0.5
+    assert cfg.p_gamma_invert == 0.1 and cfg.p_gamma == 0.3
+    assert tuple(cfg.gamma_range) == (0.7, 1.5) and cfg.gamma_retain_stats
+    assert cfg.intensity_per_channel and cfg.factors_split_at_one
+    base = augment.default_augment_config()
+    base.update(cfg.to_dict())  # same field types: usable as an override of config.augment
+    with pytest.raises(ValueError):
+        augment.nnunet_augment_config(1)
+
+
+@pytest.mark.parametrize("dims,aniso", [(2, False), (3, False), (3, True)])
+def test_nnunet_config_runs_deterministic(dims, aniso):
+    images, labels = make_batch((8, 8) if dims == 2 else (6, 6, 6), batch=4, channels=2)
+    images = images.at[1].set(1.0)  # a constant sample stays finite
+    cfg = augment.nnunet_augment_config(dims, anisotropic=aniso)
+    cfg.update({p: 1.0 for p in ("p_rotate", "p_scale", "p_blur", "p_lowres", "p_gamma_invert",
+                                 "p_gamma", "p_brightness", "p_contrast", "p_noise")})
+    a = run(jax.random.key(5), images, labels, cfg)
+    b = run(jax.random.key(5), images, labels, cfg)
+    c = run(jax.random.key(6), images, labels, cfg)
+    np.testing.assert_array_equal(bits(a[0]), bits(b[0]))
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    assert bool(jnp.all(jnp.isfinite(a[0])))
+    assert set(np.unique(a[1])) <= set(np.unique(labels))
+
+
+@pytest.mark.parametrize("spatial", SHAPES)
+def test_new_intensity_transforms_leave_labels_untouched(spatial):
+    images, labels = make_batch(spatial, batch=4)
+    cfg = make_cfg(p_blur=1.0, p_blur_channel=1.0, p_lowres=1.0, p_lowres_channel=1.0,
+                   p_gamma_invert=1.0, gamma_retain_stats=True, intensity_per_channel=True,
+                   factors_split_at_one=True, **{p: 1.0 for p in _INTENSITY_P})
+    out_i, out_l = run(jax.random.key(0), images, labels, cfg)
+    np.testing.assert_array_equal(out_l, labels)
+    assert not np.allclose(out_i, images)
+
+
+@pytest.mark.parametrize("spatial", [(12, 12), (8, 10, 12)])
+def test_blur_keeps_constant_and_smooths_noise(spatial):
+    images, labels = make_batch(spatial, batch=3, channels=2)
+    cfg = make_cfg(p_blur=1.0, p_blur_channel=1.0, blur_sigma=(0.5, 1.0))
+    out_i, _ = run(jax.random.key(0), images, labels, cfg)
+    axes = tuple(range(1, len(spatial) + 1))
+    assert bool(jnp.all(out_i.var(axes) < 0.8 * images.var(axes)))
+    np.testing.assert_allclose(out_i.mean(axes), images.mean(axes), atol=0.1)
+    const = jnp.full_like(images, 2.5)
+    out_c, _ = run(jax.random.key(0), const, labels, cfg)
+    np.testing.assert_allclose(out_c, const, rtol=1e-6)
+
+
+def test_blur_matches_scipy_gaussian_filter():
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    x = np.asarray(jax.random.normal(jax.random.key(0), (9, 11, 7, 2)))
+    sigmas = np.array([[1.0, 0.5], [0.7, 1.0], [0.5, 0.8]], np.float32)  # (axis, channel)
+    out = np.asarray(augment.gaussian_blur(jnp.asarray(x), jnp.asarray(sigmas), radius=3))
+    for c in range(2):  # scipy "mirror" is numpy's "reflect"; radius floor(3 sigma + 1/4)
+        ref = x[..., c]
+        for a in range(3):
+            s = float(sigmas[a, c])
+            ref = scipy_ndimage.gaussian_filter1d(ref, s, axis=a, mode="mirror",
+                                                  truncate=np.floor(3 * s + 0.25) / s)
+        np.testing.assert_allclose(out[..., c], ref, atol=1e-5)
+
+
+def test_blur_kernel_size_as_nnunet():
+    """nnU-Net: size = the odd number nearest 6 sigma + 0.5 (ties as its rounding)."""
+    def nnunet_size(sigma):
+        v = sigma * 6 + 0.5
+        r = round(v)
+        return r if r % 2 == 1 else (r + 1 if v - r >= 0 else r - 1)
+
+    for sigma in np.linspace(0.5, 1.0, 26):
+        impulse = jnp.zeros((15, 1)).at[7, 0].set(1.0)
+        out = augment.gaussian_blur(impulse, jnp.full((1, 1), sigma, jnp.float32), radius=3)
+        assert int(jnp.sum(out > 0)) == nnunet_size(float(sigma)), sigma
+
+
+def test_blur_channel_probability_zero_skips():
+    images, labels = make_batch((8, 8), batch=2)
+    out_i, _ = run(jax.random.key(0), images, labels,
+                   make_cfg(p_blur=1.0, p_blur_channel=0.0, p_lowres=1.0, p_lowres_channel=0.0))
+    np.testing.assert_array_equal(bits(out_i), bits(images))
+
+
+@pytest.mark.parametrize("zoom", [0.5, 0.75, 0.6])
+def test_low_resolution_equals_nearest_down_linear_up(zoom):
+    x = jax.random.normal(jax.random.key(1), (8, 10, 12))
+    low = functools.partial(augment.simulate_low_resolution, zooms=jnp.array([zoom]))
+    out = low(x[..., None], axes=(0, 1, 2))[..., 0]
+    coarse = tuple(max(1, round(n * zoom)) for n in x.shape)
+    ref = jax.image.resize(jax.image.resize(x, coarse, "nearest"), x.shape, "linear")
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    if zoom == 0.5:  # nearest keeps one voxel of each 2x2x2 block: blocks are what counts
+        blocks = x[1::2, 1::2, 1::2]
+        for a in range(3):
+            blocks = jnp.repeat(blocks, 2, axis=a)
+        np.testing.assert_array_equal(
+            low(blocks[..., None], axes=(0, 1, 2))[..., 0], out)
+    only_last = low(x[..., None], axes=(2,))[..., 0]
+    ref = jax.image.resize(jax.image.resize(x, (8, 10, coarse[2]), "nearest"), x.shape, "linear")
+    np.testing.assert_allclose(only_last, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial", [(16, 16), (8, 12, 12)])
+def test_low_resolution_smooths_and_zoom_one_is_identity(spatial):
+    images, labels = make_batch(spatial, batch=2, channels=1)
+    axes = tuple(range(1, len(spatial) + 1))
+
+    def roughness(x):  # mean squared difference of neighbours
+        return sum(float(jnp.mean(jnp.diff(x, axis=a) ** 2)) for a in axes)
+
+    half = make_cfg(p_lowres=1.0, p_lowres_channel=1.0, lowres_range=(0.5, 0.5))
+    out_i, _ = run(jax.random.key(0), images, labels, half)
+    assert roughness(out_i) < 0.5 * roughness(images)
+    one = make_cfg(p_lowres=1.0, p_lowres_channel=1.0, lowres_range=(1.0, 1.0))
+    out_i, _ = run(jax.random.key(0), images, labels, one)
+    np.testing.assert_array_equal(out_i, images)
+    # lowres_axes=(1, 2): the first axis (anisotropic) keeps its resolution
+    if len(spatial) == 3:
+        cfg = make_cfg(p_lowres=1.0, p_lowres_channel=1.0, lowres_range=(0.5, 0.5),
+                       lowres_axes=(1, 2))
+        out_i, _ = run(jax.random.key(0), images, labels, cfg)
+        half = jnp.array([0.5])
+        ref = jax.vmap(lambda x: augment.simulate_low_resolution(x, half, (1, 2)))(images)
+        np.testing.assert_allclose(out_i, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial", [(24, 24), (20, 20, 20)])
+@pytest.mark.parametrize("variant", ["default", "nnunet", "aniso"])
+def test_label_stays_aligned_with_thresholded_image(spatial, variant):
+    """A label equal to ``image >= t`` stays so after rotation, zoom and flips,
+    except where the image is within interpolation error of ``t``."""
+    ndim = len(spatial)
+    if variant == "aniso" and ndim == 2:
+        pytest.skip("anisotropic mode is 3D")
+    centre = np.array([(n - 1) / 2 - 1.5 for n in spatial])  # off-centre: flips matter
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in spatial],
+                                indexing="ij"), -1)
+    cone = 10.0 - np.sqrt(((grid - centre) ** 2).sum(-1))  # Lipschitz 1, peak 10
+    images = jnp.asarray(np.stack([cone, -cone + 3.0])[..., None], jnp.float32)
+    t = 6.0  # a ball of radius 4
+    labels = (images[..., 0] >= t).astype(jnp.int32)
+    if variant == "default":
+        cfg = make_cfg(p_rotate=1.0, rotate_degrees=40.0, p_scale=1.0, p_flip=0.5)
+    else:
+        cfg = augment.nnunet_augment_config(ndim, anisotropic=variant == "aniso")
+        cfg.update({p: 0.0 for p in ("p_noise", "p_blur", "p_brightness", "p_contrast",
+                                     "p_lowres", "p_gamma_invert", "p_gamma")})
+        cfg.update(p_rotate=1.0, p_scale=1.0)
+    for seed in range(3):
+        out_i, out_l = run(jax.random.key(seed), images, labels, cfg)
+        wrong = np.asarray((out_i[..., 0] >= t) != (out_l == 1))
+        # sample 0: a ball inside the field of view; only boundary voxels may differ
+        assert np.all(np.abs(np.asarray(out_i[0, ..., 0])[wrong[0]] - t) <= 1.0)
+        # sample 1: foreground in the corners; where the view is left, the image
+        # blends into its fill value (the minimum) over one voxel
+        assert wrong.mean() < 0.05
+        assert 0 < int(out_l[0].sum()) and not np.array_equal(out_l, labels)
+
+
+def test_scale_inverse_and_scale_axes():
+    labels = jnp.zeros((1, 16, 16), jnp.int32).at[0, 6:10, 6:10].set(1)
+    images = labels[..., None].astype(jnp.float32)
+    # nnU-Net convention: s = 0.5 on the sampling grid zooms the content by 2
+    cfg = make_cfg(p_scale=1.0, scale_range=(0.5, 0.5), scale_inverse=True)
+    assert int(run(jax.random.key(0), images, labels, cfg)[1].sum()) == 64
+    cfg = make_cfg(p_scale=1.0, scale_range=(2.0, 2.0), scale_axes=(1,))
+    _, out_l = run(jax.random.key(0), images, labels, cfg)
+    assert int(out_l.sum()) == 32 and int(out_l.any(axis=2).sum()) == 4  # 4 rows x 8 columns
+    args = (jnp.array([0.3, -0.2, 0.5]), jnp.array([1.0, 1.3, 0.8]), jnp.array([True, False, True]))
+    np.testing.assert_allclose(augment.affine_matrix(*args, 3)
+                               @ augment.inverse_affine_matrix(*args, 3), np.eye(3), atol=1e-6)
+
+
+def test_split_factor_sampling():
+    u = jnp.linspace(0.0, 0.999, 1000)
+    f = np.asarray(augment._factor(u, (0.7, 1.5), split=True))
+    assert np.all((f >= 0.7) & (f < 1.5)) and abs(np.mean(f < 1.0) - 0.5) < 0.01
+    np.testing.assert_array_equal(augment._factor(u, (1.2, 1.5), True),
+                                  augment._lerp(u, (1.2, 1.5)))
+
+
+def test_gamma_retain_stats_and_inverted():
+    images, labels = make_batch((12, 12), batch=4, channels=2)
+    axes = (1, 2)
+    for name in ("p_gamma", "p_gamma_invert"):
+        cfg = make_cfg(gamma_range=(1.5, 1.5), gamma_retain_stats=True, **{name: 1.0})
+        out_i, out_l = run(jax.random.key(0), images, labels, cfg)
+        np.testing.assert_allclose(out_i.mean(axes), images.mean(axes), atol=1e-5)
+        np.testing.assert_allclose(out_i.std(axes), images.std(axes), rtol=1e-4)
+        assert not np.allclose(out_i, images)
+    # inverted gamma without retained stats: gamma applied from the top of the range
+    images = jnp.linspace(0.0, 1.0, 16).reshape(1, 4, 4, 1)
+    labels = jnp.zeros((1, 4, 4), jnp.int32)
+    out_i, _ = run(jax.random.key(0), images, labels,
+                   make_cfg(gamma_range=(2.0, 2.0), p_gamma_invert=1.0))
+    np.testing.assert_allclose(out_i, 1.0 - (1.0 - images) ** 2, atol=1e-5)
+
+
+def test_intensity_per_channel_factors_differ():
+    images = jnp.ones((8, 4, 4, 3))
+    labels = jnp.zeros((8, 4, 4), jnp.int32)
+    cfg = make_cfg(p_brightness=1.0, brightness_range=(0.5, 1.5))
+    out_i, _ = run(jax.random.key(0), images, labels, cfg)
+    assert np.allclose(out_i, out_i[..., :1])  # one factor per sample
+    cfg = make_cfg(p_brightness=1.0, brightness_range=(0.5, 1.5), intensity_per_channel=True)
+    out_i, _ = run(jax.random.key(0), images, labels, cfg)
+    assert not np.allclose(out_i[..., 0], out_i[..., 1])

@@ -24,9 +24,32 @@ with ``jnp.flip`` when only flips were drawn.
 Rotations are in voxel units, so they assume (roughly) isotropic spacing; for
 anisotropic 3D data use ``rotate_3d_axes="inplane"``.
 
-Intensity augmentation follows nnU-Net, in its order: Gaussian noise,
-multiplicative brightness, contrast, gamma. Each draws one value per sample,
-applied to every channel with per-channel statistics. Labels are untouched.
+Order of operations (nnU-Net's ``get_training_transforms``): spatial
+(rotation, scaling), Gaussian noise, Gaussian blur, brightness, contrast,
+low-resolution simulation, gamma on the inverted image, gamma, mirroring.
+Mirroring is folded into the affine here (first, not last): a flip commutes in
+distribution with every later step (they are per-channel global, i.i.d. or
+mirror-symmetric), so only the geometry of the draw differs, not its law.
+Intensity steps use per-channel statistics and leave labels untouched. By
+default each draws one value per sample for all channels; with
+``intensity_per_channel`` brightness, contrast and gamma draw one per channel
+(nnU-Net). Blur and low resolution pick channels with ``p_blur_channel`` /
+``p_lowres_channel`` and draw sigma / zoom per channel.
+
+* Blur: separable Gaussian, taps ``|k| <= 3 sigma + 1/4`` (nnU-Net's kernel:
+  the odd size nearest ``6 sigma + 1/2``), one sigma per channel and axis,
+  ``"reflect"`` boundary (as nnU-Net).
+* Low resolution: per axis, nearest ("nearest-exact") downsampling to
+  ``round(n * zoom)`` voxels and linear (half-pixel, edge-clamped) upsampling
+  back, composed into one matrix on the static grid (equal to
+  ``jax.image.resize`` nearest then linear). nnU-Net v2 also upsamples
+  linearly (``torch.nn.functional.interpolate``); nnU-Net v1 used cubic.
+* Both are (n, n) matrices per axis and channel applied by matmuls: stencils
+  or gathers would let XLA fuse the resampling before them into every tap.
+
+New transforms are off by default (probability 0); with them off, the random
+draw and every output are bit-identical to the earlier version of this module.
+``nnunet_augment_config`` returns nnU-Net's settings.
 """
 
 from __future__ import annotations
@@ -70,6 +93,25 @@ def default_augment_config() -> ml_collections.ConfigDict:
         rescaled intensities, mapped back to the original range.
       p_noise, noise_std: additive Gaussian noise, its std uniform in
         ``[0, noise_std]``.
+      scale_axes: spatial axes the zoom applies to; empty means all (nnU-Net's
+        anisotropic "dummy 2D" mode zooms axes 1 and 2 only).
+      scale_inverse: draw ``s`` uniform in ``scale_range`` and zoom by ``1/s``
+        (nnU-Net's convention: ``s`` scales the sampling grid, s > 1 shrinks).
+      intensity_per_channel: brightness, contrast and gamma (also inverted)
+        draw one factor per channel instead of one per sample.
+      factors_split_at_one: brightness, contrast and gamma factors: with
+        probability 0.5 uniform in ``[lo, 1)``, else in ``[1, hi)`` (nnU-Net's
+        ``BGContrast``; only when ``lo < 1 < hi``).
+      p_blur, blur_sigma, p_blur_channel: Gaussian blur per sample with
+        probability ``p_blur``, then per channel with ``p_blur_channel``; sigma
+        (voxels) uniform in ``blur_sigma``, per channel and axis.
+      p_lowres, lowres_range, p_lowres_channel, lowres_axes: simulate low
+        resolution per sample / channel; zoom uniform in ``lowres_range`` per
+        channel (same for all axes); only ``lowres_axes`` (empty: all) are
+        resampled (nnU-Net's ``ignore_axes=(0,)`` is ``lowres_axes=(1, 2)``).
+      p_gamma_invert: gamma on the negated image (then negated back), before
+        the plain gamma, with ``gamma_range``.
+      gamma_retain_stats: after gamma, restore each channel's mean and std.
     """
     return ml_collections.ConfigDict(
         dict(
@@ -89,8 +131,67 @@ def default_augment_config() -> ml_collections.ConfigDict:
             gamma_range=(0.7, 1.5),
             p_noise=0.1,
             noise_std=0.1,
+            # Off by default; nnU-Net's ranges (see nnunet_augment_config).
+            scale_axes=(),
+            scale_inverse=False,
+            intensity_per_channel=False,
+            factors_split_at_one=False,
+            p_blur=0.0,
+            blur_sigma=(0.5, 1.0),
+            p_blur_channel=0.5,
+            p_lowres=0.0,
+            lowres_range=(0.5, 1.0),
+            p_lowres_channel=0.5,
+            lowres_axes=(),
+            p_gamma_invert=0.0,
+            gamma_retain_stats=False,
         )
     )
+
+
+def nnunet_augment_config(
+    spatial_dims: int, anisotropic: bool = False
+) -> ml_collections.ConfigDict:
+    """nnU-Net v2's default training augmentation (``nnUNetTrainer.get_training_transforms``).
+
+    Args:
+      spatial_dims: 2 or 3.
+      anisotropic: 3D: nnU-Net's "dummy 2D" mode (largest patch edge over 3x the
+        first, low-resolution axis): rotation up to 180 degrees about axis 0
+        only, zoom and low-resolution simulation in axes 1 and 2 only. 2D: a
+        patch aspect ratio above 1.5, where nnU-Net rotates by at most 15 degrees.
+
+    Spatial: rotation p 0.2 (2D +-180, 3D +-30 degrees about every axis),
+    scaling p 0.2 with ``s`` in (0.7, 1.4) on the sampling grid (isotropic),
+    mirroring p 0.5 per axis; noise p 0.1 (std in [0, 0.1]); blur p 0.2 (sigma
+    0.5..1, per channel p 0.5); brightness and contrast p 0.15 (0.75..1.25);
+    low resolution p 0.25 (zoom 0.5..1, per channel p 0.5); gamma on the
+    inverted image p 0.1 and gamma p 0.3 (0.7..1.5, stats retained).
+    Not reproduced: nnU-Net crops from a larger patch (no padding), fills
+    image padding with 0 and interpolates labels linearly (one-hot).
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    d = default_augment_config().to_dict()
+    dummy_2d = spatial_dims == 3 and anisotropic
+    if spatial_dims == 2:
+        degrees = 15.0 if anisotropic else 180.0
+    else:
+        degrees = 180.0 if dummy_2d else 30.0
+    d.update(
+        p_rotate=0.2, rotate_degrees=degrees, rotate_3d_axes="inplane" if dummy_2d else "all",
+        p_scale=0.2, scale_range=(0.7, 1.4), scale_inverse=True,
+        scale_axes=(1, 2) if dummy_2d else (), p_flip=0.5, flip_axes=(),
+        p_noise=0.1, noise_std=0.1,
+        p_blur=0.2, blur_sigma=(0.5, 1.0), p_blur_channel=0.5,
+        p_brightness=0.15, brightness_range=(0.75, 1.25),
+        p_contrast=0.15, contrast_range=(0.75, 1.25),
+        p_lowres=0.25, lowres_range=(0.5, 1.0), p_lowres_channel=0.5,
+        lowres_axes=(1, 2) if dummy_2d else (),
+        p_gamma_invert=0.1, p_gamma=0.3, gamma_range=(0.7, 1.5), gamma_retain_stats=True,
+        intensity_per_channel=True, factors_split_at_one=True,
+    )
+    return ml_collections.ConfigDict(d)
 
 
 _DEFAULTS = default_augment_config().to_dict()
@@ -147,7 +248,8 @@ def affine_matrix(
 ) -> jax.Array:
     """Forward affine ``rotation ∘ scaling ∘ flip`` (about the array centre).
 
-    ``flips`` is a boolean (ndim,) vector, ``scale`` an isotropic zoom factor.
+    ``flips`` is a boolean (ndim,) vector, ``scale`` a zoom factor: a scalar
+    (isotropic) or an (ndim,) vector (one factor per axis).
     """
     f = jnp.where(flips, -1.0, 1.0).astype(jnp.float32)
     return rotation_matrix(angles, ndim, inplane) * scale * f[None, :]
@@ -156,8 +258,10 @@ def affine_matrix(
 def inverse_affine_matrix(
     angles: jax.Array, scale: jax.Array, flips: jax.Array, ndim: int, inplane: bool = False
 ) -> jax.Array:
-    """Exact closed-form inverse of ``affine_matrix``: ``flip · rotation.T / scale``."""
+    """Exact closed-form inverse of ``affine_matrix``: ``flip · scale⁻¹ · rotation.T``."""
     f = jnp.where(flips, -1.0, 1.0).astype(jnp.float32)
+    scale = jnp.asarray(scale)
+    scale = scale[:, None] if scale.ndim == 1 else scale
     return f[:, None] * rotation_matrix(angles, ndim, inplane).T / scale
 
 
@@ -192,12 +296,122 @@ _U_ROT, _U_ANGLES, _U_SCALE, _U_ZOOM, _U_FLIPS = 0, slice(1, 4), 4, 5, slice(6, 
 _U_NOISE, _U_STD, _U_BRIGHT, _U_BRIGHT_V = 9, 10, 11, 12
 _U_CONTRAST, _U_CONTRAST_V, _U_GAMMA, _U_GAMMA_V = 13, 14, 15, 16
 _NUM_U = 17
+# Extra block, drawn (after the _NUM_U columns, before the noise) only when a
+# transform added later is on, so that the default draw keeps its shape: _NUM_X
+# per-sample values, then _NUM_XC rows of one value per channel.
+_X_BLUR, _X_LOWRES, _X_GAMMA_INV, _X_GAMMA_INV_V = 0, 1, 2, 3
+_NUM_X = 4
+_XC_BLUR, _XC_SIGMA, _XC_LOWRES, _XC_ZOOM = 0, slice(1, 4), 4, 5
+_XC_BRIGHT_V, _XC_CONTRAST_V, _XC_GAMMA_V, _XC_GAMMA_INV_V = 6, 7, 8, 9
+_NUM_XC = 10
+
+
+def _uses_extra(cfg: Any) -> bool:
+    """Whether the extra block of draws is needed (any later transform on)."""
+    return (any(float(_get(cfg, n)) > 0 for n in ("p_blur", "p_lowres", "p_gamma_invert"))
+            or bool(_get(cfg, "intensity_per_channel")))
+
+
+def _axes(cfg: Any, name: str, ndim: int) -> tuple[int, ...]:
+    """A config field of spatial axes (negative allowed; empty = all), sorted."""
+    axes = tuple(_get(cfg, name)) or tuple(range(ndim))
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}: axis {a} out of range for {ndim} spatial dims")
+    return tuple(sorted({a % ndim for a in axes}))
 
 
 def _lerp(u: jax.Array, bounds: Sequence[float]) -> jax.Array:
     """Map ``u`` in [0, 1) to [lo, hi) (exactly ``lo`` when lo == hi)."""
     lo, hi = (float(v) for v in bounds)
     return lo + (hi - lo) * u
+
+
+def _factor(u: jax.Array, bounds: Sequence[float], split: bool) -> jax.Array:
+    """``_lerp``, or with ``split`` nnU-Net's BGContrast: half below 1, half above."""
+    lo, hi = (float(v) for v in bounds)
+    if not (split and lo < 1.0 < hi):
+        return _lerp(u, (lo, hi))
+    return jnp.where(u < 0.5, lo + (1.0 - lo) * (2.0 * u), 1.0 + (hi - 1.0) * (2.0 * u - 1.0))
+
+
+def _reflect_index(j: jax.Array, n: int) -> jax.Array:
+    """Index ``j`` (any integer) folded into [0, n) as numpy's ``"reflect"`` pad."""
+    if n == 1:
+        return jnp.zeros_like(j)
+    j = jnp.abs(j) % (2 * (n - 1))
+    return jnp.where(j >= n, 2 * (n - 1) - j, j)
+
+
+def _apply_along(x: jax.Array, op: jax.Array, axis: int) -> jax.Array:
+    """``x`` (*spatial, C) times a per-channel (C, n, n) operator along ``axis``."""
+    letters = "abcd"[: x.ndim - 1]
+    src = letters + "z"
+    dst = src.replace(letters[axis], "y")
+    return jnp.einsum(f"zy{letters[axis]},{src}->{dst}", op, x, precision=_HIGHEST)
+
+
+def gaussian_blur(x: jax.Array, sigmas: jax.Array, radius: int) -> jax.Array:
+    """Separable Gaussian blur of ``x`` (*spatial, C), ``"reflect"`` boundary.
+
+    ``sigmas`` (ndim, C): one sigma per axis and channel (traced values are
+    fine); taps ``|k| <= min(3 sigma + 1/4, radius)``, normalised to sum 1, so
+    the static ``radius`` should be at least ``3 * max(sigma) + 1/4``. Each
+    axis is one banded (n, n) matrix per channel, applied by a matmul.
+    """
+    k = jnp.arange(-radius, radius + 1)
+    for a in range(x.ndim - 1):
+        s = sigmas[a][:, None]  # (C, 1)
+        kf = k.astype(jnp.float32)[None, :]
+        w = jnp.where(jnp.abs(kf) <= 3.0 * s + 0.25, jnp.exp(-0.5 * (kf / s) ** 2), 0.0)
+        w = w / jnp.sum(w, axis=1, keepdims=True)  # (C, taps)
+        n = x.shape[a]
+        src = _reflect_index(jnp.arange(n)[:, None] + k[None, :], n)  # (n, taps)
+        hits = (src[:, :, None] == jnp.arange(n)[None, None, :]).astype(jnp.float32)
+        x = _apply_along(x, jnp.einsum("ct,itj->cij", w, hits, precision=_HIGHEST), a)
+    return x
+
+
+def simulate_low_resolution(x: jax.Array, zooms: jax.Array, axes: Sequence[int]) -> jax.Array:
+    """Nearest downsampling of ``x`` (*spatial, C) to ``round(n * zoom)`` voxels
+    along each of ``axes``, then linear upsampling back to ``n``.
+
+    ``zooms`` (C,): one factor per channel (traced values are fine). Shapes stay
+    static: per axis both steps form one (n, n) matrix per channel (two
+    nonzeros a row), applied by a matmul. Half-pixel centres as ``torch``
+    ``"nearest-exact"`` / linear with ``align_corners=False`` (edges clamped),
+    i.e. as ``jax.image.resize`` "nearest" then "linear".
+    """
+    zooms = jnp.asarray(zooms, jnp.float32)[:, None, None]
+    for a in axes:
+        n = x.shape[a]
+        m = jnp.maximum(jnp.round(n * zooms), 1.0)  # coarse size (traced), (C, 1, 1)
+        i = jnp.arange(n, dtype=jnp.float32)[None, :, None]
+        c = jnp.clip((i + 0.5) * (m / n) - 0.5, 0.0, m - 1.0)
+        j0 = jnp.floor(c)
+        t = c - j0
+
+        def source(j):  # coarse voxel j -> the input voxel its nearest sample reads
+            return jnp.minimum(jnp.floor((j + 0.5) * (n / m)), n - 1).astype(jnp.int32)
+
+        k = jnp.arange(n, dtype=jnp.int32)[None, None, :]
+        op = (jnp.where(k == source(j0), 1.0 - t, 0.0)
+              + jnp.where(k == source(jnp.minimum(j0 + 1.0, m - 1.0)), t, 0.0))
+        x = _apply_along(x, op, a)
+    return x
+
+
+def _gamma(x: jax.Array, gamma: jax.Array, axes: tuple[int, ...], retain_stats: bool) -> jax.Array:
+    """``x -> x**gamma`` on the per-channel min-max rescaled intensities."""
+    lo, hi = jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
+    span = hi - lo + _GAMMA_EPS
+    unit = jnp.clip((x - lo) / span, 0.0, 1.0)
+    y = unit**gamma * span + lo
+    if retain_stats:
+        mean, std = jnp.mean(x, axis=axes, keepdims=True), jnp.std(x, axis=axes, keepdims=True)
+        y_mean, y_std = jnp.mean(y, axis=axes, keepdims=True), jnp.std(y, axis=axes, keepdims=True)
+        y = (y - y_mean) * (std / jnp.maximum(y_std, _GAMMA_EPS)) + mean
+    return y
 
 
 def _augment_geometry(
@@ -207,11 +421,8 @@ def _augment_geometry(
     shape = label.shape
     ndim = len(shape)
     p_rotate, p_scale, p_flip = (float(_get(cfg, n)) for n in ("p_rotate", "p_scale", "p_flip"))
-    flip_axes = tuple(_get(cfg, "flip_axes")) or tuple(range(ndim))
-    for a in flip_axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"flip axis {a} out of range for {ndim} spatial dims")
-    flip_axes = tuple(sorted({a % ndim for a in flip_axes}))
+    flip_axes = _axes(cfg, "flip_axes", ndim)
+    scale_axes = _axes(cfg, "scale_axes", ndim)
     mode_3d = _get(cfg, "rotate_3d_axes")
     if mode_3d not in ("all", "inplane"):
         raise ValueError(f"rotate_3d_axes must be 'all' or 'inplane', got {mode_3d!r}")
@@ -231,7 +442,12 @@ def _augment_geometry(
     angles = _lerp(u[_U_ANGLES][: 1 if ndim == 2 else 3], _as_range(_get(cfg, "rotate_degrees")))
     angles = jnp.where(do_rot, jnp.deg2rad(angles), 0.0)
     do_scale = u[_U_SCALE] < p_scale
-    scale = jnp.where(do_scale, _lerp(u[_U_ZOOM], _get(cfg, "scale_range")), 1.0)
+    if _get(cfg, "scale_inverse"):
+        scale = jnp.where(do_scale, 1.0 / _lerp(u[_U_ZOOM], _get(cfg, "scale_range")), 1.0)
+    else:
+        scale = jnp.where(do_scale, _lerp(u[_U_ZOOM], _get(cfg, "scale_range")), 1.0)
+    if len(scale_axes) < ndim:
+        scale = jnp.where(jnp.array([a in scale_axes for a in range(ndim)]), scale, 1.0)
 
     # One affine (rotation ∘ scaling ∘ flip), one resampling of the input.
     inverse = inverse_affine_matrix(angles, scale, flips, ndim, inplane)
@@ -250,33 +466,65 @@ def _augment_geometry(
 
 
 def _augment_intensity(
-    u: jax.Array, noise: jax.Array | None, image: jax.Array, cfg: Any
+    u: jax.Array, extra: jax.Array | None, noise: jax.Array | None, image: jax.Array, cfg: Any
 ) -> jax.Array:
-    """Noise, brightness, contrast and gamma for one sample (*spatial, C)."""
+    """Intensity steps for one sample (*spatial, C), in nnU-Net's order.
+
+    ``extra``: the sample's extra block of draws (see ``_NUM_X``), or None.
+    """
     axes = tuple(range(image.ndim - 1))
+    ndim, channels = image.ndim - 1, image.shape[-1]
     dtype = image.dtype
     x = image.astype(jnp.promote_types(dtype, jnp.float32))
+    head = per_ch = None
+    if extra is not None:
+        head, per_ch = extra[:_NUM_X], extra[_NUM_X:].reshape(_NUM_XC, channels)
+    split = bool(_get(cfg, "factors_split_at_one"))
+    by_channel = per_ch is not None and bool(_get(cfg, "intensity_per_channel"))
+
+    def factor(shared: jax.Array, row: int, name: str) -> jax.Array:
+        """One value per sample (``shared``) or per channel (row ``row``)."""
+        return _factor(per_ch[row] if by_channel else shared, _get(cfg, name), split)
 
     if noise is not None:
         std = _lerp(u[_U_STD], (0.0, float(_get(cfg, "noise_std"))))
         x = jnp.where(u[_U_NOISE] < float(_get(cfg, "p_noise")), x + std * noise, x)
+    p = float(_get(cfg, "p_blur"))
+    if p > 0:
+        lo, hi = (float(v) for v in _get(cfg, "blur_sigma"))
+        if not 0 < lo <= hi:
+            raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {(lo, hi)}")
+        sigmas = _lerp(per_ch[_XC_SIGMA][:ndim], (lo, hi))
+        on = (head[_X_BLUR] < p) & (per_ch[_XC_BLUR] < float(_get(cfg, "p_blur_channel")))
+        x = jnp.where(on, gaussian_blur(x, sigmas, max(1, math.floor(3.0 * hi + 0.25))), x)
     p = float(_get(cfg, "p_brightness"))
     if p > 0:
-        factor = _lerp(u[_U_BRIGHT_V], _get(cfg, "brightness_range"))
-        x = jnp.where(u[_U_BRIGHT] < p, x * factor, x)
+        factor_ = factor(u[_U_BRIGHT_V], _XC_BRIGHT_V, "brightness_range")
+        x = jnp.where(u[_U_BRIGHT] < p, x * factor_, x)
     p = float(_get(cfg, "p_contrast"))
     if p > 0:
-        factor = _lerp(u[_U_CONTRAST_V], _get(cfg, "contrast_range"))
+        factor_ = factor(u[_U_CONTRAST_V], _XC_CONTRAST_V, "contrast_range")
         mean = jnp.mean(x, axis=axes, keepdims=True)
         lo, hi = jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
-        x = jnp.where(u[_U_CONTRAST] < p, jnp.clip((x - mean) * factor + mean, lo, hi), x)
+        x = jnp.where(u[_U_CONTRAST] < p, jnp.clip((x - mean) * factor_ + mean, lo, hi), x)
+    p = float(_get(cfg, "p_lowres"))
+    if p > 0:
+        lo, hi = (float(v) for v in _get(cfg, "lowres_range"))
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"lowres_range must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        zooms = _lerp(per_ch[_XC_ZOOM], (lo, hi))
+        lowres_axes = _axes(cfg, "lowres_axes", ndim)
+        on = (head[_X_LOWRES] < p) & (per_ch[_XC_LOWRES] < float(_get(cfg, "p_lowres_channel")))
+        x = jnp.where(on, simulate_low_resolution(x, zooms, lowres_axes), x)
+    retain = bool(_get(cfg, "gamma_retain_stats"))
+    p = float(_get(cfg, "p_gamma_invert"))
+    if p > 0:
+        gamma = factor(head[_X_GAMMA_INV_V], _XC_GAMMA_INV_V, "gamma_range")
+        x = jnp.where(head[_X_GAMMA_INV] < p, -_gamma(-x, gamma, axes, retain), x)
     p = float(_get(cfg, "p_gamma"))
     if p > 0:
-        gamma = _lerp(u[_U_GAMMA_V], _get(cfg, "gamma_range"))
-        lo, hi = jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
-        span = hi - lo + _GAMMA_EPS
-        unit = jnp.clip((x - lo) / span, 0.0, 1.0)
-        x = jnp.where(u[_U_GAMMA] < p, unit**gamma * span + lo, x)
+        gamma = factor(u[_U_GAMMA_V], _XC_GAMMA_V, "gamma_range")
+        x = jnp.where(u[_U_GAMMA] < p, _gamma(x, gamma, axes, retain), x)
     # Untouched samples keep their exact values (the up-cast round trip is exact).
     return x.astype(dtype)
 
@@ -305,21 +553,24 @@ def augment_batch(
         raise ValueError(f"images {images.shape} do not match labels {labels.shape} + (C,)")
 
     # All random numbers in one batched draw (a single threefry to compile and
-    # run); the noise comes from its tail via Box-Muller.
+    # run): _NUM_U values, the extra block when needed, then the noise via
+    # Box-Muller.
     batch = labels.shape[0]
     draw_noise = float(_get(cfg, "p_noise")) > 0
     n_vox = math.prod(images.shape[1:])
     n_pairs = (n_vox + 1) // 2 if draw_noise else 0
-    r = jax.random.uniform(rng, (batch, _NUM_U + 2 * n_pairs))
-    u, noise = r[:, :_NUM_U], None
+    n_extra = _NUM_X + _NUM_XC * images.shape[-1] if _uses_extra(cfg) else 0
+    start = _NUM_U + n_extra
+    r = jax.random.uniform(rng, (batch, start + 2 * n_pairs))
+    u, extra, noise = r[:, :_NUM_U], (r[:, _NUM_U:start] if n_extra else None), None
     if draw_noise:
-        radius = jnp.sqrt(-2.0 * jnp.log1p(-r[:, _NUM_U:_NUM_U + n_pairs]))  # -log(1 - u), u < 1
-        angle = (2.0 * math.pi) * r[:, _NUM_U + n_pairs:]
+        radius = jnp.sqrt(-2.0 * jnp.log1p(-r[:, start:start + n_pairs]))  # -log(1 - u), u < 1
+        angle = (2.0 * math.pi) * r[:, start + n_pairs:]
         noise = jnp.concatenate([radius * jnp.cos(angle), radius * jnp.sin(angle)], axis=1)
         noise = noise[:, :n_vox].reshape(images.shape)
 
-    def one(u_i: jax.Array, noise_i: jax.Array | None, image: jax.Array, label: jax.Array):
+    def one(u_i, extra_i, noise_i, image, label):
         image, label = _augment_geometry(u_i, image, label, cfg)
-        return _augment_intensity(u_i, noise_i, image, cfg), label
+        return _augment_intensity(u_i, extra_i, noise_i, image, cfg), label
 
-    return jax.vmap(one)(u, noise, images, labels)
+    return jax.vmap(one)(u, extra, noise, images, labels)
