@@ -32,18 +32,27 @@ def test_marginal_cross_entropy_by_hand():
 
 
 def test_an_unannotated_organ_predicted_costs_nothing_an_annotated_one_missed_costs():
-    # Background voxels predicted as organ B with certainty.
-    logits = _logits([[[0.001, 0.001, 0.998]] * 4])
+    # Four background voxels, predicted as organ B, or as background; organ A is
+    # annotated (and absent) in both, with the same small probability everywhere.
+    as_b = _logits([[[0.001, 0.001, 0.998]] * 4])
+    as_bg = _logits([[[0.998, 0.001, 0.001]] * 4])
     labels = jnp.zeros((1, 4), jnp.int32)
     unknown_b = jnp.array([[1.0, 1.0, 0.0]])
     known_b = jnp.ones((1, 3))
-    free = float(losses.partial_dice_ce_loss(logits, labels, 3, unknown_b))
-    costly = float(losses.partial_dice_ce_loss(logits, labels, 3, known_b))
-    assert free < 0.01 and costly > 1.0
+
+    def loss(logits, annotated):
+        return float(losses.partial_dice_ce_loss(logits, labels, 3, annotated))
+
+    # B not contoured: predicting it where the map says 0 costs exactly what background does.
+    np.testing.assert_allclose(loss(as_b, unknown_b), loss(as_bg, unknown_b), rtol=1e-6)
+    # B contoured (so truly absent): the same prediction is a false positive.
+    assert loss(as_b, known_b) > loss(as_bg, known_b) + 3.0
     # Organ A annotated and present, predicted as background: costs.
-    missed = float(losses.partial_dice_ce_loss(_logits([[[0.98, 0.01, 0.01]] * 4]),
-                                               jnp.ones((1, 4), jnp.int32), 3, unknown_b))
-    assert missed > 1.0
+    labels_a = jnp.ones((1, 4), jnp.int32)
+    missed = float(losses.partial_dice_ce_loss(as_bg, labels_a, 3, unknown_b))
+    found = float(losses.partial_dice_ce_loss(_logits([[[0.001, 0.998, 0.001]] * 4]),
+                                              labels_a, 3, unknown_b))
+    assert missed > found + 3.0
 
 
 def test_partial_dice_counts_a_class_only_where_annotated():

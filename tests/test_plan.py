@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from medseg_jax import plan as P
+from medseg_jax import planning as P
 
 
 def _fp(spacings, shapes, modalities=("MRI",), labels=None, name=""):

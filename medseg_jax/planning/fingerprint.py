@@ -75,8 +75,12 @@ def fingerprint(cases: Sequence[dict], name: str = "") -> dict:
         if len(c["spacing"]) != dims or len(c["shape"]) != dims:
             raise ValueError(f"case {i}: {len(c['spacing'])}-D spacing / {len(c['shape'])}-D "
                              f"shape in a {dims}-D data set")
-        if tuple(c["modalities"]) != modalities:
-            raise ValueError(f"case {i}: modalities {tuple(c['modalities'])} != {modalities}")
+        if len(c["modalities"]) != len(modalities):
+            raise ValueError(f"case {i}: {len(c['modalities'])} channels, not "
+                             f"{len(modalities)}")
+    if any(tuple(c["modalities"]) != modalities for c in cases):  # several tasks
+        modalities = tuple("/".join(sorted({str(c["modalities"][ch]) for c in cases}))
+                           for ch in range(len(modalities)))
     spacings = np.array([c["spacing"] for c in cases], np.float64)
     shapes = np.array([c["shape"] for c in cases], np.int64)
     if (spacings <= 0).any() or not np.isfinite(spacings).all() or (shapes < 1).any():
