@@ -24,13 +24,17 @@ NEVER_BEST = -1.0  # below any Dice
 
 
 class Checkpointer:
-    def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
+    def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False,
+                 keep_every_seconds: float = 0.0):
+        """``keep_every_seconds`` > 0 also keeps a checkpoint every that many seconds of
+        the run (to evaluate the model reached after 15, 30, ... minutes)."""
         self.directory = os.path.abspath(directory)
+        keep = [policies.LatestN(n=max(1, max_to_keep)),
+                policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1)]
+        if keep_every_seconds > 0:
+            keep.append(policies.EveryNSeconds(interval_secs=int(keep_every_seconds)))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy([
-                policies.LatestN(n=max(1, max_to_keep)),
-                policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1),
-            ]),
+            preservation_policy=policies.AnyPreservationPolicy(keep),
             best_fn=lambda m: m[BEST_METRIC],
             best_mode="max",
             create=not read_only,

@@ -125,6 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
     # "disallow" (an implicit host<->device copy in the loop raises).
     train.transfer_guard = ""
     train.checkpoint_max_to_keep = 2  # besides the best, always kept
+    # Also keep a checkpoint every N minutes of training (0: off), e.g. to evaluate what
+    # 15, 30 and 60 minutes give: --config.eval.checkpoint=<step>.
+    train.keep_every_minutes = 0.0
     # TensorBoard event files in the workdir (the logged scalars and a validation overlay
     # image per epoch), beside metrics.jsonl: `tensorboard --logdir runs`.
     train.tensorboard = True

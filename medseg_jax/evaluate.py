@@ -8,6 +8,8 @@ grid before the argmax. Metrics are computed per case on the whole volume with
 the case's voxel spacing, so distances are in mm.
 
 Writes to the workdir, for a split ``<split>``:
+(``<split>_<checkpoint>_...`` for another checkpoint than the best, e.g.
+``test_step1500_metrics.json``, so the best checkpoint's files stay)
 - ``<split>_metrics.json``   per case and aggregated (overall and per task)
 - ``<split>_metrics.md``     the table that is also printed
 - ``<split>_per_case.csv``   one row per case and class, every metric
@@ -93,19 +95,21 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
                "metrics_seconds": t_metrics,
                "cases_per_second": len(keys) / max(t_predict, 1e-9),
                "network_inputs": n_samples}
+    prefix = split if run.which == "best" else (
+        f"{split}_step{run.step}" if run.which.isdigit() else f"{split}_{run.which}")
     if jax.process_index() == 0:
-        fileio.write_json_atomic(os.path.join(workdir, f"{split}_metrics.json"), results)
-        fileio.write_text_atomic(os.path.join(workdir, f"{split}_metrics.md"), table)
-        fileio.write_text_atomic(os.path.join(workdir, f"{split}_per_case.csv"),
+        fileio.write_json_atomic(os.path.join(workdir, f"{prefix}_metrics.json"), results)
+        fileio.write_text_atomic(os.path.join(workdir, f"{prefix}_metrics.md"), table)
+        fileio.write_text_atomic(os.path.join(workdir, f"{prefix}_per_case.csv"),
                                  report.per_case_csv(per_case))
-        fileio.write_text_atomic(os.path.join(workdir, f"{split}_summary.csv"),
+        fileio.write_text_atomic(os.path.join(workdir, f"{prefix}_summary.csv"),
                                  report.summary_csv(groups))
     print(table, flush=True)
     logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
                  "%.1f s; wrote %s", len(keys), t_predict, results["cases_per_second"],
-                 n_samples, t_metrics, os.path.join(workdir, f"{split}_metrics.json"))
+                 n_samples, t_metrics, os.path.join(workdir, f"{prefix}_metrics.json"))
     if config.eval.figures and jax.process_index() == 0:
-        results["figures"] = write_figures(run, per_case, split)
+        results["figures"] = write_figures(run, per_case, prefix)
     return results
 
 

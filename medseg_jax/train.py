@@ -262,8 +262,9 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
                  config.model.spatial_dims, config.model.base_features, config.model.depth,
                  f"{count_params(state.params):,}")
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         config.train.checkpoint_max_to_keep)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.train.checkpoint_max_to_keep,
+        keep_every_seconds=60 * float(config.train.get("keep_every_minutes", 0.0)))
     meta = {"epoch": -1, "best_val_loss": float("inf"), "bad_epochs": 0,
             "best_val_dice": -1.0, "best_epoch": -1, "stopped": False}
     progress = None

@@ -86,7 +86,10 @@ def shared_data_dir():
     """The real data of ../shared/data (or $MEDSEG_DATA); skips if absent."""
     from pathlib import Path
 
-    path = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = Path(os.environ.get("MEDSEG_DATA",
+                               Path(__file__).resolve().parents[2] / "shared" / "data"))
     if not path.is_dir():
+        if os.environ.get("MEDSEG_REQUIRE_DATA"):  # CI: the data must be there
+            pytest.fail(f"real data not found at {path} and MEDSEG_REQUIRE_DATA is set")
         pytest.skip(f"real data not found at {path}")
     return path

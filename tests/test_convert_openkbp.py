@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from medseg_jax.data import openkbp
-from medseg_jax.data.decathlon import load_case, read_dataset
+from medseg_jax.data.decathlon import read_dataset
+from medseg_jax.data.nifti import load_case
 
 SHAPE = (6, 5, 4)
 SPACING = (3.9, 3.5, 2.5)

@@ -270,3 +270,36 @@ def test_one_pipeline_for_the_run_equals_epoch_by_epoch(tmp_path, in_plane):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     assert not np.array_equal(per_epoch[0]["image"], per_epoch[2]["image"])  # epochs differ
+
+
+def test_normalisation_and_spacing_are_fitted_on_training_cases_only(tmp_path, monkeypatch):
+    """CT statistics and the median spacing come from the training split: a leak of the
+    validation or test cases into either would change them, and is caught."""
+    from conftest import tiny_config
+
+    config = tiny_config(**{"model.spatial_dims": 3, "data.image_size": (8, 8, 4),
+                            "model.depth": 2})
+    workdir = str(tmp_path)
+    dataset = dataset_lib.open_dataset(config, workdir)
+    loaded = []
+    real = dataset_lib.Dataset.load
+
+    def spy(self, key):
+        loaded.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(dataset_lib.Dataset, "load", spy)
+    plans = cache.intensity_plans(dataset)
+    assert loaded and set(loaded) <= set(dataset.splits["train"])
+    assert any(p["scheme"] == "ct" for p in plans["SynthCT"])
+    # The spacing: make every non-training case 10x coarser; the median must not move.
+    spacing = cache.target_spacing(config, dataset)
+    real_spacing = cache.canonical_spacing
+
+    def coarse_outside_train(path):
+        held_out = any(path in dataset.refs[k][0].image_paths
+                       for s in ("val", "test") for k in dataset.splits[s])
+        return tuple(10 * x for x in real_spacing(path)) if held_out else real_spacing(path)
+
+    monkeypatch.setattr(cache, "canonical_spacing", coarse_outside_train)
+    assert cache.target_spacing(config, dataset) == spacing

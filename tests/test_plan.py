@@ -103,9 +103,13 @@ def test_record_and_fingerprint_errors():
         P.case_record((1, 1, 1), (2, 2, 2), image=np.zeros((2, 2, 2)))
     with pytest.raises(ValueError, match="no cases"):
         P.fingerprint([])
-    with pytest.raises(ValueError, match="modalities"):
+    with pytest.raises(ValueError, match="2 channels, not 1"):
         P.fingerprint([P.case_record((1, 1), (4, 4)),
-                       P.case_record((1, 1), (4, 4), modalities=("CT",))])
+                       P.case_record((1, 1), (4, 4), modalities=("CT", "MRI"))])
+    # Several tasks of other modalities: one fingerprint, the modalities named together.
+    mixed = P.fingerprint([P.case_record((1, 1), (4, 4)),
+                           P.case_record((1, 1), (4, 4), modalities=("CT",))])
+    assert mixed["modalities"] == ["CT/MRI"]
     with pytest.raises(ValueError, match="3D data set"):
         P.plan_3d(hc18_like())
     with pytest.raises(ValueError, match="unknown budget"):

@@ -57,3 +57,16 @@ def test_paired_wilcoxon_known_inputs():
     assert math.isnan(stats.paired_wilcoxon([np.nan], [1.0])["p_value"])
     with pytest.raises(ValueError, match="as many"):
         stats.paired_wilcoxon([1, 2], [1])
+
+
+def test_bootstrap_ci_agrees_with_scipy_percentile_bootstrap():
+    """Same method (percentile interval of the resampled means) as scipy.stats.bootstrap;
+    the resamples differ, so the bounds agree to the Monte Carlo error."""
+    from scipy.stats import bootstrap as scipy_bootstrap
+
+    values = np.random.default_rng(3).gamma(2.0, 1.0, size=60)
+    lo, hi = stats.bootstrap_ci(values, samples=20000, seed=0)
+    ref = scipy_bootstrap((values,), np.mean, n_resamples=20000, method="percentile",
+                          confidence_level=0.95, random_state=1).confidence_interval
+    width = ref.high - ref.low
+    assert abs(lo - ref.low) < 0.05 * width and abs(hi - ref.high) < 0.05 * width

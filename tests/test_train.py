@@ -73,11 +73,29 @@ def _params(workdir, config, which="latest"):
     return state, meta
 
 
-def test_resume_equals_uninterrupted_run(make_run_config, tmp_path):
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted_run(make_run_config, tmp_path, monkeypatch):
     full_dir, split_dir = str(tmp_path / "full"), str(tmp_path / "split")
     config3 = make_run_config(**{"train.num_epochs": 3, "train.patience": 0})
     train.train(config3, full_dir)
-    train.train(make_run_config(**{"train.num_epochs": 2, "train.patience": 0}), split_dir)
+    if config3.train.lr_schedule == "constant":  # a shorter run, continued for longer
+        train.train(make_run_config(**{"train.num_epochs": 2, "train.patience": 0}),
+                    split_dir)
+    else:  # a schedule over the run's length: the same run, stopped after epoch 2
+        real = train._Loop.end_epoch
+
+        def end_epoch(self, state, meta, epoch, *args):
+            real(self, state, meta, epoch, *args)
+            if epoch == 1:
+                raise _Interrupted
+
+        monkeypatch.setattr(train._Loop, "end_epoch", end_epoch)
+        with pytest.raises(_Interrupted):
+            train.train(config3, split_dir)
+        monkeypatch.undo()
     meta = train.train(config3, split_dir)  # resumes at epoch 3
     assert meta["epoch"] == 2
     full, _ = _params(full_dir, config3)
@@ -279,3 +297,27 @@ def test_a_field_added_later_at_its_default_is_no_difference(make_tiny_config):
     assert workdir_lib.config_differences(previous, current) == []
     current["data"]["in_plane"] = "spacing"
     assert workdir_lib.config_differences(previous, current) == ["data.in_plane: None -> 'spacing'"]
+
+
+def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny_config,
+                                                                       tmp_path):
+    """train.validate sums Dice counts over all devices and masks the padded rows of the
+    last batch: its Dice equals numpy's over the same samples and predictions."""
+    from medseg_jax.data import cache
+
+    config = make_tiny_config(**{"eval.batch_size": 8})
+    mesh = sharding.make_mesh()
+    assert mesh.size == 8
+    dataset, _, samples = cache.prepare(config, str(tmp_path))
+    val = samples["val"]
+    assert len(val) % 8  # a padded last batch
+    model = state_lib.build_model(config, dataset.num_classes)
+    state = state_lib.init_state(config, model, (8, *config.data.image_size, 1), 4, mesh)
+    _, eval_fn = train.jit_steps(config, mesh, dataset.num_classes)
+    out = train.validate(eval_fn, state, val, config, mesh)
+    probs = np.concatenate([np.asarray(state_lib.predict_step(state, np.asarray(
+        val.images[i:i + 8]))) for i in range(0, len(val), 8)])
+    pred, gt = probs.argmax(-1), np.asarray(val.labels)
+    for c in range(1, dataset.num_classes):
+        expected = metrics.dice(pred == c, gt == c)
+        np.testing.assert_allclose(out["val_dice_per_class"][c - 1], expected, rtol=1e-6)

@@ -71,3 +71,27 @@ def test_init_from_keeps_a_head_of_another_shape_fresh(make_tiny_config, tmp_pat
         transfer.load_pretrained(other, source, mesh)
     with pytest.raises(FileNotFoundError, match="holds no training run"):
         transfer.load_pretrained(state, str(tmp_path / "nothing"), mesh)
+
+
+def test_frozen_for_fewer_epochs_than_the_run_then_trained(make_tiny_config, tmp_path,
+                                                           source):
+    """freeze_encoder_epochs=1 of 2: the encoder is the source's after epoch 1 and has
+    moved after epoch 2 (the decoder moves in both)."""
+    from medseg_jax import transfer  # noqa: PLC0415
+
+    pretrained = _params(source, None)
+    workdir = str(tmp_path / "tuned")
+    config = make_tiny_config(**{"train.init_from": source, "train.freeze_encoder_epochs": 1,
+                                 "train.num_epochs": 2, "train.patience": 0})
+    train.train(config, workdir)
+    steps = config.train.steps_per_epoch
+    by_epoch = [jax.tree.map(np.asarray, transfer._restore_as_saved(
+        f"{workdir}/checkpoints", steps * (e + 1))["params"]) for e in range(2)]
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    encoder = [k for k in pretrained if k.startswith("enc_")]
+    assert encoder and all(same(by_epoch[0][k], pretrained[k]) for k in encoder)
+    assert not any(same(by_epoch[1][k], pretrained[k]) for k in encoder)
+    assert not same(by_epoch[0]["dec_0"], pretrained["dec_0"])
