@@ -10,7 +10,6 @@ run and by evaluation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -142,11 +141,11 @@ def resolve_splits(config, workdir, infos, refs) -> dict[str, list[str]]:
             "config.data.split_fractions")
         fileio.write_json_atomic(path, splits)
         return splits
-    try:
-        with open(source) as f:
-            splits = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{source}: cannot read splits: {e}") from e
+    recover = ("delete it: the next training run makes it again from config.seed and "
+               "config.data.split_fractions (the same split while the data are unchanged), "
+               "or restore it from a copy" if source == path else "fix the file")
+    what = "the run's case split" if source == path else "config.data.splits_file"
+    splits = fileio.read_json(source, what, recover)
     splits = _check_splits(splits, refs, source)
     if source != path:
         fileio.write_json_atomic(path, splits)
