@@ -166,9 +166,13 @@ def structure_differences(saved, wanted) -> list[str]:
     def show(spec):
         return f"{spec[0]} {spec[1]}"
 
+    def order(name):  # the parameters first: what a user recognises
+        return (not name.startswith("params/"), name)
+
     differ = [f"{k}: {show(a[k])} in the checkpoint, {show(b[k])} in this config's model"
-              for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
-    only_saved, only_wanted = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+              for k in sorted(a.keys() & b.keys(), key=order) if a[k] != b[k]]
+    only_saved = sorted(a.keys() - b.keys(), key=order)
+    only_wanted = sorted(b.keys() - a.keys(), key=order)
     if only_saved:
         differ.append(f"{len(only_saved)} array(s) only in the checkpoint (e.g. {only_saved[0]})")
     if only_wanted:
@@ -207,6 +211,7 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
+        _ignore_closed_loop_callbacks()  # before any Orbax read (listing, metadata, arrays)
         self._pending: list[int] = []  # saved; digest written once Orbax has committed
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy([
@@ -421,7 +426,6 @@ class Checkpointer:
         folder = self.step_path(step)
         verified = self.verify(step)
         self.check_structure(step, abstract_state)
-        _ignore_closed_loop_callbacks()
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

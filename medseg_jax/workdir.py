@@ -24,6 +24,8 @@ import socket
 import tempfile
 from typing import Iterator
 
+from absl import logging
+
 from medseg_jax import config as config_lib
 from medseg_jax import fileio
 
@@ -182,6 +184,10 @@ def check_config(config, workdir: str, fields=("model", "data")) -> None:
     """Raises ValueError naming each field in which ``config`` differs from the workdir's run."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+            logging.warning("%s: missing (the run's config): the settings cannot be compared "
+                            "with the run's (its checkpoints are still checked against the "
+                            "model); training writes it again", path)
         return
     previous = fileio.read_json(path, "the run's config", CONFIG_RECOVER)
     try:

@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 import numpy as np
+from absl import logging
 
 from medseg_jax import fileio
 from medseg_jax.data import decathlon, nifti, synthetic
@@ -139,6 +140,10 @@ def resolve_splits(config, workdir, infos, refs) -> dict[str, list[str]]:
         splits = _check_splits(
             make_splits(infos, tuple(config.data.split_fractions), config.seed), refs,
             "config.data.split_fractions")
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):  # a run's split, lost
+            logging.warning("%s: missing (the run's case split): made again from config.seed "
+                            "and config.data.split_fractions (the same split while the data "
+                            "are unchanged)", path)
         fileio.write_json_atomic(path, splits)
         return splits
     recover = ("delete it: the next training run makes it again from config.seed and "
