@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging as std_logging
 import os
 import sys
 import weakref
@@ -181,25 +182,34 @@ def structure_differences(saved, wanted) -> list[str]:
     return differ
 
 
-def _ignore_closed_loop_callbacks() -> None:
-    """Drops one known-harmless report: when Orbax's restore fails on one array, it
-    closes its private asyncio loop while TensorStore still completes the other
-    reads, whose callbacks then call ``loop.call_soon_threadsafe`` on the closed loop
-    and raise ``RuntimeError: Event loop is closed`` in TensorStore's threads, printed
-    as tracebacks through ``sys.unraisablehook`` after the error was reported. Every
-    other unraisable exception still reaches the previous hook."""
+def _quiet_failed_read_leftovers() -> None:
+    """Drops two known-harmless reports of an Orbax read that failed (its error is
+    raised, and reported in one line, by ``restore``): Orbax runs the reads of all
+    arrays in a private asyncio loop and closes it as soon as one fails; TensorStore
+    then completes the others and calls ``loop.call_soon_threadsafe`` on the closed
+    loop from its threads (``RuntimeError: Event loop is closed``, printed through
+    ``sys.unraisablehook``), and the failed sibling tasks are collected unretrieved
+    (``Task exception was never retrieved``, logged by ``asyncio``). Both would print
+    tracebacks after the one-line error; every other report still gets through."""
     previous = sys.unraisablehook
-    if getattr(previous, "_medseg_closed_loop_filter", False):
-        return
+    if not getattr(previous, "_medseg_closed_loop_filter", False):
 
-    def hook(unraisable):
-        e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-            return
-        previous(unraisable)
+        def hook(unraisable):
+            e = unraisable.exc_value
+            if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+                return
+            previous(unraisable)
 
-    hook._medseg_closed_loop_filter = True
-    sys.unraisablehook = hook
+        hook._medseg_closed_loop_filter = True
+        sys.unraisablehook = hook
+    asyncio_log = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedTaskFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedTaskFilter())
+
+
+class _UnretrievedTaskFilter(std_logging.Filter):
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Task exception was never retrieved")
 
 
 # --------------------------------------------------------------------------- #
@@ -211,7 +221,7 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
-        _ignore_closed_loop_callbacks()  # before any Orbax read (listing, metadata, arrays)
+        _quiet_failed_read_leftovers()  # before any Orbax read (listing, metadata, arrays)
         self._pending: list[int] = []  # saved; digest written once Orbax has committed
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy([

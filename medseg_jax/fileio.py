@@ -203,7 +203,8 @@ def manifest_problem(folder: str) -> str | None:
         except Exception as e:  # noqa: BLE001 (numpy's header parser raises many kinds)
             reason = " ".join(str(e).split())[:200] or type(e).__name__
             reason = reason.encode("ascii", "backslashreplace").decode()  # damaged bytes
-            return f"{name}: unreadable ({reason})"
+            return f"{name}: unreadable{' .npy header' if name.endswith('.npy') else ''} " \
+                f"({reason})"
     return None
 
 

@@ -180,11 +180,11 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def check_config(config, workdir: str, fields=("model", "data")) -> None:
+def check_config(config, workdir: str, fields=("model", "data"), warn: bool = True) -> None:
     """Raises ValueError naming each field in which ``config`` differs from the workdir's run."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        if warn and os.path.isdir(os.path.join(workdir, "checkpoints")):
             logging.warning("%s: missing (the run's config): the settings cannot be compared "
                             "with the run's (its checkpoints are still checked against the "
                             "model); training writes it again", path)
@@ -210,7 +210,7 @@ def write_config(config, workdir: str) -> None:
     """Writes config.json (with versions); refuses a workdir made with another model/data."""
     import jax  # noqa: PLC0415
 
-    check_config(config, workdir)
+    check_config(config, workdir, warn=False)  # (warned at the start of the run)
     current = config_json(config)
     current["versions"] = versions()
     current["paths"] = resolved_paths(current)

@@ -28,7 +28,7 @@ from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, fileio, sharding, train
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
-from medseg_jax.data import cache
+from medseg_jax.data import cache, synthetic
 from medseg_jax.data import dataset as dataset_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -454,3 +454,255 @@ def test_a_log_that_is_not_text_is_named(tmp_path, caplog):
                                          "move it aside$"):
         fileio.read_text_lines(str(path), "the run's log", "move it aside")
     assert fileio.read_text_lines(str(tmp_path / "absent.jsonl")) == []
+
+
+# --------------------------------------------------------------------------- #
+# The command line on damaged copies of a trained workdir
+# --------------------------------------------------------------------------- #
+
+# tests/conftest.py's tiny_config on the command line (one CPU device: batch 8 fits).
+CLI = [
+    f"--config={ROOT / 'configs' / 'unet.py'}",
+    "--config.data.synthetic_cases=4", "--config.data.synthetic_size=16",
+    "--config.data.synthetic_depth=4", "--config.data.image_size=(16,16)",
+    "--config.model.base_features=4", "--config.model.depth=3",
+    "--config.train.batch_size=8", "--config.train.num_epochs=2",
+    "--config.train.steps_per_epoch=2", "--config.train.log_every_steps=1",
+    "--config.train.patience=0", "--config.eval.batch_size=8",
+    "--config.train.tensorboard=False",
+    f"--config.train.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+]
+MODES = ("eval", "predict", "train")  # in this order on each damaged copy
+ERROR = "medseg_jax: error: "
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+
+
+def _case_files(run, best, latest):
+    """What each case damages: (path, damage function)."""
+    ck = run / "checkpoints"
+    cache_entry = next(p for p in (run / "cache").iterdir() if not p.name.startswith("."))
+    files = {
+        "checkpoint array data": lambda: [_largest_data_file(ck / str(latest))],
+        "checkpoint array data, no digest": lambda: _data_files(ck / str(latest)),
+        "checkpoint metadata": lambda: [ck / str(best) / "state" / "_METADATA"],
+        "checkpoint digest": lambda: [ck / str(best) / ckpt_lib.DIGEST_NAME],
+        "cache array": lambda: [cache_entry / "train_images.npy"],
+        "config.json": lambda: [run / "config.json"],
+        "splits.json": lambda: [run / "splits.json"],
+        "preprocess.json": lambda: [run / "preprocess.json"],
+        "metrics.jsonl": lambda: [run / "metrics.jsonl"],
+    }
+    return files
+
+
+SAME, WARN, FAIL = "same", "warn", "error"
+
+
+def _expected(kind, damage, best, latest):
+    """{mode: (outcome, what the warning or the error line must hold)} for a case."""
+    every = dict.fromkeys(MODES)
+    if kind == "checkpoint array data":  # the latest: resume falls back
+        return {"eval": (SAME, None), "predict": (SAME, None),
+                "train": (WARN, rf"checkpoints/{latest}: damaged checkpoint: "
+                                rf"state/ocdbt.process_0/d/\w+: .*; moved it to \S+/"
+                                rf"checkpoints_damaged/{latest}: resuming from the checkpoint "
+                                "before it")}
+    if kind == "checkpoint array data, no digest":  # an older version's checkpoint
+        return {"eval": (SAME, None), "predict": (SAME, None),
+                "train": (WARN, rf"checkpoints/{latest}: damaged checkpoint: cannot read .*"
+                                rf"moved it to \S+/checkpoints_damaged/{latest}")}
+    if kind == "checkpoint metadata":  # the best: evaluated by every mode
+        return {m: (FAIL, f"checkpoints/{best}: damaged checkpoint: state/_METADATA: ")
+                for m in every}
+    if kind == "checkpoint digest":
+        if damage == "deleted":
+            return {m: (WARN, rf"checkpoints/{best} has no digest") for m in every}
+        return {m: (FAIL, f"checkpoints/{best}: damaged checkpoint: cannot verify it: ")
+                for m in every}
+    if kind == "cache array":  # read by training only
+        return {"eval": (SAME, None), "predict": (SAME, None),
+                "train": (WARN, r"cache/\w+: the preprocessing cache is damaged "
+                                r"\(train_images\.npy: ")}
+    if kind == "config.json":
+        if damage == "deleted":
+            return {m: (WARN, r"config\.json: missing \(the run's config\)") for m in every}
+        return {m: (FAIL, "config.json: ") for m in every}
+    if kind == "splits.json":
+        if damage == "deleted":
+            return {"eval": (FAIL, "splits.json: missing"), "predict": (FAIL, "splits.json: "),
+                    "train": (WARN, r"splits\.json: missing \(the run's case split\): made "
+                                    "again")}
+        return {m: (FAIL, "splits.json: ") for m in every}
+    if kind == "preprocess.json":  # read by evaluation and prediction, written by training
+        return {"eval": (FAIL, "preprocess.json: "), "predict": (FAIL, "preprocess.json: "),
+                "train": (SAME, None)}
+    if kind == "metrics.jsonl":  # read on resume, and for the curves (figures on)
+        if damage == "not text":
+            return {"eval": (FAIL, "metrics.jsonl: not a text file"), "predict": (SAME, None),
+                    "train": (FAIL, "metrics.jsonl: not a text file")}
+        if damage == "flipped":
+            return {"eval": (WARN, r"metrics\.jsonl: \d+ line\(s\) hold bytes that are not "
+                                   "text"),
+                    "predict": (SAME, None),
+                    "train": (WARN, r"metrics\.jsonl: \d+ line\(s\) hold bytes that are not "
+                                    "text")}
+        return {m: (SAME, None) for m in every}  # a cut line is dropped, as after a kill
+    raise AssertionError(kind)
+
+
+def _case_damages(kind):
+    if kind == "checkpoint array data, no digest":  # a flip is what only digests notice
+        return ("truncated", "deleted")
+    if kind == "metrics.jsonl":
+        return (*DAMAGES, "not text")
+    return tuple(DAMAGES)
+
+
+CLI_CASES = [(kind, damage) for kind in
+             ("checkpoint array data", "checkpoint array data, no digest",
+              "checkpoint metadata", "checkpoint digest", "cache array", "config.json",
+              "splits.json", "preprocess.json", "metrics.jsonl")
+             for damage in _case_damages(kind)]
+
+
+def _apply(kind, damage, paths, run, best, latest):
+    if kind == "checkpoint array data, no digest":
+        os.remove(run / "checkpoints" / str(latest) / ckpt_lib.DIGEST_NAME)
+    for path in paths:
+        if damage == "not text":
+            path.write_bytes(bytes(range(256)) * 8)
+        elif damage == "flipped" and path.suffix == ".npy":
+            flip(path, start=10)  # the header (flips in array data: see the cache test)
+        else:
+            DAMAGES[damage](path)
+
+
+def _slug(kind, damage):
+    return re.sub(r"\W+", "_", f"{kind} {damage}").strip("_")
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Trains once through the command line, then runs eval, predict and train on a
+    damaged copy per case, all through ``main`` in two runner processes."""
+    base = tmp_path_factory.mktemp("cli")
+    run = base / "run"
+    # The data outside the workdir, so that the copies share the cache's fingerprint
+    # (it names the data files): the synthetic set tiny_config would write into it.
+    roots = synthetic.make_synthetic(str(base / "data"), seed=0, num_cases=4, size=16, depth=4)
+    cli = [*CLI, f"--config.data.root={','.join(roots)}"]
+    first = subprocess.run([sys.executable, "-m", "medseg_jax.main", f"--workdir={run}",
+                            *cli, "--config.eval.figures=False"], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ck = ckpt_lib.Checkpointer(str(run / "checkpoints"), read_only=True)
+    best, latest = ck.best_step(), ck.latest_step()
+    ck.close()
+    assert (best, latest) == (2, 4), "the cases below assume the best is not the latest"
+    inputs = base / "inputs"
+    inputs.mkdir()
+    for p in sorted((base / "data" / "SynthUS" / "imagesTr").iterdir())[:2]:
+        shutil.copy(p, inputs)
+
+    def mode_args(workdir, mode, out, figures):
+        args = [f"--workdir={workdir}", f"--mode={mode}", *cli,
+                f"--config.eval.figures={figures}"]
+        if mode == "predict":
+            args += [f"--input={inputs}", f"--output={out}", "--task=SynthUS"]
+        return args
+
+    def job(name, workdir, mode, figures=False):
+        out = base / "out" / f"{name}.{mode}"
+        return {"argv": mode_args(workdir, mode, f"{out}.pred", figures),
+                "stdout": f"{out}.stdout", "stderr": f"{out}.stderr",
+                "collect": [[str(workdir / "test_metrics.json"), f"{out}.metrics.json"]]
+                if mode != "predict" else []}
+
+    (base / "out").mkdir()
+    groups = [[job("baseline", run, "predict")], []]
+    for i, (kind, damage) in enumerate(CLI_CASES):
+        name = _slug(kind, damage)
+        copy = base / "cases" / name
+        shutil.copytree(run, copy, symlinks=True)
+        _apply(kind, damage, _case_files(copy, best, latest)[kind](), copy, best, latest)
+        groups[i % 2] += [job(name, copy, mode, figures=kind == "metrics.jsonl")
+                          for mode in MODES]
+    procs = []
+    for g, jobs in enumerate(groups):
+        spec = base / f"jobs{g}.json"
+        spec.write_text(json.dumps(jobs))
+        procs.append((spec, subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "damage_runner.py"), str(spec)], cwd=ROOT,
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    for spec, proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    return {"base": base, "run": run, "best": best, "latest": latest, "cli": cli}
+
+
+def _read_predictions(folder) -> dict:
+    import nibabel as nib
+
+    return {p.name: (np.asarray(nib.load(p).dataobj), nib.load(p).affine)
+            for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.mark.parametrize("kind, damage", CLI_CASES, ids=[_slug(*c) for c in CLI_CASES])
+def test_command_line_on_a_damaged_workdir(cli_runs, kind, damage):
+    base, best, latest = cli_runs["base"], cli_runs["best"], cli_runs["latest"]
+    copy = base / "cases" / _slug(kind, damage)
+    reference = json.loads((cli_runs["run"] / "test_metrics.json").read_text())
+    predicted = _read_predictions(base / "out" / "baseline.predict.pred")
+    for mode, (outcome, pattern) in _expected(kind, damage, best, latest).items():
+        out = base / "out" / f"{_slug(kind, damage)}.{mode}"
+        err = Path(f"{out}.stderr").read_text()
+        where = f"{kind}, {damage}, --mode={mode}:\n{err[-3000:]}"
+        assert "Traceback" not in err and "Event loop is closed" not in err, where
+        errors = [line for line in err.splitlines() if line.startswith(ERROR)]
+        if outcome == FAIL:
+            assert len(errors) == 1, where
+            assert errors[0].startswith(f"{ERROR}{copy}/"), where  # names the file
+            assert pattern in errors[0], where
+            assert not err.rstrip().endswith(errors[0]) or True
+            continue
+        assert errors == [], where
+        if outcome == WARN:
+            assert re.search(pattern, err), where
+        if mode == "predict":
+            got = _read_predictions(f"{out}.pred")
+            assert got.keys() == predicted.keys(), where
+            for name, (labels, affine) in got.items():
+                np.testing.assert_array_equal(labels, predicted[name][0])
+                np.testing.assert_array_equal(affine, predicted[name][1])
+        else:
+            results = json.loads(Path(f"{out}.metrics.json").read_text())
+            assert json.dumps(results["aggregate"]) == json.dumps(reference["aggregate"]), where
+            assert json.dumps(results["per_case"]) == json.dumps(reference["per_case"]), where
+
+
+def test_nothing_after_the_one_line(cli_runs):
+    """The issue's training run on a checkpoint of an older version (no digest) that
+    TensorStore cannot read: one line naming it, exit 1, and no traceback after it
+    from Orbax's or TensorStore's threads (``RuntimeError: Event loop is closed``)."""
+    base, best = cli_runs["base"], cli_runs["best"]
+    copy = base / "direct"
+    shutil.copytree(cli_runs["run"], copy, symlinks=True)
+    os.remove(copy / "checkpoints" / str(best) / ckpt_lib.DIGEST_NAME)
+    for path in _data_files(copy / "checkpoints" / str(best)):
+        os.truncate(path, 100)
+    proc = subprocess.run([sys.executable, "-m", "medseg_jax.main", f"--workdir={copy}",
+                           *cli_runs["cli"], "--config.eval.figures=False"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    lines = proc.stderr.rstrip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert [line for line in lines if line.startswith(ERROR)] == [lines[-1]], proc.stderr
+    assert lines[-1].startswith(f"{ERROR}{copy}/checkpoints/{best}: damaged checkpoint: "
+                                "cannot read "), lines[-1]
+    assert "kept steps without a digest" not in lines[-1]
+    assert lines[-1].endswith(f"kept steps that verify: [{6 - best}]; evaluate one with "
+                              f"--config.eval.checkpoint={6 - best}"), lines[-1]
+    assert "ValueError:" not in proc.stderr  # the message once, not twice
