@@ -92,18 +92,19 @@ def _files(folder: str) -> list[str]:
     return sorted(out)
 
 
-def _file_digest(path: str, algorithm: str = DIGEST_ALGORITHM) -> str:
+def _file_digest(path: str, algorithm: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def write_digest(folder: str) -> None:
     """Records the size and digest of every file of the checkpoint ``folder``."""
+    algorithm = DIGEST_ALGORITHM
     files = {rel: {"bytes": os.path.getsize(os.path.join(folder, rel)),
-                   DIGEST_ALGORITHM: _file_digest(os.path.join(folder, rel))}
+                   algorithm: _file_digest(os.path.join(folder, rel), algorithm)}
              for rel in _files(folder)}
     fileio.write_json_atomic(os.path.join(folder, DIGEST_NAME),
-                             {"algorithm": DIGEST_ALGORITHM, "files": files})
+                             {"algorithm": algorithm, "files": files})
 
 
 def verify_digest(folder: str) -> bool:
