@@ -89,10 +89,9 @@ def read_json(path: str, what: str = "", recover: str = "", expect: type | None 
 
 def read_text_lines(path: str, what: str = "", recover: str = "") -> list[str]:
     """The lines of a text file that is appended to (``metrics.jsonl``), ends kept; []
-    when it does not exist. A line that is not valid UTF-8 (damaged bytes) comes back
-    with U+FFFD in place of them, so that a JSON reader drops it; a warning names the
-    file. A file that is not text at all (NUL bytes, or no line valid UTF-8) or cannot be
-    read is one ValueError ``<path>: <what is wrong>; <recover>``."""
+    when it does not exist. A line that is not valid UTF-8 (damaged bytes) is skipped,
+    with a warning naming the file. A file that is not text at all (NUL bytes, or no line
+    valid UTF-8) or cannot be read is one ValueError ``<path>: <what is wrong>; <recover>``."""
     role = f" ({what})" if what else ""
     hint = f"; {recover}" if recover else ""
     try:
@@ -108,7 +107,6 @@ def read_text_lines(path: str, what: str = "", recover: str = "") -> list[str]:
         try:
             lines.append(line.decode("utf-8"))
         except UnicodeDecodeError:
-            lines.append(line.decode("utf-8", errors="replace"))
             bad += 1
     if b"\0" in data or (raw and bad == len(raw)):
         raise ValueError(f"{path}: not a text file{role}{hint}")

@@ -272,6 +272,24 @@ def test_resume_falls_back_and_moves_the_damaged_checkpoint_aside(trained, tmp_p
     ck.close()
 
 
+@pytest.mark.parametrize("digest", [True, False], ids=["digest", "no digest"])
+def test_resume_sets_aside_a_checkpoint_whose_metrics_orbax_cannot_list(trained, tmp_path,
+                                                                       digest):
+    """Orbax reads every step's metrics item to list the steps: a damaged one stops the
+    listing. Resuming moves that step aside; evaluation (read-only) names it."""
+    directory = _copy_checkpoints(trained, tmp_path)
+    if not digest:
+        os.remove(Path(directory) / "4" / ckpt_lib.DIGEST_NAME)
+    flip(Path(directory) / "4" / "metrics" / "metrics")
+    with pytest.raises(ckpt_lib.CheckpointDamaged, match=f"^{directory}/4: damaged checkpoint: "
+                                                         ".*metrics/metrics"):
+        ckpt_lib.Checkpointer(directory, read_only=True)
+    ck = ckpt_lib.Checkpointer(directory)
+    assert ck.all_steps() == [2]
+    assert (tmp_path / "checkpoints_damaged" / "4" / "metrics").is_dir()
+    ck.close()
+
+
 def test_eval_of_a_damaged_best_checkpoint_names_the_steps_that_verify(trained, tmp_path):
     config, workdir = trained
     run = tmp_path / "run"
@@ -447,7 +465,7 @@ def test_a_log_that_is_not_text_is_named(tmp_path, caplog):
     flip(path, start=len(rows[0]) + 3, n=2)  # one line damaged
     with caplog.at_level(std_logging.WARNING):
         lines = fileio.read_text_lines(str(path), "the run's log", "move it aside")
-    assert len(lines) == 4 and lines[0] == rows[0] and lines[2:] == rows[2:]
+    assert lines == [rows[0], *rows[2:]]  # the damaged line skipped
     assert f"{path}: 1 line(s) hold bytes that are not text" in caplog.text
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ValueError, match=f"^{path}: not a text file \\(the run's log\\); "
