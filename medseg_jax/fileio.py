@@ -8,7 +8,13 @@ A kill at any moment leaves the old version or the new one, never a mix.
 
 ``read_json`` reads a JSON file and turns every failure (missing, unreadable,
 not JSON, the wrong type) into one ``ValueError`` that names the file, says what
-is wrong and how to recover.
+is wrong and how to recover; ``read_text_lines`` does the same for a log that is
+appended to (damaged lines are skipped with a warning).
+
+A derived folder (a preprocessing cache entry) records what it holds in
+``manifest.json`` (``write_manifest``: sizes, array headers, digests of the small
+files), checked in milliseconds by ``manifest_problem``; ``publish_folder`` renames a
+complete folder into place, replacing a damaged one.
 
 Imports nothing of the package: data, reports and checkpoints all import it.
 """
@@ -79,6 +85,152 @@ def read_json(path: str, what: str = "", recover: str = "", expect: type | None 
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not a "
                          f"{'JSON object' if expect is dict else expect.__name__}{role}{hint}")
     return value
+
+
+def read_text_lines(path: str, what: str = "", recover: str = "") -> list[str]:
+    """The lines of a text file that is appended to (``metrics.jsonl``), ends kept; []
+    when it does not exist. A line that is not valid UTF-8 (damaged bytes) is skipped,
+    with a warning naming the file. A file that is not text at all (NUL bytes, or no line
+    valid UTF-8) or cannot be read is one ValueError ``<path>: <what is wrong>; <recover>``."""
+    role = f" ({what})" if what else ""
+    hint = f"; {recover}" if recover else ""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read{role}: {e.strerror or e}{hint}") from None
+    raw = data.splitlines(keepends=True)
+    lines, bad = [], 0
+    for line in raw:
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad += 1
+    if b"\0" in data or (raw and bad == len(raw)):
+        raise ValueError(f"{path}: not a text file{role}{hint}")
+    if bad:
+        from absl import logging  # noqa: PLC0415
+
+        logging.warning("%s: %d line(s) hold bytes that are not text (damaged) and are "
+                        "skipped", path, bad)
+    return lines
+
+
+# --------------------------------------------------------------------------- #
+# Folder manifests: what a derived folder (a cache entry) holds, checked cheaply
+# --------------------------------------------------------------------------- #
+
+MANIFEST_NAME = "manifest.json"
+
+
+def _npy_header(path: str) -> dict:
+    """{"shape", "dtype", "fortran_order", "data_offset"} of a .npy file (header only)."""
+    import numpy as np  # noqa: PLC0415
+
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version} (np.save writes 1.0 or 2.0)")
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        return {"shape": list(shape), "dtype": dtype.str, "fortran_order": bool(fortran),
+                "data_offset": f.tell()}
+
+
+def _sha256(path: str) -> str:
+    import hashlib  # noqa: PLC0415
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: str) -> None:
+    """Records every file of ``folder`` (written last, atomically): its byte size; for
+    ``.npy`` arrays the shape, dtype and layout from the header; for other (small)
+    files their SHA-256."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name == MANIFEST_NAME or name.startswith(".tmp_") or not os.path.isfile(path):
+            continue
+        entry: dict[str, Any] = {"bytes": os.path.getsize(path)}
+        if name.endswith(".npy"):
+            header = _npy_header(path)
+            del header["data_offset"]
+            entry.update(header)
+        else:
+            entry["sha256"] = _sha256(path)
+        files[name] = entry
+    write_json_atomic(os.path.join(folder, MANIFEST_NAME), {"version": 1, "files": files})
+
+
+def manifest_problem(folder: str) -> str | None:
+    """None when ``folder`` holds what its manifest records; else what differs first
+    (no manifest, a file missing, of another size, an unreadable or different .npy
+    header, a small file whose content changed)."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return f"no {MANIFEST_NAME} (written by an older version, or damaged)"
+    try:
+        files = read_json(path)["files"]
+        entries = {str(k): (dict(v), int(v["bytes"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST_NAME} unreadable ({e})"
+    for name, (entry, size) in entries.items():
+        file = os.path.join(folder, name)
+        try:
+            actual = os.path.getsize(file)
+        except OSError:
+            return f"{name}: missing"
+        if actual != size:
+            return f"{name}: {actual} bytes, {size} when written"
+        try:
+            if name.endswith(".npy"):
+                header = _npy_header(file)
+                if header["data_offset"] > size:
+                    raise ValueError("header longer than the file")
+                found = {k: header[k] for k in ("shape", "dtype", "fortran_order")}
+                recorded = {k: entry.get(k) for k in found}
+                if found != recorded:
+                    return f"{name}: header says {found}, {recorded} when written"
+            elif _sha256(file) != entry.get("sha256"):
+                return f"{name}: content changed since it was written"
+        except Exception as e:  # noqa: BLE001 (numpy's header parser raises many kinds)
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            reason = reason.encode("ascii", "backslashreplace").decode()  # damaged bytes
+            return f"{name}: unreadable{' .npy header' if name.endswith('.npy') else ''} " \
+                f"({reason})"
+    return None
+
+
+def publish_folder(tmp: str, target: str, problem=None) -> bool:
+    """Renames the complete folder ``tmp`` onto ``target``. When ``target`` exists (another
+    process published it meanwhile, or it is damaged) it is kept if ``problem(target)``
+    is None (``tmp`` is removed), else swapped for ``tmp``. Returns whether ``tmp`` went
+    into place. Readers see the old folder or the new one, never a mix."""
+    try:
+        os.replace(tmp, target)
+        return True
+    except OSError:
+        if not os.path.exists(target):
+            raise
+    if problem is None or problem(target) is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    parent, base = os.path.split(os.path.abspath(target))
+    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+    try:
+        try:
+            os.replace(target, os.path.join(old, base))
+        except FileNotFoundError:
+            pass  # another process moved it meanwhile
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def _remove_stale(parent: str, prefixes: tuple[str, ...]) -> None:

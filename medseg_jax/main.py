@@ -69,7 +69,7 @@ def main(argv):
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         raise app.UsageError("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
     # After flag parsing; the distributed runtime before any other JAX call.
-    from medseg_jax import evaluate, predict, sharding, study, train  # noqa: PLC0415
+    from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.distributed)
@@ -99,9 +99,10 @@ def main(argv):
     except USER_ERRORS as e:
         if FLAGS.traceback:
             raise
-        logging.error("%s: %s", type(e).__name__, e)
         print(f"medseg_jax: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    finally:  # a run stopped by an error: no Orbax thread left to report after the line
+        checkpoint.close_all()
 
 
 def _one_line(e: BaseException) -> str:

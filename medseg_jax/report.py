@@ -168,10 +168,10 @@ def read_metrics_log(workdir: str) -> tuple[list[dict], list[dict]]:
     """(per-step rows, per-epoch rows) of a run's ``metrics.jsonl`` (cut lines skipped)."""
     steps, epochs = [], []
     path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for row in filter(None, map(metrics_row, f)):
-                (epochs if "val_loss" in row else steps).append(row)
+    lines = fileio.read_text_lines(path, "the run's log", "move it aside: the next training "
+                                   "run starts a new log from its latest checkpoint")
+    for row in filter(None, map(metrics_row, lines)):
+        (epochs if "val_loss" in row else steps).append(row)
     return steps, epochs
 
 

@@ -147,7 +147,7 @@ def make_predict_fn(config, mesh, tta: bool | None = None):
 def load_plans(workdir: str) -> dict:
     """The run's ``preprocess.json``: intensity normalisation and target spacing."""
     path = os.path.join(workdir, "preprocess.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{path} not found: {workdir} holds no training run")
     return fileio.read_json(path, "the run's preprocessing plan",
                             "it is rewritten by training: run the training command again "
@@ -187,17 +187,24 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     if not os.path.exists(os.path.join(workdir, "splits.json")):
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise FileNotFoundError(
+                f"{workdir}/splits.json: missing (the run's case split); run the training "
+                "command: it makes it again from config.seed and config.data.split_fractions "
+                "(the same split while the data are unchanged) and resumes from the "
+                "checkpoints")
         raise FileNotFoundError(f"{workdir}/splits.json not found: train in this workdir first")
     workdir_lib.check_config(config, workdir, workdir_lib.EVAL_FIELDS)
     plans = load_plans(workdir)
     dataset = dataset_lib.open_dataset(config, workdir)
     model = build_model(config, dataset.num_classes)
     input_shape = (config.train.batch_size, *config.data.image_size, dataset.num_channels)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    step = checkpointer.resolve(which)
     # The optimizer state is restored too: the schedule length does not change shapes.
     abstract = abstract_state(config, model, input_shape, 1, mesh)
-    state, meta = checkpointer.restore(step, abstract)
-    checkpointer.close()
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:  # verified first: a damaged checkpoint is named with the kept steps that verify
+        step, state, meta = checkpointer.restore_chosen(which, abstract)
+    finally:
+        checkpointer.close()
     return Run(config, workdir, mesh, plans, dataset, model, state, step,
                meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh))

@@ -147,8 +147,7 @@ class MetricsLog:
         self.enabled = jax.process_index() == 0
         self.class_names = list(class_names or [])
         if self.enabled and os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = f.readlines()
+            rows = fileio.read_text_lines(self.path, "the run's log", LOG_RECOVER)
             kept = [r for r in rows if _row_step(r) <= restored_step]
             if len(kept) != len(rows):
                 fileio.write_text_atomic(self.path, "".join(kept))
@@ -179,6 +178,10 @@ class MetricsLog:
     def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
         if self.enabled:
             self.events.image(step, tag, rgb)
+
+
+LOG_RECOVER = ("move it aside: the run then starts a new log from the restored checkpoint "
+               "(the checkpoints hold the training state)")
 
 
 def _row_step(line: str) -> float:
@@ -268,10 +271,12 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
     meta = {"epoch": -1, "best_val_loss": float("inf"), "bad_epochs": 0,
             "best_val_dice": -1.0, "best_epoch": -1, "stopped": False}
     progress = None
-    latest = checkpointer.latest_step()
+    # The newest checkpoint that verifies; damaged ones are moved aside with a warning.
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state,
+                                                                  sharding.replicated(mesh)))
+    latest = restored[0] if restored else None
     if latest is not None:
-        state, meta = checkpointer.restore(
-            latest, ckpt_lib.abstract_like(state, sharding.replicated(mesh)))
+        _, state, meta = restored
         progress = meta.pop("epoch_progress", None)
         logging.info("Resumed from the checkpoint of step %d (epoch %d, %d of %d steps done)",
                      latest, meta["epoch"] + 2 if progress else meta["epoch"] + 1,

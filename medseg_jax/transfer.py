@@ -59,8 +59,11 @@ def load_pretrained(state, source_workdir: str, mesh):
         raise FileNotFoundError(f"config.train.init_from: {directory} not found: "
                                 f"{source_workdir} holds no training run")
     reader = ckpt_lib.Checkpointer(directory, read_only=True)
-    step = reader.resolve("best")
-    reader.close()
+    try:
+        step = reader.resolve("best")
+        reader.verify(step)  # its files as saved (CheckpointDamaged naming it otherwise)
+    finally:
+        reader.close()
     source = _restore_as_saved(directory, step)
     repl = sharding.replicated(mesh)
     copied, kept, total = [], [], 0

@@ -10,6 +10,8 @@ message a second run gets.
 ``config.json`` records the resolved config of the run and the versions of the
 libraries that decide its numbers; a later run (or evaluation) with a config that
 differs in the model or the data is refused, naming the fields (``check_config``).
+Paths are compared as the files they name (``PATH_FIELDS``: real paths, also recorded
+in config.json under ``paths``); a damaged config.json is named in one line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import os
 import socket
 import tempfile
 from typing import Iterator
+
+from absl import logging
 
 from medseg_jax import config as config_lib
 from medseg_jax import fileio
@@ -112,12 +116,44 @@ EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.rescale_01",
                "data.target_spacing", "data.in_plane")
 
 
+# Fields that name files or folders (data.root: comma-separated): compared as the files
+# they name, so `bars/../data/X`, `data/X/` and a symlink to it are the same data.
+PATH_FIELDS = ("data.root", "data.splits_file", "data.cache_dir", "train.init_from",
+               "train.compilation_cache_dir")
+
+
+def resolve_path_field(dotted: str, value):
+    """The real path(s) a path field names (``os.path.realpath`` of each entry after
+    ``~`` expansion, comma-separated for data.root); other values unchanged."""
+    if dotted not in PATH_FIELDS or not isinstance(value, str) or not value.strip():
+        return value
+    parts = value.split(",") if dotted == "data.root" else [value]
+    return ",".join(os.path.realpath(os.path.expanduser(p.strip())) for p in parts
+                    if p.strip())
+
+
+def resolved_paths(config_dict: dict) -> dict[str, str]:
+    """``{"data.root": "/real/path", ...}`` for the non-empty path fields of a
+    config.json content (recorded in config.json, so that a later run from another
+    working directory compares the folders the first one used)."""
+    out = {}
+    for dotted in PATH_FIELDS:
+        section, _, field = dotted.partition(".")
+        value = config_dict.get(section, {}).get(field)
+        if isinstance(value, str) and value.strip():
+            out[dotted] = resolve_path_field(dotted, value)
+    return out
+
+
 def config_differences(previous: dict, current: dict,
                        fields=("model", "data")) -> list[str]:
     """``section.field: old -> new`` for each of ``fields`` (sections or section.field)
-    that differs between two config.json contents."""
+    that differs between two config.json contents. Path fields are compared as the
+    files they name (``previous["paths"]``, recorded when it was written, else resolved
+    from here; ``current`` resolved from here)."""
     differ = []
     defaults = config_json(config_lib.default_config())
+    recorded = previous.get("paths") if isinstance(previous.get("paths"), dict) else {}
     for name in fields:
         section, _, only = name.partition(".")
         for k, v in current[section].items():
@@ -125,6 +161,11 @@ def config_differences(previous: dict, current: dict,
                 continue  # a field added since that run, at its default: same behaviour
             old = previous.get(section, {}).get(k)
             dotted = f"{section}.{k}"
+            if dotted in PATH_FIELDS and old != v:
+                same = (recorded.get(dotted, resolve_path_field(dotted, old))
+                        == resolve_path_field(dotted, v))
+                if same:
+                    continue
             if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
                 differ.append(f"{dotted}: {old!r} -> {v!r}")
     before, now = previous.get("train", {}), current.get("train", {})
@@ -142,30 +183,40 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def check_config(config, workdir: str, fields=("model", "data")) -> None:
+def check_config(config, workdir: str, fields=("model", "data"), warn: bool = True) -> None:
     """Raises ValueError naming each field in which ``config`` differs from the workdir's run."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
+        if warn and os.path.isdir(os.path.join(workdir, "checkpoints")):
+            logging.warning("%s: missing (the run's config): the settings cannot be compared "
+                            "with the run's (its checkpoints are still checked against the "
+                            "model); training writes it again", path)
         return
+    previous = fileio.read_json(path, "the run's config", CONFIG_RECOVER)
     try:
-        with open(path) as f:
-            previous = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the run's config: {e}") from e
-    differ = config_differences(previous, config_json(config), fields)
+        differ = config_differences(previous, config_json(config), fields)
+    except (AttributeError, TypeError, KeyError) as e:  # valid JSON, not a config
+        raise ValueError(f"{path}: not a config record ({type(e).__name__}: {e}); "
+                         f"{CONFIG_RECOVER}") from None
     if differ:
         raise ValueError(
-            f"{workdir} holds a run with a different config ({'; '.join(differ)}); "
-            "use another --workdir or the same settings")
+            f"{workdir} holds a run with a different config ({'; '.join(differ)}; recorded "
+            f"in {path}); use another --workdir or the same settings")
+
+
+CONFIG_RECOVER = ("restore it from a copy, or delete it: the next training run writes it "
+                  "again from its own config (the checkpoints are still checked against "
+                  "the model)")
 
 
 def write_config(config, workdir: str) -> None:
     """Writes config.json (with versions); refuses a workdir made with another model/data."""
     import jax  # noqa: PLC0415
 
-    check_config(config, workdir)
+    check_config(config, workdir, warn=False)  # (warned at the start of the run)
     current = config_json(config)
     current["versions"] = versions()
+    current["paths"] = resolved_paths(current)
     if jax.process_index() == 0:
         fileio.write_json_atomic(os.path.join(workdir, "config.json"), current)
 

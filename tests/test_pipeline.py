@@ -50,7 +50,7 @@ def test_user_splits_file_is_checked(prepared, tmp_path):
     with pytest.raises(ValueError, match="'nope/x'.*not in the data"):
         dataset_lib.open_dataset(config, str(tmp_path / "w"))
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="splits.json: cannot read splits"):
+    with pytest.raises(ValueError, match="splits.json: not valid JSON .*config.data.splits_file.*fix the file"):
         dataset_lib.open_dataset(config, str(tmp_path / "w"))
 
 
@@ -165,7 +165,7 @@ def test_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
 
     def racing(path, obj):  # another process completes the same cache just before us
         real(path, obj)
-        if path.endswith("plan.json") and ".tmp_" in path:
+        if path.endswith("manifest.json") and ".tmp_" in path:  # its last file
             shutil.copytree(os.path.dirname(path), final)
             with open(os.path.join(final, "theirs"), "w") as f:
                 f.write("x")

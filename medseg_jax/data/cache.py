@@ -5,7 +5,10 @@ on the training cases only, preprocesses the training and validation cases (resi
 slices, or cases resampled to the target spacing for patch-based runs) and stores them
 as ``.npy`` files in a folder keyed by a fingerprint of the files and the settings, so
 an epoch reads memory-mapped arrays and never decodes NIfTI. The folder is built under
-a temporary name and renamed when complete.
+a temporary name and renamed when complete; its ``manifest.json`` (written last)
+records every file's size and array header, checked on every use: an entry that does
+not match (a file missing, cut short, unreadable, changed) is rebuilt from the data,
+with a warning naming it, bit-identical.
 """
 
 from __future__ import annotations
@@ -163,7 +166,11 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
         logging.warning("config.data.target_spacing=%s is not used: 2D models with "
                         "data.in_plane='resize' resize slices to data.image_size",
                         tuple(config.data.target_spacing))
-    if not os.path.exists(plan_path):
+    damaged = fileio.manifest_problem(directory) if os.path.exists(directory) else None
+    if damaged:
+        logging.warning("%s: the preprocessing cache is damaged (%s): rebuilding it from "
+                        "the data", directory, damaged)
+    if damaged or not os.path.exists(directory):
         logging.info("Preprocessing %d training and %d validation cases into %s",
                      len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
         loaded: dict = {}  # cases already read for the CT statistics, used once more below
@@ -197,17 +204,15 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
                 if dataset.partial:
                     np.save(base + "_annotated.npy", np.concatenate(annotated))
             fileio.write_json_atomic(os.path.join(tmp, "plan.json"), plans)
-            try:  # atomic: the cache folder is complete or absent
-                os.replace(tmp, directory)
-            except OSError:
-                if not os.path.exists(plan_path):
-                    raise
-                shutil.rmtree(tmp)  # another process finished the same cache first
+            fileio.write_manifest(tmp)  # last: what the entry holds, checked on every use
+            # Atomic: the cache folder is complete or absent. A sound one that another
+            # process finished first is kept; a damaged one is replaced.
+            fileio.publish_folder(tmp, directory, fileio.manifest_problem)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    with open(plan_path) as f:
-        plans = json.load(f)
+    plans = fileio.read_json(plan_path, "the cache's preprocessing plan",
+                             f"delete the folder {directory}: it is rebuilt from the data")
     fileio.write_json_atomic(os.path.join(workdir, "preprocess.json"), plans)
     train = Volumes(directory, "train") if volumetric else Samples(directory, "train")
     return dataset, plans, {"train": train, "val": Samples(directory, "val")}
@@ -264,8 +269,9 @@ class Volumes:
 
     def __init__(self, directory: str, split: str):
         self.directory, self.split = directory, split
-        with open(os.path.join(directory, f"{split}_volumes.json")) as f:
-            meta = json.load(f)
+        meta = fileio.read_json(os.path.join(directory, f"{split}_volumes.json"),
+                                "the cache's volume list",
+                                f"delete the folder {directory}: it is rebuilt from the data")
         self.shapes = [tuple(s) for s in meta["shapes"]]
         self.mins = meta["mins"]
         self.annotated = meta.get("annotated")  # per case, partial labels only

@@ -10,10 +10,10 @@ run and by evaluation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
+from absl import logging
 
 from medseg_jax import fileio
 from medseg_jax.data import decathlon, nifti, synthetic
@@ -152,13 +152,17 @@ def resolve_splits(config, workdir, infos, refs) -> dict[str, list[str]]:
         splits = _check_splits(
             make_splits(infos, tuple(config.data.split_fractions), config.seed), refs,
             "config.data.split_fractions")
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):  # a run's split, lost
+            logging.warning("%s: missing (the run's case split): made again from config.seed "
+                            "and config.data.split_fractions (the same split while the data "
+                            "are unchanged)", path)
         fileio.write_json_atomic(path, splits)
         return splits
-    try:
-        with open(source) as f:
-            splits = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{source}: cannot read splits: {e}") from e
+    recover = ("delete it: the next training run makes it again from config.seed and "
+               "config.data.split_fractions (the same split while the data are unchanged), "
+               "or restore it from a copy" if source == path else "fix the file")
+    what = "the run's case split" if source == path else "config.data.splits_file"
+    splits = fileio.read_json(source, what, recover)
     splits = _check_splits(splits, refs, source)
     if source != path:
         fileio.write_json_atomic(path, splits)

@@ -34,9 +34,9 @@ from medseg_jax.planning.fingerprint import case_record, fingerprint
 from medseg_jax.planning.rules import (DECISIONS, check_plan, estimate_cost, plan_2d,
                                        plan_3d, plan_summary, unet_topology)
 
-__all__ = ["BUDGETS", "DECISIONS", "PLANS_JSON", "unet_topology", "budget_name", "case_record", "check_plan",
+__all__ = ["BUDGETS", "DECISIONS", "PLANS_JSON", "budget_name", "case_record", "check_plan",
            "dataset_fingerprint", "estimate_cost", "fingerprint", "make_plan", "plan_2d",
-           "plan_3d", "plan_summary", "resolve", "rules", "wanted", "write"]
+           "plan_3d", "plan_summary", "resolve", "rules", "unet_topology", "wanted", "write"]
 
 PLANS_JSON = "plans.json"
 
