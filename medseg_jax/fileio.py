@@ -220,6 +220,13 @@ def publish_folder(tmp: str, target: str, problem=None) -> bool:
     if problem is None or problem(target) is None:
         shutil.rmtree(tmp, ignore_errors=True)
         return False
+    _swap_in(tmp, target)
+    return True
+
+
+def _swap_in(tmp: str, target: str) -> None:
+    """Replaces the existing folder ``target`` by ``tmp``: the old one is moved aside
+    (into a temporary sibling), ``tmp`` renamed into place, the old one deleted."""
     parent, base = os.path.split(os.path.abspath(target))
     old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
     try:
@@ -230,7 +237,6 @@ def publish_folder(tmp: str, target: str, problem=None) -> bool:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(old, ignore_errors=True)
-    return True
 
 
 def _remove_stale(parent: str, prefixes: tuple[str, ...]) -> None:
@@ -264,17 +270,28 @@ def build_folder(target: str) -> Iterator[str]:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-            try:
-                try:
-                    os.replace(target, os.path.join(old, base))
-                except FileNotFoundError:
-                    pass  # another process moved it meanwhile
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, target)
         else:
             os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_destination(dst: str, marker: str, generator: str, overwrite: bool) -> None:
+    """A converter's output folder: refused (FileExistsError naming it) when it is a file,
+    or a non-empty folder whose ``marker`` summary does not name ``generator`` (one the
+    converter did not write), unless ``overwrite``."""
+    if not os.path.exists(dst):
+        return
+    if not os.path.isdir(dst):
+        raise FileExistsError(f"{dst}: exists and is not a folder")
+    if os.listdir(dst) and not overwrite:
+        try:
+            with open(os.path.join(dst, marker), encoding="utf-8") as f:
+                ours = json.load(f).get("generator") == generator
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{dst}: folder is not empty and was not written by "
+                                  f"{generator}; pass --overwrite to replace it")

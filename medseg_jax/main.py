@@ -71,6 +71,7 @@ def main(argv):
     # After flag parsing; the distributed runtime before any other JAX call.
     from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
 
+    sharding.set_cpu_flags(FLAGS.config)  # XLA flags from the config, before the backend starts
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.distributed)
 

@@ -24,6 +24,17 @@ flags.FLAGS.mark_as_parsed()
 import pytest  # noqa: E402
 
 
+def override(config, overrides: dict):
+    """``config`` with the dotted fields of ``overrides`` set."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
 def tiny_config(**overrides):
     """A config small enough to train in seconds on the CPU (batch 8 for 8 devices)."""
     from medseg_jax.config import default_config
@@ -41,13 +52,7 @@ def tiny_config(**overrides):
     config.train.log_every_steps = 1
     config.eval.batch_size = 8
     config.train.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def tiny_recipe_config(**overrides):
@@ -61,13 +66,7 @@ def tiny_recipe_config(**overrides):
     config.train.batch_size = 8
     config.train.steps_per_epoch = 2
     config.eval.tta = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 @pytest.fixture

@@ -203,3 +203,24 @@ def test_jitted_step_with_deep_supervision_learns():
     assert float(out["loss"]) < first
     assert optax.tree.norm(state.params) > 0
     assert jax.tree.leaves(state.params)
+
+
+def test_planned_runs_fail_in_one_line_naming_the_field_or_file(tmp_path):
+    """Bad input to a planned run: an unknown budget names the field; a damaged
+    plans.json names the file and how to recover; nothing the workdir holds changes."""
+    from conftest import tiny_recipe_config
+
+    config = tiny_recipe_config(**{"train.num_epochs": 1})
+    config.data.plan_budget = "tpu"
+    with pytest.raises(ValueError, match="config.data.plan_budget: 'tpu' is not one of"):
+        planning.resolve(config, str(tmp_path / "a"))
+    workdir = tmp_path / "b"
+    workdir.mkdir()
+    (workdir / "plans.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"plans.json: not valid JSON .*\(the run's plan\); "
+                                         "delete it to plan again"):
+        train.train(tiny_recipe_config(), str(workdir))
+    assert (workdir / "plans.json").read_text() == "{not json"
+    (workdir / "plans.json").write_text('{"fields": {}}')
+    with pytest.raises(ValueError, match="plans.json: not a plan written by this package"):
+        planning.resolve(tiny_recipe_config(), str(workdir))

@@ -103,3 +103,16 @@ def test_two_processes_train_like_one_process(make_tiny_config, tmp_path):
     assert [r["epoch"] for r in rows if "val_loss" in r] == [1]  # once, not once a process
     assert [r["step"] for r in rows if "loss" in r] == [2, 3]
     assert os.listdir(os.path.join(multi, "checkpoints")) == ["3"]
+
+
+def test_cpu_flags_from_the_config(monkeypatch):
+    from medseg_jax.config import default_config, recipe
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert not sharding.set_cpu_flags(default_config())  # XLA's default: nothing set
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    assert sharding.set_cpu_flags(recipe(default_config()))
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                       "--xla_cpu_experimental_ynn_fusion_type=")
+    assert sharding.set_cpu_flags(recipe(default_config()))  # not added twice
+    assert os.environ["XLA_FLAGS"].count("ynn") == 1

@@ -395,26 +395,6 @@ def convert_one(item: _Item, images_dir: str, labels_dir: str) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _made_by_converter(folder: str) -> bool:
-    try:
-        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
-            return json.load(f).get("generator") == GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_dst(dst: str, overwrite: bool) -> None:
-    if not os.path.exists(dst):
-        return
-    if not os.path.isdir(dst):
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if os.listdir(dst) and not overwrite and not _made_by_converter(dst):
-        raise FileExistsError(
-            f"{dst}: folder is not empty and was not written by {GENERATOR}; "
-            "pass --overwrite to replace it"
-        )
-
-
 def _dataset_json(records: list[dict]) -> dict:
     training = [
         {"image": f"./imagesTr/{r['case']}.nii.gz", "label": f"./labelsTr/{r['case']}.nii.gz"}
@@ -453,7 +433,7 @@ def convert(
     start = time.perf_counter()
     src = os.path.abspath(os.path.expanduser(src))
     dst = os.path.abspath(os.path.expanduser(dst))
-    _check_dst(dst, overwrite)
+    fileio.check_destination(dst, MARKER, GENERATOR, overwrite)
     items = list_images(src, limit=limit, only=only)
     with fileio.build_folder(dst) as tmp:
         images_dir = os.path.join(tmp, "imagesTr")
@@ -503,6 +483,7 @@ def convert(
         summary["seconds"] = round(time.perf_counter() - start, 2)
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-        _check_dst(dst, overwrite)  # again: something may have appeared meanwhile
+        # Again: something may have appeared meanwhile.
+        fileio.check_destination(dst, MARKER, GENERATOR, overwrite)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary

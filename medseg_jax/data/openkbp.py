@@ -57,7 +57,6 @@ import dataclasses
 import gzip
 import io
 import itertools
-import json
 import os
 import re
 import time
@@ -424,25 +423,6 @@ def convert_patient(patient: Patient, out_dir: str, shape: Sequence[int] = GRID)
     return data.record
 
 
-def _made_by_converter(folder: str) -> bool:
-    try:
-        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
-            return json.load(f).get("generator") == GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_dst(dst: str, overwrite: bool) -> None:
-    """Refuse a non-empty ``dst`` not written by this converter unless ``overwrite``."""
-    if not os.path.exists(dst):
-        return
-    if not os.path.isdir(dst):
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if os.listdir(dst) and not overwrite and not _made_by_converter(dst):
-        raise FileExistsError(f"{dst}: folder is not empty and was not written by {GENERATOR}; "
-                              "pass --overwrite to replace it")
-
-
 def dataset_json(records: list[dict]) -> dict:
     """The Decathlon ``dataset.json`` of the converted cases."""
     training = [
@@ -523,7 +503,7 @@ def convert(src: str, dst: str, limit: int | None = None, only: Sequence[str] | 
     src = os.path.abspath(os.path.expanduser(src))
     dst = os.path.abspath(os.path.expanduser(dst))
     shape = tuple(int(s) for s in shape)
-    check_dst(dst, overwrite)
+    fileio.check_destination(dst, MARKER, GENERATOR, overwrite)
     patients = list_patients(src, limit=limit, only=only)
     with fileio.build_folder(dst) as tmp:
         os.makedirs(os.path.join(tmp, "imagesTr"))
@@ -551,7 +531,8 @@ def convert(src: str, dst: str, limit: int | None = None, only: Sequence[str] | 
             "seconds": 0.0,
             "cases": records,
         }
-        check_dst(dst, overwrite)  # again: something may have appeared meanwhile
+        # Again: something may have appeared meanwhile.
+        fileio.check_destination(dst, MARKER, GENERATOR, overwrite)
         summary["seconds"] = round(time.perf_counter() - start, 2)
         fileio.write_json_atomic(os.path.join(tmp, MARKER), summary)  # last: marks it done
     summary["seconds"] = round(time.perf_counter() - start, 2)
