@@ -332,6 +332,7 @@ def check_same_network(torch, model, params, batch_stats, x_np) -> list[tuple]:
 
 def write_json(payload: dict) -> None:
     if FLAGS.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
         tmp = FLAGS.json_out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1)
