@@ -77,7 +77,7 @@ def throughput_items(dry: bool) -> list[dict]:
         ("fcn", d3, "bfloat16", "auto"), ("attention_unet", d3, "bfloat16", "auto"),
     ]
     if dry:  # every model, both dims, both dtypes and all three layer_impl values
-        order = [order[i] for i in (3, 2, 8)] + [("fcn", d3, "float32", "auto")]
+        order = [order[i] for i in (0, 3, 2, 8)] + [("fcn", d3, "float32", "auto")]
     items = []
     for model, geo, dtype, impl in order:
         item_id = f"{model}-{geo['dims']}d-{'bf16' if dtype == 'bfloat16' else 'fp32'}-{impl}"
@@ -321,6 +321,60 @@ def run_layers(item: dict, opts: dict, scratch: str) -> dict:
     return {"rows": rows, "totals": totals, "device": jax.devices()[0].device_kind}
 
 
+def throughput_config(item: dict):
+    from medseg_jax import config as config_lib  # noqa: PLC0415
+
+    config = load_config(item["model"])
+    config.model.spatial_dims = item["dims"]
+    config.data.image_size = tuple(item["image_size"])
+    config.model.base_features, config.model.depth = item["base"], item["depth"]
+    config.model.dtype, config.model.layer_impl = item["dtype"], item["impl"]
+    config.train.batch_size = config.eval.batch_size = item["batch"]
+    config_lib.validate(config)
+    return config
+
+
+def check_plan(opts: dict) -> None:
+    """Checks the GPU plan here, without a GPU: every throughput case's config is valid and
+    its train step traces at full size (jax.eval_shape), every pipeline and time-to-accuracy
+    config validates. Prints one line per item; exits 1 on the first error."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from medseg_jax import config as config_lib  # noqa: PLC0415
+    from medseg_jax import sharding, train  # noqa: PLC0415
+
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    for item in throughput_items(False):
+        config = throughput_config(item)
+        model = train.build_model(config, 3)
+        shape = (item["batch"], *item["image_size"], 1)
+        state = train.abstract_state(config, model, shape, 1000, mesh)
+        train_fn, _ = train.jit_steps(config, mesh, 3)
+        batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
+                 "label": jax.ShapeDtypeStruct(shape[:-1], jnp.int32)}
+        out = jax.eval_shape(train_fn, state, batch)[1]
+        log(f"plan ok: throughput {item['id']}: loss {out['loss'].shape} {out['loss'].dtype}")
+    for item in pipeline_items(False, opts) + [
+            dict(time_to_accuracy_overrides(opts, False), id="time_to_accuracy",
+                 model="unet", workers=[0])]:
+        config = config_lib.default_config()
+        config.model.name = item["model"]
+        config.model.spatial_dims = len(item["image_size"])
+        config.model.base_features, config.model.depth = item["base"], item["depth"]
+        config.model.dtype = item.get("dtype", "float32")
+        config.data.image_size = tuple(item["image_size"])
+        config.data.in_plane = item.get("in_plane", "resize")
+        config.data.target_spacing = tuple(item.get("target_spacing", ()))
+        config.train.batch_size = config.eval.batch_size = item["batch"]
+        config_lib.validate(config)
+        log(f"plan ok: {item['id']}: {config.model.spatial_dims}D {tuple(item['image_size'])} "
+            f"x {item['batch']}")
+    for item in layer_items(False):
+        assert all(s % 2 ** (item["depth"] - 1) == 0 for s in item["image_size"]), item
+    log(f"plan ok: {len(layer_items(False))} layer items, {len(torch_items(False))} torch items")
+
+
 def run_throughput(item: dict, opts: dict, scratch: str) -> dict:
     """The package's jitted train step on one random batch (augmentation as configured),
     measured by tools.throughput.measure: the tool's own row."""
@@ -332,13 +386,7 @@ def run_throughput(item: dict, opts: dict, scratch: str) -> dict:
     from medseg_jax.models import count_params  # noqa: PLC0415
     from medseg_jax.tools import throughput  # noqa: PLC0415
 
-    config = load_config(item["model"])
-    config.model.spatial_dims = item["dims"]
-    config.data.image_size = tuple(item["image_size"])
-    config.model.base_features, config.model.depth = item["base"], item["depth"]
-    config.model.dtype, config.model.layer_impl = item["dtype"], item["impl"]
-    config.train.batch_size = config.eval.batch_size = item["batch"]
-    config_lib.validate(config)
+    config = throughput_config(item)
     num_classes, channels = 3, 1  # Hippocampus-like
     mesh = sharding.make_mesh(jax.devices()[:1])
     model = train.build_model(config, num_classes)
@@ -688,17 +736,26 @@ class Suite:
                     if "xla_force_host_platform_device_count" not in f]
         if self.opts["dry_run"]:
             env["JAX_PLATFORMS"] = "cpu"
-        wanted = self.opts["xla_flags"].split()
-        kept, dropped = [], []
-        for flag in wanted:  # an unknown flag aborts XLA: probe each
-            probe = subprocess.run(
-                [sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
-                text=True, env=dict(env, XLA_FLAGS=" ".join(flags_in + kept + [flag])),
-                timeout=120, check=False)
-            (kept if probe.returncode == 0 else dropped).append(flag)
+        def starts(flags: list[str]) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-c", "import jax; print(jax.devices())"], capture_output=True,
+                text=True, env=dict(env, XLA_FLAGS=" ".join(flags)), timeout=180, check=False)
+
+        kept, dropped, start_error = [], [], None
+        base = starts(flags_in)
+        if base.returncode != 0:  # every stage will fail and say why; flags untested
+            start_error = " | ".join((base.stdout + base.stderr).strip().splitlines()[-3:])
+            log(f"set-up: JAX DOES NOT START: {start_error}")
+            kept = self.opts["xla_flags"].split()
+        else:
+            log(f"set-up: jax devices: {base.stdout.strip()}")
+            for flag in self.opts["xla_flags"].split():  # an unknown flag aborts XLA
+                ok = starts(flags_in + kept + [flag]).returncode == 0
+                (kept if ok else dropped).append(flag)
         env["XLA_FLAGS"] = " ".join(flags_in + kept)
         self.env = env
         info = {"xla_flags": env["XLA_FLAGS"], "xla_flags_dropped": dropped,
+                "jax_start_error": start_error,
                 "python": sys.version.split()[0], "platform": platform.platform(),
                 "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                 "load_average_start": list(os.getloadavg()), "nvidia_smi": nvidia_smi(),
@@ -1143,6 +1200,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="time_to_accuracy: training time budget (default: the stage's time).")
     p.add_argument("--xla_flags", default=DEFAULT_XLA_FLAGS,
                    help="XLA flags added for every stage (each probed; unknown ones dropped).")
+    p.add_argument("--check_plan", action="store_true",
+                   help="check the GPU plan's configs here (traces every throughput case at "
+                        "full size), then exit.")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--items", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -1168,6 +1228,9 @@ def main(argv: list[str]) -> None:
         "tta_budget_s": args.tta_budget_s, "xla_flags": args.xla_flags,
         "command": " ".join(["python", "benchmarks/gpu_suite.py"] + argv),
     }
+    if args.check_plan:
+        check_plan(opts)
+        return
     suite = Suite(opts)
     try:
         suite.run()

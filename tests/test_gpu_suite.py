@@ -114,3 +114,13 @@ def test_torch_stage_says_skipped_without_torch(tmp_path):
     for result in report["stages"]["torch_compare"]["items"].values():
         assert result["status"] == "skipped" and "PyTorch" in result["reason"]
     assert "skipped: PyTorch is not installed" in md
+
+
+def test_gpu_plan_traces_at_full_size():
+    """The GPU sizes are only run on a GPU: their configs are checked here, every
+    throughput case's train step traced at full size (jax.eval_shape, no compute)."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_suite.py"),
+                           "--check_plan"], cwd=REPO, env=_env(JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("plan ok: throughput") == 12
