@@ -22,13 +22,17 @@ PY=${PYTHON:-python3}
 SITE=${GPU_SUITE_SITE:-/tmp/site}
 mkdir -p "$OUTDIR" || exit 1
 T0=$(date +%s)
-if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+if "$PY" -c "import grain, nibabel, ml_collections" 2>/dev/null; then
+  echo "set-up: grain, nibabel and ml_collections already installed: .whl/ not needed"
+  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+elif compgen -G "$REPO/.whl/*.whl" >/dev/null; then
   echo "set-up: installing $(ls "$REPO"/.whl/*.whl | wc -l) carried wheels into $SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" "$REPO"/.whl/*.whl || { echo "set-up: wheel install failed" >&2; exit 1; }
   export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "set-up: no .whl/ folder: the packages installed here are used"
+  echo "set-up: grain, nibabel or ml_collections missing and no .whl/ (benchmarks/fetch_gpu_wheels.sh):" \
+       "the stages that need them will fail"
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
