@@ -124,3 +124,15 @@ def test_gpu_plan_traces_at_full_size():
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("plan ok: throughput") == 12
+
+
+def test_a_stage_out_of_time_keeps_the_others(tmp_path):
+    """The throughput stage with 15 s and items made slow: its first case is stopped
+    (timeout), the rest are recorded as skipped, and the reports are still written."""
+    report, md, _ = _run(tmp_path, "--stages=throughput", "--total_s=75",
+                         env=_env(GPU_SUITE_SLOW_STAGE="throughput:60"))
+    items = report["stages"]["throughput"]["items"]
+    statuses = [r["status"] for r in items.values()]
+    assert statuses[0] == "timeout" and set(statuses[1:]) == {"skipped"}, items
+    assert report["stages"]["env"]["items"]["versions"]["status"] == "ok"
+    assert "timeout: stage time limit reached" in md
