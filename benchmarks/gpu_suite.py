@@ -237,8 +237,9 @@ def run_env(item: dict, opts: dict, scratch: str) -> dict:
            or None,
            "peak_tflops_fp32": (throughput.peak_flops(dev.device_kind, "float32") or 0) / 1e12
            or None,
-           "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-           "compilation_cache_dir": str(jax.config.jax_compilation_cache_dir)}
+           "jax_default_matmul_precision": str(getattr(jax.config,
+                                                       "jax_default_matmul_precision", None)),
+           "compilation_cache_dir": str(getattr(jax.config, "jax_compilation_cache_dir", None))}
     log(json.dumps(out, indent=1))
     return out
 
@@ -271,7 +272,7 @@ def run_layers(item: dict, opts: dict, scratch: str) -> dict:
     dtype = jnp.bfloat16 if item["dtype"] == "bfloat16" else jnp.float32
     feats = [item["base"] * 2**i for i in range(depth)]
     sizes = [[s // 2**i for s in item["image_size"]] for i in range(depth)]
-    reps = 3 if opts["dry_run"] else 20
+    reps = 3 if opts["dry_run"] else 10
     key = jax.random.key(0)
     rows = []
     for layer in ("up_conv", "max_pool"):
@@ -534,7 +535,7 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
     dataset, _, samples = pipeline.prepare(config, work)
     prepare_s = time.perf_counter() - t
     train_s = samples["train"]
-    batches, seconds = (20, 1.0) if dry else (2000, 3.0)
+    batches, seconds = (20, 1.0) if dry else (2000, 2.0)
     host = [_host_rate(train_s, config, mesh, w, batches, 5 if dry else 20, seconds)
             for w in item["workers"]]
     for h in host:
@@ -554,7 +555,7 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
     holder["state"], out = train_fn(holder["state"], device_batches[0])
     jax.block_until_ready(out)
     first_step_s = time.perf_counter() - t
-    steps = 3 if dry else 30
+    steps = 3 if dry else 20
     times = []
     for i in range(steps):
         t = time.perf_counter()
