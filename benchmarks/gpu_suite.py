@@ -187,6 +187,7 @@ def write_json(path: str, payload) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1, default=str)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
