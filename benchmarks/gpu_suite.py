@@ -349,13 +349,14 @@ def check_plan(opts: dict) -> None:
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import state as state_lib  # noqa: PLC0415
 
     mesh = sharding.make_mesh(jax.devices()[:1])
     for item in throughput_items(False):
         config = throughput_config(item)
-        model = train.build_model(config, 3)
+        model = state_lib.build_model(config, 3)
         shape = (item["batch"], *item["image_size"], 1)
-        state = train.abstract_state(config, model, shape, 1000, mesh)
+        state = state_lib.abstract_state(config, model, shape, 1000, mesh)
         train_fn, _ = train.jit_steps(config, mesh, 3)
         batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
                  "label": jax.ShapeDtypeStruct(shape[:-1], jnp.int32)}
@@ -389,16 +390,17 @@ def run_throughput(item: dict, opts: dict, scratch: str) -> dict:
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.models import count_params  # noqa: PLC0415
     from medseg_jax.tools import throughput  # noqa: PLC0415
 
     config = throughput_config(item)
     num_classes, channels = 3, 1  # Hippocampus-like
     mesh = sharding.make_mesh(jax.devices()[:1])
-    model = train.build_model(config, num_classes)
+    model = state_lib.build_model(config, num_classes)
     shape = (item["batch"], *item["image_size"], channels)
     t = time.perf_counter()
-    state = train.init_state(config, model, shape, 1000, mesh)
+    state = state_lib.init_state(config, model, shape, 1000, mesh)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t
     params = jax.device_get(state.params)  # before the state is donated
@@ -456,12 +458,12 @@ def _host_rate(train_s, config, mesh, workers: int, batches: int, warmup: int,
     import jax  # noqa: PLC0415
 
     from medseg_jax import sharding  # noqa: PLC0415
-    from medseg_jax.data import pipeline  # noqa: PLC0415
+    from medseg_jax.data import loader  # noqa: PLC0415
 
     cfg = config.copy_and_resolve_references()
     cfg.data.num_workers = workers
     t0 = time.perf_counter()
-    it = pipeline.run_batches(train_s, cfg, warmup + batches, 0, warmup + batches)
+    it = loader.run_batches(train_s, cfg, warmup + batches, 0, warmup + batches)
     n, first = 0, None
     try:
         for i in range(warmup + batches):
@@ -492,7 +494,9 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
     from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
-    from medseg_jax.data import pipeline  # noqa: PLC0415
+    from medseg_jax import state as state_lib  # noqa: PLC0415
+    from medseg_jax.data import cache, loader  # noqa: PLC0415
+    from medseg_jax.data.dataset import SPLITS  # noqa: PLC0415
 
     dry, root, note = opts["dry_run"], item.get("root") or "", ""
     if root and not os.path.isdir(root):
@@ -513,7 +517,7 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
     if root and os.path.isdir(os.path.join(root, "training_set")):  # raw HC18: convert
         dst = os.path.join(work, "hc18_decathlon")
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "medseg_jax.data.convert_hc18", f"--src={root}",
+        subprocess.run([sys.executable, "-m", "medseg_jax.tools.convert_hc18", f"--src={root}",
                         f"--dst={dst}"], check=True, stdout=subprocess.DEVNULL)
         convert_s, root = time.perf_counter() - t, dst
     config = config_lib.default_config()
@@ -530,10 +534,10 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
     config.data.target_spacing = tuple(item.get("target_spacing", ()))
     config.train.batch_size = config.eval.batch_size = item["batch"]
     config_lib.validate(config)
-    train.setup_compilation_cache(config)  # the 3D step is shared with time_to_accuracy
+    state_lib.setup_compilation_cache(config)  # the 3D step is shared with time_to_accuracy
     mesh = sharding.make_mesh(jax.devices()[:1])
     t = time.perf_counter()
-    dataset, _, samples = pipeline.prepare(config, work)
+    dataset, _, samples = cache.prepare(config, work)
     prepare_s = time.perf_counter() - t
     train_s = samples["train"]
     batches, seconds = (20, 1.0) if dry else (2000, 2.0)
@@ -543,13 +547,13 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
         log(f"  {item['id']}: {h['workers']} workers: {h['images_per_s']:,.0f} images/s "
             f"({h['ms_per_batch']:.2f} ms/batch, first batch {h['first_batch_s']:.2f} s)")
     # The train step of this configuration, on batches from the loader.
-    model = train.build_model(config, dataset.num_classes)
+    model = state_lib.build_model(config, dataset.num_classes)
     shape = (item["batch"], *item["image_size"], dataset.num_channels)
-    state = train.init_state(config, model, shape, 1000, mesh)
+    state = state_lib.init_state(config, model, shape, 1000, mesh)
     train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
     cfg = config.copy_and_resolve_references()
     cfg.data.num_workers = 0
-    it = pipeline.run_batches(train_s, cfg, 4, 0, 4)
+    it = loader.run_batches(train_s, cfg, 4, 0, 4)
     device_batches = [sharding.to_global(b, mesh) for b in it]
     holder = {"state": state}
     t = time.perf_counter()
@@ -571,8 +575,7 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
     log(f"  {item['id']}: train step {1e3 * step_s:.2f} ms = {step_ips:,.0f} images/s; best "
         f"host rate {best['host_over_step']:.1f}x that")
     return {"data": root or "synthetic", "note": note, "convert_s": convert_s,
-            "prepare_s": prepare_s, "cases": {s: len(dataset.splits[s]) for s in
-                                              pipeline.SPLITS},
+            "prepare_s": prepare_s, "cases": {s: len(dataset.splits[s]) for s in SPLITS},
             "config": {"model": item["model"], "base": item["base"], "dtype":
                        config.model.dtype, "image_size": item["image_size"],
                        "batch": item["batch"], "in_plane": config.data.in_plane,
@@ -602,7 +605,7 @@ def run_time_to_accuracy(item: dict, opts: dict, scratch: str) -> dict:
         "model.dtype": item["dtype"], "train.batch_size": item["batch"],
         "eval.batch_size": item["batch"], "train.steps_per_epoch": item["steps_per_epoch"],
         "train.num_epochs": 100_000, "train.patience": 0, "train.log_every_steps": 50,
-        "eval.figures": False,
+        "eval.figures": False, "train.tensorboard": False,
     }
     if dry:
         overrides.update({"data.synthetic_cases": 4, "data.synthetic_size": 32,
@@ -1134,7 +1137,7 @@ def markdown(report: dict) -> str:
     pi = report["stages"].get("pipeline")
     if pi:
         lines += ["", "## Input pipeline against the train step", "",
-                  "Host batches from the training loader (`pipeline.run_batches` + transfer "
+                  "Host batches from the training loader (`loader.run_batches` + transfer "
                   "to the device) with 0 and N grain workers, against the train step of the "
                   "same configuration on the device (images/s).", "",
                   "| data | config | prepare s | workers | host images/s | step images/s | "
@@ -1201,7 +1204,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hippocampus_root", default=os.path.join(REPO, "data_carry",
                                                               "Task04_Hippocampus"))
     p.add_argument("--hc18_root", default=os.path.join(REPO, "data_carry", "HC18_decathlon"),
-                   help="converted HC18 (medseg_jax.data.convert_hc18) or the raw challenge "
+                   help="converted HC18 (python -m medseg_jax.tools.convert_hc18) or the raw challenge "
                         "folder (converted on the fly).")
     p.add_argument("--target_dice", type=float, default=None,
                    help="time_to_accuracy: mean validation Dice to reach (default 0.85; "
