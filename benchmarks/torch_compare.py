@@ -11,17 +11,38 @@ Then it times both on the same inputs and batch, interleaved round by round (eag
 NCHW, eager channels-last, MONAI BasicUNet when MONAI is installed), and prints the
 median step time, images/s and the ratio medseg_jax / PyTorch (> 1: JAX is faster).
 
+Variants. JAX (``--jax_variants``, ``dtype[:layer_impl]``): ``float32``, ``bfloat16``
+(mixed precision, ``model.dtype``), with ``:reshape`` / ``:lax`` for ``model.layer_impl``
+(``:lax`` is what Flax's ``nn.ConvTranspose`` / ``nn.max_pool`` compute). PyTorch
+(``--torch_variants``): ``eager`` (NCHW), ``channels_last``, ``eager_bf16`` /
+``channels_last_bf16`` (bf16 autocast for the forward pass; loss, gradients and Adam in
+float32, as JAX's mixed precision), ``compile`` / ``compile_bf16`` (``torch.compile`` of the
+channels-last network, ``--torch_compile_backend``), ``monai``. ``--dtype=bfloat16`` switches
+the defaults of both lists to the bf16 variants. A variant that fails (``torch.compile``
+without a compiler, say) is reported and left out; the others are still timed.
+
+``--device=cuda`` runs both on the GPU (JAX on its GPU backend): the checks run at full
+float32 precision (no TF32), the timing in each framework's default (TF32 convolutions in
+both; cuDNN autotuning on in PyTorch, as XLA autotunes); every step ends with the loss
+fetched to the host, which synchronises the device in both frameworks. ``--json_out``
+writes every figure as JSON (``benchmarks/gpu_suite.py`` reads it).
+
 PyTorch is an optional extra, never a dependency of the package:
 
   pip install -e '.[torch]'        # torch==2.13.0, the CPU build cached on these machines
   python benchmarks/torch_compare.py                       # base 32, batch 16, 128x128
   python benchmarks/torch_compare.py --base_features=16 --image_size=64 --rounds=3
+  python benchmarks/torch_compare.py --dtype=bfloat16      # JAX bf16 vs PyTorch bf16 autocast
+  python benchmarks/torch_compare.py --device=cuda --image_size=256 --batch_size=32 \
+      --jax_variants=float32,bfloat16 --torch_variants=eager,channels_last_bf16,compile_bf16
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -37,11 +58,27 @@ flags.DEFINE_integer("num_classes", 2, "Output classes (2 = the default data's).
 flags.DEFINE_integer("steps", 5, "Timed steps per framework per round.")
 flags.DEFINE_integer("rounds", 4, "Interleaved rounds; medians are over all timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per framework before the first round.")
-flags.DEFINE_list("torch_variants", ["eager", "channels_last", "monai"],
-                  "PyTorch variants: eager (NCHW), channels_last, monai (skipped if absent).")
-flags.DEFINE_bool("flax_reference", True,
-                  "Also time the same JAX step with Flax's own nn.ConvTranspose and nn.max_pool "
-                  "(what medseg_jax used before its CPU formulations of those layers).")
+flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"],
+                  "Where both frameworks run: cpu, or cuda (JAX on its GPU backend).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Default variant lists: float32, or bfloat16 (JAX model.dtype=bfloat16, "
+                  "PyTorch bf16 autocast). Explicit --jax_variants / --torch_variants win.")
+flags.DEFINE_list("jax_variants", None,
+                  "JAX steps, dtype[:layer_impl] (float32 | bfloat16; auto | reshape | lax); "
+                  "the first is the reference of the ratio column. Default: float32, "
+                  "float32:lax (bfloat16, bfloat16:lax with --dtype=bfloat16).")
+flags.DEFINE_list("torch_variants", None,
+                  "PyTorch steps: eager, channels_last, eager_bf16, channels_last_bf16, compile, "
+                  "compile_bf16, monai (skipped if absent). Default: eager, channels_last, "
+                  "monai (channels_last_bf16, eager_bf16 with --dtype=bfloat16).")
+flags.DEFINE_string("torch_compile_backend", "inductor",
+                    "torch.compile backend for the compile variants (aot_eager: no code "
+                    "generation, for a quick check of the path).")
+flags.DEFINE_string("torch_compile_mode", "default", "torch.compile mode.")
+flags.DEFINE_string("json_out", "", "Also write all figures to this JSON file.")
+
+TORCH_VARIANTS = ("eager", "channels_last", "eager_bf16", "channels_last_bf16", "compile",
+                  "compile_bf16", "monai")
 
 
 # --------------------------------------------------------------------------------------
@@ -119,26 +156,41 @@ def load_jax_weights(torch, net, params) -> None:
     net.head.bias.data = t(params["head"]["bias"])
 
 
-def torch_stepper(torch, net, x_np, y_np, num_classes: int, channels_last: bool):
-    x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
-    y = torch.from_numpy(y_np.astype("int64"))
+def torch_stepper(torch, net, x_np, y_np, num_classes: int, channels_last: bool,
+                  device: str = "cpu", bf16: bool = False, compile_backend: str = "",
+                  compile_mode: str = "default"):
+    """One PyTorch training step (forward, Dice + CE, backward, Adam) as a function that
+    returns the loss as a float (which waits for the device)."""
+    dev = torch.device(device)
+    net = net.to(dev)
+    x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(dev)
+    y = torch.from_numpy(y_np.astype("int64")).to(dev)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    forward = (torch.compile(net, backend=compile_backend, mode=compile_mode)
+               if compile_backend else net)
+
+    def autocast():
+        if not bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch_dice_ce(torch, net(x), y, num_classes)
+        with autocast():
+            logits = forward(x)
+        loss = torch_dice_ce(torch, logits, y, num_classes)  # float32, as in JAX
         loss.backward()
         opt.step()
-        return loss.item()  # synchronises
+        return loss.item()  # synchronises (the device too)
 
     return step
 
 
-def monai_stepper(torch, x_np, y_np, num_classes: int, base: int):
+def monai_stepper(torch, x_np, y_np, num_classes: int, base: int, device: str = "cpu"):
     try:
         from monai.networks.nets import BasicUNet  # noqa: PLC0415
     except ImportError:
@@ -147,31 +199,25 @@ def monai_stepper(torch, x_np, y_np, num_classes: int, base: int):
     net = BasicUNet(spatial_dims=2, in_channels=x_np.shape[-1], out_channels=num_classes,
                     features=f)
     n = sum(p.numel() for p in net.parameters())
-    return torch_stepper(torch, net, x_np, y_np, num_classes, False), f"{n:,} params"
+    return (torch_stepper(torch, net, x_np, y_np, num_classes, False, device),
+            f"{n:,} params")
 
 
 # --------------------------------------------------------------------------------------
 # JAX side and checks.
 
 
-@contextlib.contextmanager
-def flax_reference_layers():
-    """medseg_jax's U-Net built with nn.ConvTranspose and nn.max_pool (same parameters)."""
-    import flax.linen as nn  # noqa: PLC0415
-
-    from medseg_jax.models import layers  # noqa: PLC0415
-
-    saved = layers.up_conv, layers.max_pool
-    layers.up_conv = lambda f, d, dtype, name=None: nn.ConvTranspose(
-        f, (2,) * d, strides=(2,) * d, padding="VALID", dtype=dtype, name=name)
-    layers.max_pool = lambda x, d: nn.max_pool(x, (2,) * d, strides=(2,) * d)
-    try:
-        yield
-    finally:
-        layers.up_conv, layers.max_pool = saved
+def parse_jax_variant(text: str) -> tuple[str, str]:
+    """'bfloat16:lax' -> ('bfloat16', 'lax'); the layer_impl defaults to 'auto'."""
+    dtype, _, impl = text.strip().partition(":")
+    impl = impl or "auto"
+    if dtype not in ("float32", "bfloat16") or impl not in ("auto", "reshape", "lax"):
+        raise app.UsageError(f"--jax_variants: {text!r} is not dtype[:layer_impl] with dtype "
+                             "float32 | bfloat16 and layer_impl auto | reshape | lax")
+    return dtype, impl
 
 
-def jax_setup(x_np, y_np):
+def jax_setup(x_np, y_np, dtype: str = "float32", layer_impl: str = "auto"):
     import jax  # noqa: PLC0415
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
@@ -180,6 +226,7 @@ def jax_setup(x_np, y_np):
 
     config = config_lib.default_config()
     config.model.base_features, config.model.depth = FLAGS.base_features, FLAGS.depth
+    config.model.dtype, config.model.layer_impl = dtype, layer_impl
     config.data.image_size = (FLAGS.image_size, FLAGS.image_size)
     config.train.batch_size = FLAGS.batch_size
     config.augment.enabled = False  # PyTorch's step has none either
@@ -233,49 +280,128 @@ def jax_conv_flops(model, variables, x_np) -> float:
     return total
 
 
-def check_same_network(torch, model, params, batch_stats, x_np) -> list[str]:
-    """Parameter count, convolution FLOPs and logits of the two implementations."""
+def check_same_network(torch, model, params, batch_stats, x_np) -> list[tuple]:
+    """Parameter count, convolution FLOPs and logits of the two implementations, on
+    ``--device`` at full float32 precision (TF32 off in both frameworks for the logits)."""
+    import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
     from medseg_jax.models import count_params  # noqa: PLC0415
 
+    dev = torch.device(FLAGS.device)
     net = torch_unet(torch, x_np.shape[-1], FLAGS.num_classes, FLAGS.base_features,
                      FLAGS.depth)
     n_jax, n_torch = count_params(params), sum(p.numel() for p in net.parameters())
     variables = {"params": params, "batch_stats": batch_stats}
     f_jax = jax_conv_flops(model, variables, x_np)
-    x_t = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
-    with FlopCounterMode(display=False) as counter:
+    load_jax_weights(torch, net, params)
+    net = net.to(dev)
+    x_t = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(dev)
+    net.train()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(x_t)
     f_torch = float(counter.get_total_flops())
-    load_jax_weights(torch, net, params)
-    net.train()
-    with torch.no_grad():
-        logits_t = net(x_t).numpy().transpose(0, 2, 3, 1)
-    logits_j = np.asarray(model.apply(variables, x_np, train=True, mutable=["batch_stats"])[0])
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.reset_running_stats()  # the FLOP pass above updated them
+        with torch.no_grad():
+            logits_t = net(x_t).cpu().numpy().transpose(0, 2, 3, 1)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with jax.default_matmul_precision("highest"):
+        logits_j = np.asarray(model.apply(variables, x_np, train=True,
+                                          mutable=["batch_stats"])[0])
     err = float(np.abs(logits_t - logits_j).max() / max(np.abs(logits_j).max(), 1e-12))
     checks = [("parameters", n_jax == n_torch, f"{n_jax:,} (JAX) / {n_torch:,} (PyTorch)"),
               ("forward conv+matmul FLOPs", abs(f_jax - f_torch) <= 1e-6 * f_torch,
                f"{f_jax / 1e9:.3f} / {f_torch / 1e9:.3f} GFLOP"),
-              ("logits, same weights (train mode)", err < 1e-4,
+              # cuDNN's float32 algorithms round differently from XLA's: 1e-3 there.
+              ("logits, same weights (train mode)",
+               err < (1e-3 if FLAGS.device == "cuda" else 1e-4),
                f"max relative difference {err:.1e}")]
-    lines = [f"  {'ok  ' if ok else 'FAIL'} {name}: {text}" for name, ok, text in checks]
+    checks = [(name, bool(ok), text) for name, ok, text in checks]
+    for name, ok, text in checks:
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}: {text}")
     if not all(ok for _, ok, _ in checks):
-        print("\n".join(lines))
+        write_json({"checks": [dict(zip(("name", "ok", "text"), c)) for c in checks],
+                    "error": "the two networks differ: no timing"})
         raise SystemExit("the two networks differ: no timing")
-    return lines
+    return checks
+
+
+def write_json(payload: dict) -> None:
+    if FLAGS.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+        tmp = FLAGS.json_out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, FLAGS.json_out)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def variant_lists() -> tuple[list[str], list[str]]:
+    bf16 = FLAGS.dtype == "bfloat16"
+    jax_variants = FLAGS.jax_variants or (["bfloat16", "bfloat16:lax"] if bf16 else
+                                          ["float32", "float32:lax"])
+    torch_variants = FLAGS.torch_variants
+    if torch_variants is None:
+        torch_variants = (["channels_last_bf16", "eager_bf16"] if bf16 else
+                          ["eager", "channels_last", "monai"])
+    unknown = [v for v in torch_variants if v not in TORCH_VARIANTS]
+    if unknown:
+        raise app.UsageError(f"--torch_variants: unknown {', '.join(unknown)}; valid: "
+                             f"{', '.join(TORCH_VARIANTS)}")
+    return jax_variants, torch_variants
+
+
+def torch_variant_name(variant: str) -> str:
+    names = {"eager": "PyTorch eager", "channels_last": "PyTorch eager channels-last",
+             "eager_bf16": "PyTorch eager, bf16 autocast",
+             "channels_last_bf16": "PyTorch channels-last, bf16 autocast",
+             "compile": "PyTorch torch.compile channels-last",
+             "compile_bf16": "PyTorch torch.compile channels-last, bf16 autocast",
+             "monai": "PyTorch MONAI BasicUNet"}
+    name = names[variant]
+    if variant.startswith("compile") and FLAGS.torch_compile_backend != "inductor":
+        name += f" (backend {FLAGS.torch_compile_backend})"
+    return name
+
+
+def jax_variant_name(dtype: str, impl: str) -> str:
+    return f"medseg_jax (jit) {dtype}" + ("" if impl == "auto" else f", layer_impl={impl}")
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    jax_variants, torch_variants = variant_lists()
+    jax_parsed = [parse_jax_variant(v) for v in jax_variants]
     try:
         import torch  # noqa: PLC0415
     except ImportError:
+        write_json({"skipped": "PyTorch is not installed (pip install -e '.[torch]')"})
         raise SystemExit("PyTorch is not installed: pip install -e '.[torch]' "
                          "(torch==2.13.0)") from None
     import jax  # noqa: PLC0415
+
+    if FLAGS.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")  # also on a machine with a GPU
+    elif not torch.cuda.is_available() or jax.default_backend() != "gpu":
+        raise SystemExit(f"--device=cuda: PyTorch CUDA {torch.cuda.is_available()}, JAX "
+                         f"backend {jax.default_backend()}: both need the GPU")
     import numpy as np  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
@@ -283,41 +409,74 @@ def main(argv) -> None:
     x_np = rng.standard_normal((FLAGS.batch_size, size, size, 1)).astype(np.float32)
     y_np = rng.integers(0, FLAGS.num_classes, (FLAGS.batch_size, size, size)).astype(np.int32)
 
-    print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
-    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}; "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads")
+    dev = jax.devices()[0]
+    torch_device = (torch.cuda.get_device_name(0) if FLAGS.device == "cuda" else
+                    f"CPU, {torch.get_num_threads()} threads")
+    load_start = os.getloadavg()
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    print(f"command: {command}")
+    print(f"machine: {os.cpu_count()} CPU cores ({cpu_model()}), load average "
+          f"{load_start[0]:.2f}; jax {jax.__version__} on {dev.device_kind}; torch "
+          f"{torch.__version__} on {torch_device}")
     print(f"network: U-Net 2D, base {FLAGS.base_features}, depth {FLAGS.depth}, BatchNorm, "
           f"{FLAGS.num_classes} classes; batch {FLAGS.batch_size} x {size}x{size} x 1; "
-          "Dice + CE; Adam 1e-3; float32")
-    model, params, batch_stats, jax_step = jax_setup(x_np, y_np)
-    for line in check_same_network(torch, model, params, batch_stats, x_np):
-        print(line)
+          "Dice + CE; Adam 1e-3")
+    report = {"command": command,
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                          "load_start": list(load_start), "jax": jax.__version__,
+                          "jax_device": dev.device_kind, "torch": torch.__version__,
+                          "torch_device": torch_device, "device": FLAGS.device},
+              "network": {"base_features": FLAGS.base_features, "depth": FLAGS.depth,
+                          "image_size": size, "batch_size": FLAGS.batch_size,
+                          "num_classes": FLAGS.num_classes}}
+    # The checks use a float32 model (parameters do not depend on the compute dtype).
+    model, params, batch_stats, _ = jax_setup(x_np, y_np)
+    checks = check_same_network(torch, model, params, batch_stats, x_np)
+    report["checks"] = [dict(zip(("name", "ok", "text"), c)) for c in checks]
+    write_json(report)
+    if FLAGS.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # XLA autotunes its convolutions too
+    report["machine"]["torch_settings"] = {
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
 
     torch.manual_seed(0)
-    steppers = {"medseg_jax (jit)": jax_step}
-    if FLAGS.flax_reference:
-        with flax_reference_layers():  # traced and compiled while the layers are swapped
-            _, _, _, reference_step = jax_setup(x_np, y_np)
-            reference_step()
-        steppers["JAX, Flax nn.ConvTranspose + nn.max_pool"] = reference_step
-    notes = {}
-    for variant in FLAGS.torch_variants:
+    steppers, notes, first_step = {}, {}, {}
+    for dtype, impl in jax_parsed:
+        steppers[jax_variant_name(dtype, impl)] = jax_setup(x_np, y_np, dtype, impl)[3]
+    for variant in torch_variants:
+        name = torch_variant_name(variant)
         if variant == "monai":
             step, note = monai_stepper(torch, x_np, y_np, FLAGS.num_classes,
-                                       FLAGS.base_features)
-            notes["PyTorch MONAI BasicUNet"] = note
+                                       FLAGS.base_features, FLAGS.device)
+            notes[name] = note
             if step:
-                steppers["PyTorch MONAI BasicUNet"] = step
+                steppers[name] = step
             continue
         net = torch_unet(torch, 1, FLAGS.num_classes, FLAGS.base_features, FLAGS.depth)
-        name = f"PyTorch eager{' channels-last' if variant == 'channels_last' else ''}"
-        steppers[name] = torch_stepper(torch, net, x_np, y_np, FLAGS.num_classes,
-                                       variant == "channels_last")
-    t0 = time.perf_counter()
-    jax_step()
-    print(f"medseg_jax first step (compilation, or the persistent cache): "
-          f"{time.perf_counter() - t0:.1f} s")
+        compiled = variant.startswith("compile")
+        steppers[name] = torch_stepper(
+            torch, net, x_np, y_np, FLAGS.num_classes,
+            channels_last=variant != "eager" and variant != "eager_bf16",
+            device=FLAGS.device, bf16=variant.endswith("bf16"),
+            compile_backend=FLAGS.torch_compile_backend if compiled else "",
+            compile_mode=FLAGS.torch_compile_mode)
+    for name in list(steppers):
+        t0 = time.perf_counter()
+        try:
+            steppers[name]()  # compilation (JAX: or the persistent cache), cuDNN autotuning
+        except Exception as e:  # noqa: BLE001 (torch.compile without a compiler, say)
+            notes[name] = f"failed, left out: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            print(f"{name}: {notes[name]}")
+            del steppers[name]
+            continue
+        first_step[name] = time.perf_counter() - t0
+        print(f"{name}: first step (compilation, autotuning) {first_step[name]:.1f} s")
+    report["first_step_s"], report["notes"] = first_step, notes
+    write_json(report)
+    if not steppers:
+        raise SystemExit("no variant ran")
     for step in steppers.values():
         for _ in range(FLAGS.warmup):
             step()
@@ -328,18 +487,30 @@ def main(argv) -> None:
                 t = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t)
-    jax_median = statistics.median(times["medseg_jax (jit)"])
+    reference = next(iter(steppers))
+    ref_median = statistics.median(times[reference])
     print(f"\n{FLAGS.rounds} interleaved rounds x {FLAGS.steps} steps each (median, "
           f"device-synchronised):")
-    print("| implementation | ms/step | images/s | medseg_jax / this |")
+    print(f"| implementation | ms/step | images/s | {reference} / this (speed) |")
     print("|---|---|---|---|")
+    results = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        ratio = med / jax_median
-        print(f"| {name} | {1e3 * med:.0f} | {FLAGS.batch_size / med:.1f} | {ratio:.2f} |")
+        results.append({"name": name, "framework": "jax" if name.startswith("medseg_jax")
+                         else "torch", "step_ms": 1e3 * med,
+                         "images_per_s": FLAGS.batch_size / med,
+                         "ref_speed_ratio": med / ref_median,
+                         "times_ms": [1e3 * t for t in ts]})
+        print(f"| {name} | {1e3 * med:.0f} | {FLAGS.batch_size / med:.1f} | "
+              f"{med / ref_median:.2f} |")
     for name, note in notes.items():
         print(f"  {name}: {note}")
-    print(f"end: load average {os.getloadavg()[0]:.2f} (a shared CPU: figures vary)")
+    load_end = os.getloadavg()
+    print(f"end: load average {load_end[0]:.2f} (a shared CPU: figures vary)")
+    report.update(reference=reference, results=results, rounds=FLAGS.rounds,
+                  steps=FLAGS.steps)
+    report["machine"]["load_end"] = list(load_end)
+    write_json(report)
 
 
 if __name__ == "__main__":
