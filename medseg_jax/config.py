@@ -146,6 +146,10 @@ def default_config() -> ml_collections.ConfigDict:
     ev.checkpoint = "best"  # best | latest | a step number
     ev.sw_overlap = 0.5  # sliding window: overlap of neighbouring patches (0 to <1)
     ev.tta = False  # test-time augmentation: average the softmax over all axis flips
+    # Post-processing of the label maps: "" (none) or "largest" (per class, only its
+    # largest connected component; nnU-Net's). Choose it on the validation split
+    # (--config.eval.split=val), never on the test split.
+    ev.postprocess = ""
     ev.nsd_tolerance_mm = 1.0  # normalised surface Dice: surface distance counted as a hit
     ev.bootstrap_samples = 2000  # resamples for the 95% interval of each mean
     ev.figures = True  # overlays, uncertainty / attention maps and curves in <workdir>/figures
@@ -226,6 +230,7 @@ _CHOICES = {
     "train.optimizer": ("adam", "sgd"),
     "train.transfer_guard": ("", "log", "disallow"),
     "eval.split": ("train", "val", "test"),
+    "eval.postprocess": ("", "largest"),
 }
 
 

@@ -9,7 +9,8 @@ the case's voxel spacing, so distances are in mm.
 
 Writes to the workdir, for a split ``<split>``:
 (``<split>_<checkpoint>_...`` for another checkpoint than the best, e.g.
-``test_step1500_metrics.json``, so the best checkpoint's files stay)
+``test_step1500_metrics.json``, and ``..._largest_...`` with ``eval.postprocess``, so the
+best checkpoint's plain files stay)
 - ``<split>_metrics.json``   per case and aggregated (overall and per task)
 - ``<split>_metrics.md``     the table that is also printed
 - ``<split>_per_case.csv``   one row per case and class, every metric
@@ -84,7 +85,9 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
         for task in tasks:
             groups[task] = summarise([c for c in per_case if c["task"] == task])
     title = (f"{config.model.name}: {split} split, {run.which} checkpoint (step {run.step}, "
-             f"epoch {run.epoch}){', flip TTA' if config.eval.tta else ''}")
+             f"epoch {run.epoch}){', flip TTA' if config.eval.tta else ''}"
+             + (f", post-processing: {config.eval.postprocess}"
+                if config.eval.get("postprocess") else ""))
     table = report.metrics_table(groups, title, config.eval.nsd_tolerance_mm)
     results = {"model": config.model.name, "split": split, "checkpoint": run.which,
                "step": run.step, "epoch": run.epoch, "tta": bool(config.eval.tta),
@@ -97,6 +100,8 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
                "network_inputs": n_samples}
     prefix = split if run.which == "best" else (
         f"{split}_step{run.step}" if run.which.isdigit() else f"{split}_{run.which}")
+    if config.eval.get("postprocess", ""):
+        prefix += f"_{config.eval.postprocess}"
     if jax.process_index() == 0:
         fileio.write_json_atomic(os.path.join(workdir, f"{prefix}_metrics.json"), results)
         fileio.write_text_atomic(os.path.join(workdir, f"{prefix}_metrics.md"), table)
@@ -196,7 +201,7 @@ def case_view(run: Run, key: str, title: str, index: int | None = None) -> dict:
     case = run.dataset.load(key)
     probs, _ = inference.predict_probs(case, run.plans, config, run.state, run.predict_fn,
                                        run.mesh)
-    pred = np.argmax(probs, axis=-1)
+    pred = inference.label_map(probs, config)
     unc = inference.entropy(probs)
     image = case.image[0]
     if image.ndim == 3:  # a volume: the slice through the most lesion

@@ -85,11 +85,38 @@ def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
     return preprocess.from_samples(probs, spatial, config.data.slice_axis), len(images)
 
 
+def label_map(probs: np.ndarray, config) -> np.ndarray:
+    """The argmax of class probabilities (*spatial, K) as uint8 labels, post-processed as
+    ``eval.postprocess`` says: "largest" keeps, per class, only its largest connected
+    component (nnU-Net's post-processing, to be chosen on the validation split), the
+    voxels of the others becoming background."""
+    labels = np.argmax(probs, axis=-1).astype(np.uint8)
+    if config.eval.get("postprocess", "") == "largest":
+        labels = largest_components(labels)
+    return labels
+
+
+def largest_components(labels: np.ndarray) -> np.ndarray:
+    """``labels`` with every class reduced to its largest face-connected component."""
+    from scipy import ndimage  # noqa: PLC0415
+
+    out = labels.copy()
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        components, n = ndimage.label(labels == value)
+        if n > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[(components > 0) & (components != int(np.argmax(sizes)))] = 0
+    return out
+
+
 def predict_case(case: nifti.Case, plans: dict, config, state, predict_fn,
                  mesh) -> tuple[np.ndarray, int]:
     """Returns (label map of the case's spatial shape, number of network inputs)."""
     probs, n = predict_probs(case, plans, config, state, predict_fn, mesh)
-    return np.argmax(probs, axis=-1).astype(np.uint8), n
+    return label_map(probs, config), n
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:

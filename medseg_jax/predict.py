@@ -137,7 +137,7 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
         t1 = time.time()
         probs, _ = inference.predict_probs(case, run.plans, config, run.state, run.predict_fn,
                                            run.mesh)
-        labels = np.argmax(probs, axis=-1).astype(np.uint8)
+        labels = inference.label_map(probs, config)
         t_predict += time.time() - t1
         if writer:
             reference = nib.load(files[0])

@@ -37,3 +37,22 @@ def test_2d_windows_over_a_volume_equal_the_whole_volume():
     assert seen[0] == (8, 8, 8, 1)  # 2D inputs
     assert n == 3 * 2 * 5  # windows in plane x slices
     np.testing.assert_allclose(probs, np.asarray(_voxelwise(None, volume)), rtol=1e-5, atol=1e-6)
+
+
+def test_largest_component_post_processing():
+    import ml_collections
+    import numpy as np
+
+    from medseg_jax import inference
+
+    probs = np.zeros((8, 8, 3), np.float32)
+    probs[..., 0] = 1.0
+    probs[1:4, 1:4] = (0, 1, 0)  # class 1: 9 voxels ...
+    probs[6:8, 6:8] = (0, 1, 0)  # ... and a stray 4-voxel blob
+    probs[5, 0] = (0, 0, 1)  # class 2: a single voxel (its largest component)
+    config = ml_collections.ConfigDict({"eval": {"postprocess": ""}})
+    plain = inference.label_map(probs, config)
+    assert (plain == 1).sum() == 13 and (plain == 2).sum() == 1
+    config.eval.postprocess = "largest"
+    kept = inference.label_map(probs, config)
+    assert (kept == 1).sum() == 9 and kept[6:8, 6:8].max() == 0 and (kept == 2).sum() == 1
