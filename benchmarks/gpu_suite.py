@@ -388,7 +388,6 @@ def run_throughput(item: dict, opts: dict, scratch: str) -> dict:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.models import count_params  # noqa: PLC0415

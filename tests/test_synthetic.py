@@ -141,19 +141,19 @@ def test_leftovers_from_an_interrupted_run(tmp_path):
 def test_failure_leaves_no_partial_task(tmp_path, monkeypatch):
     root = tmp_path / "r"
     calls = {"n": 0}
-    real_write = synthetic._write_nifti
+    real_write = synthetic.write_nifti
 
-    def flaky(path, data, affine):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 4:
             raise OSError("disk full (simulated)")
-        real_write(path, data, affine)
+        real_write(*args)
 
-    monkeypatch.setattr(synthetic, "_write_nifti", flaky)
+    monkeypatch.setattr(synthetic, "write_nifti", flaky)
     with pytest.raises(OSError, match="simulated"):
         synthetic.make_synthetic(str(root), seed=0, **TINY)
     assert os.listdir(root) == []  # neither the task nor its temp folder
-    monkeypatch.setattr(synthetic, "_write_nifti", real_write)
+    monkeypatch.setattr(synthetic, "write_nifti", real_write)
     paths = synthetic.make_synthetic(str(root), seed=0, **TINY)
     assert all(len(read_dataset(p).cases) == 3 for p in paths)
 

@@ -40,20 +40,21 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import json
 import os
 import re
 import time
 from collections.abc import Sequence
 
-import nibabel as nib
 import numpy as np
 from absl import logging
 from PIL import Image  # a matplotlib dependency
 from scipy import ndimage
 
 from medseg_jax import fileio
+from medseg_jax.data.nifti import write_nifti
+
+_DESCRIP = b"HC18 via medseg_jax.data.convert_hc18"  # the NIfTI header's description
 
 # The converter's mark in its summary (the module's first name, kept so that folders
 # converted then are still recognised as the converter's own).
@@ -220,19 +221,6 @@ def _read_png(path: str, what: str) -> np.ndarray:
         raise ValueError(f"{path}: cannot read {what} PNG ({type(e).__name__}: {e})") from e
 
 
-def _write_nifti(path: str, data: np.ndarray, pixel_size: float) -> None:
-    """Write ``data`` unscaled with affine diag(p, p, 1, 1); gzip mtime 0 (reproducible)."""
-    affine = np.diag([pixel_size, pixel_size, 1.0, 1.0])
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_data_dtype(data.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header["descrip"] = b"HC18 via medseg_jax.data.convert_hc18"
-    with open(path, "wb") as f:
-        f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
-
-
 def read_csv(path: str) -> dict[str, tuple[float, float]]:
     """``filename -> (pixel size mm, head circumference mm)`` from the HC18 CSV."""
     if not os.path.isfile(path):
@@ -369,10 +357,10 @@ def convert_one(item: _Item, images_dir: str, labels_dir: str) -> dict:
     error = abs(hc_mm - item.hc_mm) / item.hc_mm
     outline_error = abs(ellipse.perimeter() * item.pixel_size - item.hc_mm) / item.hc_mm
     name = f"{item.case}.nii.gz"
-    _write_nifti(os.path.join(images_dir, name), png_to_nifti(image), item.pixel_size)
-    _write_nifti(
-        os.path.join(labels_dir, name), png_to_nifti(mask.astype(np.uint8)), item.pixel_size
-    )
+    affine = np.diag([item.pixel_size, item.pixel_size, 1.0, 1.0])
+    write_nifti(os.path.join(images_dir, name), png_to_nifti(image), affine, _DESCRIP)
+    write_nifti(os.path.join(labels_dir, name), png_to_nifti(mask.astype(np.uint8)), affine,
+                _DESCRIP)
     return {
         "case": item.case,
         "image": os.path.basename(item.image),

@@ -3,6 +3,7 @@
 ``load_case`` reads the image channels and the label of a ``decathlon.CaseRef``,
 reoriented to the closest canonical (RAS+) orientation, and checks them thoroughly
 (geometry, finiteness, label values): every problem is a ValueError naming the file.
+``write_nifti`` writes the converters' and the synthetic generator's files.
 ``to_original_orientation`` maps a label map back onto the voxel grid of the file it
 came from (predictions are written in the input's geometry).
 """
@@ -10,6 +11,7 @@ came from (predictions are written in the input's geometry).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 
 import nibabel as nib
@@ -268,3 +270,17 @@ def to_original_orientation(array: np.ndarray, case: Case) -> np.ndarray:
     )
     out = orientations.apply_orientation(arr3, transform)
     return np.ascontiguousarray(out.reshape(case.original_shape))
+
+
+def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, descrip: bytes,
+                compresslevel: int = 6) -> None:
+    """``data`` unscaled in its own dtype, ``affine`` as qform and sform, units mm, gzip
+    mtime 0: the same array and affine give the same bytes (reproducible conversions)."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header["descrip"] = descrip
+    with open(path, "wb") as f:
+        f.write(gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0))

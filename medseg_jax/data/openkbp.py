@@ -63,11 +63,13 @@ import time
 import zlib
 from collections.abc import Sequence
 
-import nibabel as nib
 import numpy as np
 from absl import logging
 
 from medseg_jax import fileio
+from medseg_jax.data.nifti import write_nifti
+
+_DESCRIP = b"OpenKBP via medseg_jax.data.openkbp"  # the NIfTI header's description
 
 GENERATOR = "medseg_jax.data.openkbp"
 VERSION = 1
@@ -402,24 +404,12 @@ def read_patient(patient: Patient, shape: Sequence[int] = GRID) -> PatientData:
 # --------------------------------------------------------------------------
 
 
-def write_nifti(path: str, data: np.ndarray, aff: np.ndarray, level: int = 6) -> None:
-    """Unscaled NIfTI-1 with ``aff`` as qform and sform; gzip mtime 0 (reproducible)."""
-    img = nib.Nifti1Image(data, aff)
-    img.header.set_data_dtype(data.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(aff, code=1)
-    img.set_sform(aff, code=1)
-    img.header["descrip"] = b"OpenKBP via medseg_jax.data.openkbp"
-    with open(path, "wb") as f:
-        f.write(gzip.compress(img.to_bytes(), compresslevel=level, mtime=0))
-
-
 def convert_patient(patient: Patient, out_dir: str, shape: Sequence[int] = GRID) -> dict:
     """Read one patient and write ``imagesTr/`` and ``labelsTr/`` under ``out_dir``."""
     data = read_patient(patient, shape)
     name = f"{patient.case}.nii.gz"
-    write_nifti(os.path.join(out_dir, "imagesTr", name), data.ct, data.affine)
-    write_nifti(os.path.join(out_dir, "labelsTr", name), data.labels, data.affine)
+    write_nifti(os.path.join(out_dir, "imagesTr", name), data.ct, data.affine, _DESCRIP)
+    write_nifti(os.path.join(out_dir, "labelsTr", name), data.labels, data.affine, _DESCRIP)
     return data.record
 
 

@@ -23,16 +23,17 @@ temporary sibling folder and moved into place (``fileio.build_folder``); a
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections.abc import Callable, Sequence
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from medseg_jax import fileio
+from medseg_jax.data.nifti import write_nifti
+
+_DESCRIP = b"medseg_jax synthetic"  # the NIfTI header's description
 
 GENERATOR_VERSION = 1
 MARKER = "synthetic.json"
@@ -397,20 +398,6 @@ _MODALITY: dict[str, tuple[str, str, str, str, Callable[..., Phantom]]] = {
 # --------------------------------------------------------------------------
 
 
-def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write ``data`` unscaled in its own dtype, with fixed header fields and gzip mtime 0."""
-    img = nib.Nifti1Image(data, affine)
-    hdr = img.header
-    hdr.set_data_dtype(data.dtype)
-    hdr.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    hdr["descrip"] = b"medseg_jax synthetic"
-    raw = img.to_bytes()
-    with open(path, "wb") as f:
-        f.write(gzip.compress(raw, compresslevel=1, mtime=0))
-
-
 def _marker(task: str, seed: int, num_cases: int, size: int, depth: int) -> dict:
     return {
         "generator": "medseg_jax.data.synthetic",
@@ -449,8 +436,8 @@ def _build_task(folder: str, task: str, seed: int, num_cases: int, size: int, de
         image, label, affine = generate(rng, size, depth)
         assert label.any(), (task, i)
         name = f"{prefix}_{i:03d}.nii.gz"
-        _write_nifti(os.path.join(folder, "imagesTr", name), image, affine)
-        _write_nifti(os.path.join(folder, "labelsTr", name), label, affine)
+        write_nifti(os.path.join(folder, "imagesTr", name), image, affine, _DESCRIP, 1)
+        write_nifti(os.path.join(folder, "labelsTr", name), label, affine, _DESCRIP, 1)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     meta = {
         "name": task,
