@@ -948,6 +948,8 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def cpu_model() -> str:
+    # As medseg_jax.workdir.cpu_model; this process must run before the package's
+    # dependencies are installed (set-up), so it cannot import it.
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

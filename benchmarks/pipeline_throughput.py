@@ -24,7 +24,6 @@ from __future__ import annotations
 import cProfile
 import io
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -73,17 +72,6 @@ def table(rows: list[tuple], header: tuple) -> None:
                               for i, (c, w) in enumerate(zip(r, widths))))
         if j == 0:
             log("  " + "-+-".join("-" * w for w in widths))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
@@ -345,6 +333,7 @@ def main(argv) -> None:
     from medseg_jax.data import dataset as dataset_lib  # noqa: PLC0415
     from medseg_jax.data import loader  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
+    from medseg_jax import workdir as workdir_lib  # noqa: PLC0415
 
     batch_size = FLAGS.batch_size
     workers = [int(w) for w in FLAGS.num_workers]
@@ -367,7 +356,7 @@ def main(argv) -> None:
 
     log("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv))
     log(f"machine: {os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), "
-        f"{cpu_model()}; jax {jax.__version__} {dev.platform} x{jax.device_count()} "
+        f"{workdir_lib.cpu_model()}; jax {jax.__version__} {dev.platform} x{jax.device_count()} "
         f"({dev.device_kind}); grain {getattr(grain, '__version__', '?')}; numpy {np.__version__}")
     log(f"start: {loadavg()} (a shared CPU: figures vary with other jobs)")
     log(f"data: {FLAGS.data_root or 'embedded synthetic (SynthMRI + SynthCT + SynthUS)'}; "

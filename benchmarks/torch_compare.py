@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -341,17 +340,6 @@ def write_json(payload: dict) -> None:
         os.replace(tmp, FLAGS.json_out)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def variant_lists() -> tuple[list[str], list[str]]:
     bf16 = FLAGS.dtype == "bfloat16"
     jax_variants = FLAGS.jax_variants or (["bfloat16", "bfloat16:lax"] if bf16 else
@@ -403,6 +391,7 @@ def main(argv) -> None:
         raise SystemExit(f"--device=cuda: PyTorch CUDA {torch.cuda.is_available()}, JAX "
                          f"backend {jax.default_backend()}: both need the GPU")
     import numpy as np  # noqa: PLC0415
+    from medseg_jax import workdir as workdir_lib  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     size = FLAGS.image_size
@@ -415,14 +404,14 @@ def main(argv) -> None:
     load_start = os.getloadavg()
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     print(f"command: {command}")
-    print(f"machine: {os.cpu_count()} CPU cores ({cpu_model()}), load average "
+    print(f"machine: {os.cpu_count()} CPU cores ({workdir_lib.cpu_model()}), load average "
           f"{load_start[0]:.2f}; jax {jax.__version__} on {dev.device_kind}; torch "
           f"{torch.__version__} on {torch_device}")
     print(f"network: U-Net 2D, base {FLAGS.base_features}, depth {FLAGS.depth}, BatchNorm, "
           f"{FLAGS.num_classes} classes; batch {FLAGS.batch_size} x {size}x{size} x 1; "
           "Dice + CE; Adam 1e-3")
     report = {"command": command,
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+              "machine": {"cpu": workdir_lib.cpu_model(), "cores": os.cpu_count(),
                           "load_start": list(load_start), "jax": jax.__version__,
                           "jax_device": dev.device_kind, "torch": torch.__version__,
                           "torch_device": torch_device, "device": FLAGS.device},

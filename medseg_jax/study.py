@@ -315,7 +315,7 @@ def command_line() -> str:
 def environment() -> dict:
     """The run's versions (as in each run's config.json) plus the machine."""
     return {**workdir_lib.versions(), "platform": platform.platform(),
-            "processor": platform.processor() or "?", "cpu_count": os.cpu_count(),
+            "processor": workdir_lib.cpu_model(), "cpu_count": os.cpu_count(),
             "backend": jax.default_backend(), "processes": jax.process_count()}
 
 

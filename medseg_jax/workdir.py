@@ -221,6 +221,20 @@ def write_config(config, workdir: str) -> None:
         fileio.write_json_atomic(os.path.join(workdir, "config.json"), current)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; figures from a CPU must say which one)."""
+    import platform  # noqa: PLC0415
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def versions() -> dict:
     """Python, the libraries that decide the numbers, and the devices."""
     import importlib.metadata  # noqa: PLC0415
@@ -231,7 +245,8 @@ def versions() -> dict:
     from medseg_jax import __version__  # noqa: PLC0415
 
     out = {"python": platform.python_version(), "medseg_jax": __version__,
-           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+           "cpu": cpu_model()}
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
                  "scipy", "nibabel"):
         try:
