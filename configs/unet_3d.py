@@ -16,8 +16,9 @@ def get_config():
     config.model.name = "unet"
     config.model.spatial_dims = 3
     recipe(config)
-    # Epochs of 250 steps. On two CPU cores a Hippocampus step takes a few seconds, so 12
-    # epochs take a few hours; nnU-Net trains 1000 epochs on a GPU.
+    # Epochs of 250 steps. On two CPU cores a Hippocampus epoch (with validation) takes about
+    # 4 minutes, so 12 epochs take about 50 minutes; nnU-Net trains 1000 epochs on a GPU.
+    # --config.train.budget_minutes=N fits the epochs to N minutes instead.
     config.train.num_epochs = 12
     config.eval.batch_size = 4  # sliding-window patches per prediction call
     return config
