@@ -224,3 +224,25 @@ def test_planned_runs_fail_in_one_line_naming_the_field_or_file(tmp_path):
     (workdir / "plans.json").write_text('{"fields": {}}')
     with pytest.raises(ValueError, match="plans.json: not a plan written by this package"):
         planning.resolve(tiny_recipe_config(), str(workdir))
+
+
+@pytest.mark.parametrize("planned", [True, False])
+def test_a_damaged_image_read_for_its_spacing_is_named_in_one_line(tmp_path, planned):
+    """The plan's fingerprint and the median target spacing read NIfTI headers before any
+    case is loaded: a damaged file there is a ValueError naming it, as everywhere else."""
+    from conftest import tiny_config, tiny_recipe_config
+
+    from medseg_jax.data import synthetic
+
+    roots = synthetic.make_synthetic(str(tmp_path / "data"), seed=0, num_cases=4, size=16,
+                                     depth=4)
+    root = next(r for r in roots if r.endswith("SynthMRI"))
+    images = sorted(os.listdir(os.path.join(root, "imagesTr")))
+    for name in images:  # whichever case lands in the training split
+        with open(os.path.join(root, "imagesTr", name), "wb") as f:
+            f.write(b"not a NIfTI file" * 10)
+    overrides = {"data.root": root, "train.num_epochs": 1}
+    config = (tiny_recipe_config(**overrides) if planned else
+              tiny_config(**overrides, **{"data.in_plane": "spacing"}))
+    with pytest.raises(ValueError, match=r"imagesTr/.*\.nii\.gz: cannot read NIfTI header"):
+        train.train(config, str(tmp_path / "run"))

@@ -26,6 +26,7 @@ from absl import logging
 from medseg_jax import fileio
 from medseg_jax.data import preprocess
 from medseg_jax.data.dataset import Dataset, open_dataset
+from medseg_jax.data.nifti import canonical_spacing
 
 
 _CACHE_VERSION = 4
@@ -70,19 +71,6 @@ def intensity_plans(dataset: Dataset, loaded: dict | None = None) -> dict[str, l
         plans[info.name] = preprocess.intensity_plan(
             info.modalities, [c.image for c in cases], [c.label for c in cases])
     return plans
-
-
-def canonical_spacing(path: str) -> tuple[float, ...]:
-    """Voxel size (mm) of a NIfTI file along the RAS axes, from its header only."""
-    import nibabel as nib  # noqa: PLC0415
-
-    img = nib.load(path)
-    zooms = img.header.get_zooms()[:3]
-    ornt = nib.io_orientation(img.affine)
-    spacing = [0.0] * len(zooms)
-    for axis, (target, _) in enumerate(ornt[: len(zooms)]):
-        spacing[int(target)] = float(zooms[axis])
-    return tuple(spacing)
 
 
 def target_spacing(config, dataset: Dataset) -> list[float]:

@@ -42,7 +42,9 @@ class Case:
     modalities: tuple[str, ...]
 
 
-def _load_nifti(path: str) -> nib.Nifti1Image:
+def load_header(path: str) -> nib.Nifti1Image:
+    """The NIfTI image at ``path``, header read, data not yet (a ValueError naming the file
+    if it is missing, unreadable or not NIfTI)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file does not exist")
     try:
@@ -187,7 +189,7 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
     original_affine: np.ndarray | None = None
     original_shape: tuple[int, ...] = ()
     for path in ref.image_paths:
-        img = _load_nifti(path)
+        img = load_header(path)
         is_2d = _file_is_2d(img, info)
         data = _spatial(_read_array(img, path), path, is_2d, channels=True)
         if len(ref.image_paths) > 1 and data.shape[-1] != 1:
@@ -225,7 +227,7 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
     assert ref_affine is not None and original_affine is not None
     label = None
     if ref.label_path is not None:
-        limg = _load_nifti(ref.label_path)
+        limg = load_header(ref.label_path)
         lpath = ref.label_path
         lshape = limg.shape
         lis_2d = ref_is_2d and (len(lshape) == 2 or (len(lshape) == 3 and lshape[2] == 1))
@@ -270,6 +272,17 @@ def to_original_orientation(array: np.ndarray, case: Case) -> np.ndarray:
     )
     out = orientations.apply_orientation(arr3, transform)
     return np.ascontiguousarray(out.reshape(case.original_shape))
+
+
+def canonical_spacing(path: str) -> tuple[float, ...]:
+    """Voxel size (mm) of a NIfTI file along the RAS axes, from its header only."""
+    img = load_header(path)
+    zooms = img.header.get_zooms()[:3]
+    ornt = nib.io_orientation(img.affine)
+    spacing = [0.0] * len(zooms)
+    for axis, (target, _) in enumerate(ornt[: len(zooms)]):
+        spacing[int(target)] = float(zooms[axis])
+    return tuple(spacing)
 
 
 def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, descrip: bytes,

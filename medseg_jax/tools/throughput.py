@@ -270,8 +270,8 @@ def main(argv) -> None:
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="throughput_")
     try:
         run(FLAGS.config, workdir, FLAGS.steps, FLAGS.warmup, FLAGS.parts)
-    except ValueError as e:
-        print(f"medseg_jax: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"medseg_jax: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     finally:
         if not FLAGS.workdir:
