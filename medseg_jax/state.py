@@ -180,12 +180,8 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
                 checkpoint: str | None = None) -> Run:
     """Restores the ``checkpoint`` (best, latest or a step) of the run in ``workdir``;
     ``Run.config`` is the run's config with its plan applied (``data.plan``)."""
-    config, _ = planning.resolve(config, workdir)
-    config_lib.validate(config)
-    which = str(checkpoint or config.eval.checkpoint)
-    setup_compilation_cache(config)
-    mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    # Before anything that could write (planning opens the data set): a workdir without a
+    # run is refused as it is, not filled with a split or synthetic data first.
     if not os.path.exists(os.path.join(workdir, "splits.json")):
         if os.path.isdir(os.path.join(workdir, "checkpoints")):
             raise FileNotFoundError(
@@ -194,6 +190,12 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
                 "(the same split while the data are unchanged) and resumes from the "
                 "checkpoints")
         raise FileNotFoundError(f"{workdir}/splits.json not found: train in this workdir first")
+    config, _ = planning.resolve(config, workdir)
+    config_lib.validate(config)
+    which = str(checkpoint or config.eval.checkpoint)
+    setup_compilation_cache(config)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     workdir_lib.check_config(config, workdir, workdir_lib.EVAL_FIELDS)
     plans = load_plans(workdir)
     dataset = dataset_lib.open_dataset(config, workdir)

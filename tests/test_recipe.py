@@ -246,3 +246,15 @@ def test_a_damaged_image_read_for_its_spacing_is_named_in_one_line(tmp_path, pla
               tiny_config(**overrides, **{"data.in_plane": "spacing"}))
     with pytest.raises(ValueError, match=r"imagesTr/.*\.nii\.gz: cannot read NIfTI header"):
         train.train(config, str(tmp_path / "run"))
+
+
+def test_eval_of_a_planned_config_in_an_empty_workdir_writes_nothing(tmp_path):
+    """A mistyped --workdir on eval: refused before planning could open the data set
+    (which would write a split, or generate the synthetic data, into it)."""
+    from conftest import tiny_recipe_config
+
+    workdir = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="splits.json not found: train in this "
+                                                "workdir first"):
+        state_lib.restore_run(tiny_recipe_config(), str(workdir))
+    assert not workdir.exists()
