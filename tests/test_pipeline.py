@@ -153,6 +153,27 @@ def test_rescale_01_reaches_the_cached_samples(tmp_path):
     assert images.min() >= 0.0 and images.max() <= 1.0
 
 
+def test_cache_key_follows_what_dataset_json_decides(tmp_path):
+    """The cached arrays depend on dataset.json (modalities: CT or z-score; labels;
+    partial labels): editing it gives another cache entry, not the stale one."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    config, workdir = tiny_config(), str(tmp_path)
+    dataset = dataset_lib.open_dataset(config, workdir)
+    key = cache._fingerprint(config, dataset)
+    assert cache._fingerprint(config, dataset) == key  # stable
+    info = dataset.infos[0]
+    ct = dataclasses.replace(info, modalities=("CT",) * len(info.modalities))
+    assert cache._fingerprint(config, dataclasses.replace(
+        dataset, infos=[ct, *dataset.infos[1:]])) != key
+    first = dataset.splits["train"][0]
+    ref, owner = dataset.refs[first]
+    partial = {**dataset.refs, first: (dataclasses.replace(ref, annotated=(1,)), owner)}
+    assert cache._fingerprint(config, dataclasses.replace(dataset, refs=partial)) != key
+
+
 def test_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
     import shutil
 

@@ -40,7 +40,12 @@ def _fingerprint(config, dataset: Dataset) -> str:
             for p in (*ref.image_paths, ref.label_path):
                 st = os.stat(p)
                 files.append((s, key, os.path.abspath(p), st.st_size, int(st.st_mtime_ns)))
+            if ref.annotated is not None:  # partial labels, from dataset.json
+                files.append((s, key, "annotated", list(ref.annotated)))
     settings = {
+        # What dataset.json decides: the classes, and CT or z-score normalisation.
+        "tasks": [[info.name, sorted(info.labels.items()), list(info.modalities)]
+                  for info in dataset.infos],
         "version": _CACHE_VERSION,
         "image_size": list(config.data.image_size),
         "slice_axis": config.data.slice_axis,
