@@ -197,6 +197,9 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
     info = {"label": entry.label, "model": entry.name, "dims": entry.dims,
             "dataset": dataset, "init_from": entry.init_from, "workdir": run_dir,
             "config": c.to_dict(), "params": results["params"], **_run_facts(run_dir),
+            # As the run recorded it: its plan applied, its epochs fitted to the budget.
+            "run_config": fileio.read_json(os.path.join(run_dir, "config.json"),
+                                           "the run's config"),
             "infer_seconds_per_case": results["predict_seconds"] / n_cases,
             "aggregate": results["aggregate"], "per_case": results["per_case"],
             "checkpoint_epoch": results["epoch"]}

@@ -82,6 +82,31 @@ def summary_table(infos: list[dict]) -> list[str]:
                                   "the study (theirs): Dice / HD (mm)"], rows)
 
 
+def protocol(c: dict, seed: int) -> str:
+    """The training protocol of a run's config (as a dict), in one sentence."""
+    t, d, m = c["train"], c["data"], c["model"]
+    if t.get("optimizer", "adam") == "sgd":
+        optimizer = f"SGD with Nesterov momentum {t['momentum']:g}"
+    else:
+        optimizer = "Adam"
+    schedule = {"constant": "", "cosine": ", cosine decay",
+                "poly": ", polynomial decay"}[t.get("lr_schedule", "constant")]
+    epochs = f"at most {t['num_epochs']} epochs" + (
+        f" of {t['steps_per_epoch']} steps" if t.get("steps_per_epoch") else "")
+    if t.get("budget_minutes"):
+        epochs += f" (fitted to {t['budget_minutes']:g} min per run)"
+    stop = (f"early stopping on validation loss (patience {t['patience']})"
+            if t["patience"] > 0 else "no early stopping")
+    if d.get("plan") == "auto":
+        size = "batch, input and network size from each data set's plan (plans.json)"
+    else:
+        size = f"batch {t['batch_size']}, input {tuple(d['image_size'])}"
+    return (f"split {'/'.join(f'{x:g}' for x in d['split_fractions'])} by case (seed {seed}), "
+            f"{optimizer} lr {t['learning_rate']:g}{schedule}, {size}, {epochs}, {stop}, "
+            "Dice + CE loss" + (" with deep supervision" if m.get("deep_supervision") else "")
+            + ", on-device augmentation; best checkpoint by validation Dice")
+
+
 def report_markdown(results: dict) -> str:
     infos = results["entries"]
     env = results["environment"]
@@ -95,15 +120,9 @@ def report_markdown(results: dict) -> str:
              "Data: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in results["data"].items()),
              ""]
     if infos:
-        c = infos[0]["config"]
-        t, d = c["train"], c["data"]
-        lines += [f"Protocol: split {'/'.join(f'{x:g}' for x in d['split_fractions'])} by case "
-                  f"(seed {results['seed']}), Adam lr {t['learning_rate']:g}, batch "
-                  f"{t['batch_size']}, at most {t['num_epochs']} epochs, early stopping on "
-                  f"validation loss (patience {t['patience']}), Dice + CE loss, on-device "
-                  "rotation / flip / scaling / intensity augmentation; best checkpoint by "
-                  f"validation Dice; input {tuple(d['image_size'])} (sweep trials override "
-                  "lr, batch and epochs, see below)  "]
+        first = infos[0].get("run_config") or infos[0]["config"]
+        lines += [f"Protocol: {protocol(first, results['seed'])} (sweep trials override lr, "
+                  "batch and epochs, see below)  "]
     if "wall_seconds" in results:
         lines += [f"Wall time of this invocation: {results['wall_seconds'] / 60:.1f} min", ""]
     else:

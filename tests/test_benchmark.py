@@ -143,3 +143,22 @@ def test_study_datasets_field_is_checked(tmp_path):
         study.parse_datasets(bench_config(datasets="x:/nonexistent"), str(tmp_path))
     with pytest.raises(ValueError, match="neither a Decathlon folder"):
         study.parse_datasets(bench_config(datasets=f"x:{tmp_path}"), str(tmp_path))
+
+
+def test_report_protocol_says_what_each_config_trains_with():
+    from medseg_jax.config import default_config, recipe
+    from medseg_jax.study_report import protocol
+
+    study = default_config().to_dict()
+    text = protocol(study, 0)
+    assert "Adam lr 0.001, batch 16, input (64, 64), at most" in text
+    assert "early stopping on validation loss (patience" in text
+    assert "deep supervision" not in text
+    planned = recipe(default_config())
+    planned.train.optimizer = "sgd"
+    planned.train.budget_minutes = 8.5
+    text = protocol(planned.to_dict(), 0)
+    assert "SGD with Nesterov momentum 0.99 lr" in text and "polynomial decay" in text
+    assert "from each data set's plan" in text and "batch 0" not in text
+    assert "epochs of 250 steps (fitted to 8.5 min per run)" in text
+    assert "no early stopping" in text and "with deep supervision" in text
