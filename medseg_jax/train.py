@@ -9,8 +9,10 @@ on the test split. What it writes to ``workdir``:
 - ``config.json``        the resolved config of the run
 - ``splits.json``        the case split, reused by later runs and evaluation
 - ``preprocess.json``    the intensity normalisation plan per task
+- ``plans.json``         with ``data.plan="auto"``: the plan from the data and what it set
 - ``metrics.jsonl``      one JSON object per log step and per epoch
 - ``checkpoints/``       Orbax checkpoints (latest and best by validation Dice)
+- ``events.out.tfevents.*``  TensorBoard scalars and validation overlays (``train.tensorboard``)
 - ``test_metrics.json`` / ``test_metrics.md``  per-case and aggregated test metrics
 - ``.lock``              held while a run uses the workdir (a second run is refused)
 

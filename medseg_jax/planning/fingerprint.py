@@ -1,8 +1,8 @@
 """The data-set fingerprint a plan is made from: per-case spacing, shape, classes and
 foreground intensities of the training cases, and their statistics.
 
-``case_record`` describes one case from its arrays (or, for ``fingerprint_dataset``,
-from its NIfTI header alone); ``fingerprint`` summarises the records.
+``case_record`` describes one case from its arrays (or, for
+``planning.dataset_fingerprint``, from its NIfTI header alone); ``fingerprint`` summarises the records.
 """
 
 from __future__ import annotations

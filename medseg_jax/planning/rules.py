@@ -1,13 +1,12 @@
 """Planning rules: from a data set's fingerprint to a U-Net training plan.
 
 This module owns the *decisions* nnU-Net's experiment planner makes, written anew
-for medseg_jax in plain numpy: the data-set fingerprint (spacing, shape, class
-share, foreground intensities of the training cases), the rules that turn it into
-a 3D or a 2D U-Net plan (target spacing, patch size, pooling and kernel sizes per
-level, features per level, batch size, per-channel normalisation), an analytic
-cost model of that U-Net, and one human-readable reason per decision. It reads no
-files (callers build the per-case records with :func:`case_record`) and changes
-nothing in the data pipeline or the models.
+for medseg_jax in plain numpy: the rules that turn a data-set fingerprint
+(``fingerprint.py``) into a 3D or a 2D U-Net plan (target spacing, patch size, pooling
+and kernel sizes per level, features per level, batch size, per-channel
+normalisation), an analytic cost model of that U-Net, and one human-readable reason
+per decision. It reads no files and changes nothing in the data pipeline or the
+models.
 
 Rules (axes are in the records' order, RAS for volumes; ``d`` = planned axes):
 
@@ -205,8 +204,11 @@ def _normalization(fp: dict) -> tuple[list[dict], str, dict]:
             s = stats[ch]
             if s is None:
                 entries.append({"scheme": "ct", "lo": None, "hi": None, "mean": None, "std": None})
-                notes.append(f"channel {ch} ({modality}): CT clip + data-set z-score, statistics "
-                             "MISSING (no foreground intensity samples in the fingerprint)")
+                notes.append(f"channel {ch} ({modality}): clip to the foreground 0.5/99.5 "
+                             "percentiles, then z-score with the clipped foreground's mean and "
+                             "std, computed from the training cases when the run preprocesses "
+                             "them (its preprocess.json), so intensities keep their physical "
+                             "meaning across cases")
             else:
                 entries.append({"scheme": "ct", "lo": s["p00_5"], "hi": s["p99_5"],
                                 "mean": s["clipped_mean"], "std": max(s["clipped_std"], 1e-8)})
@@ -503,9 +505,6 @@ def check_plan(plan: dict) -> list[str]:
     if cover < 0.25:
         warnings.append(f"patch covers {cover:.0%} of the median shape: little context "
                         "(nnU-Net would add a low-resolution stage)")
-    if any(n["scheme"] == "ct" and n.get("mean") is None for n in plan["normalization"]):
-        warnings.append("CT channel without intensity statistics: build the fingerprint with "
-                        "foreground intensity samples (case_record(image=...))")
     return warnings
 
 
