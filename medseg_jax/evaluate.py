@@ -123,9 +123,10 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def mean_dice(case_metrics: dict[str, dict[str, float]]) -> float:
-    """Mean Dice over the classes of one case (undefined classes skipped)."""
-    values = [m["dice"] for m in case_metrics.values() if math.isfinite(m["dice"])]
+def class_mean(case_metrics: dict[str, dict[str, float]], metric: str = "dice") -> float:
+    """Mean of ``metric`` over the classes of one case (undefined ones skipped; nan if
+    none is defined)."""
+    values = [m[metric] for m in case_metrics.values() if math.isfinite(m[metric])]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -223,7 +224,7 @@ def write_figures(run: Run, per_case: list[dict], split: str) -> dict[str, str]:
     """Writes the case overlays and training curves into ``<workdir>/figures``."""
     folder = os.path.join(run.workdir, "figures")
     out = {}
-    picks = select_cases({c["case"]: mean_dice(c["metrics"]) for c in per_case})
+    picks = select_cases({c["case"]: class_mean(c["metrics"]) for c in per_case})
     if picks:
         rows = [case_view(run, key, title) for title, key in picks]
         out["cases"] = os.path.join(folder, f"{split}_cases.png")

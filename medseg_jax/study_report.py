@@ -31,11 +31,7 @@ def per_case(info: dict, cls: str, metric: str) -> dict[str, float]:
 
 def class_mean(info: dict, metric: str) -> dict[str, float]:
     """Per case, the mean of ``metric`` over the classes scored in it (nan if none)."""
-    out = {}
-    for c in info["per_case"]:
-        values = [m[metric] for m in c["metrics"].values() if math.isfinite(m[metric])]
-        out[c["case"]] = float(np.mean(values)) if values else float("nan")
-    return out
+    return {c["case"]: evaluate.class_mean(c["metrics"], metric) for c in info["per_case"]}
 
 
 def results_csv(infos: list[dict]) -> str:
@@ -238,7 +234,7 @@ def _figures(infos: list[dict], folder: str) -> dict[str, str]:
 
 def case_rows(infos: list[dict]) -> list[dict]:
     """Views of the same best / median / worst test cases through every architecture."""
-    dice = [{c["case"]: evaluate.mean_dice(c["metrics"]) for c in i["per_case"]}
+    dice = [{c["case"]: evaluate.class_mean(c["metrics"]) for c in i["per_case"]}
             for i in infos]
     scores = {}
     for key in set.intersection(*(set(d) for d in dice)):
