@@ -35,3 +35,28 @@ def test_peak_flops_matches_whole_device_names():
     assert throughput.peak_flops("TPU v5p", "bfloat16") == 459e12
     assert throughput.peak_flops("TPU v5 lite", "bfloat16") == 197e12
     assert throughput.peak_flops("cpu", "float32") is None
+
+
+def test_the_tool_sets_the_configs_xla_cpu_flags_as_training_does(tmp_path):
+    """`train.xla_cpu_ynn=False` (the recipe configs) changes the CPU step's speed: the tool
+    must time what training runs, so it sets the flag before the backend starts too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = ["--config.data.synthetic_cases=3", "--config.data.synthetic_size=16",
+            "--config.data.synthetic_depth=4", "--config.data.image_size=(16,16)",
+            "--config.model.base_features=4", "--config.model.depth=3",
+            "--config.train.batch_size=4", "--config.eval.batch_size=4",
+            f"--config.train.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "medseg_jax.tools.throughput", "--config=configs/unet.py",
+         *tiny, "--config.train.xla_cpu_ynn=False", "--parts=train", "--steps=1",
+         "--warmup=0", f"--workdir={tmp_path}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (train.xla_cpu_ynn=False)" \
+        in out.stdout

@@ -267,6 +267,10 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     print("command: " + " ".join([os.path.basename(sys.executable), "-m",
                                   "medseg_jax.tools.throughput"] + sys.argv[1:]))
+    from medseg_jax import sharding  # noqa: PLC0415
+
+    if sharding.set_cpu_flags(FLAGS.config):  # as a training run would, before the backend
+        print(f"XLA_FLAGS={os.environ['XLA_FLAGS']} (train.xla_cpu_ynn=False)")
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="throughput_")
     try:
         run(FLAGS.config, workdir, FLAGS.steps, FLAGS.warmup, FLAGS.parts)
