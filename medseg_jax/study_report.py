@@ -90,7 +90,7 @@ def protocol(c: dict, seed: int) -> str:
     epochs = f"at most {t['num_epochs']} epochs" + (
         f" of {t['steps_per_epoch']} steps" if t.get("steps_per_epoch") else "")
     if t.get("budget_minutes"):
-        epochs += f" (fitted to {t['budget_minutes']:g} min per run)"
+        epochs += f" (fitted to {t['budget_minutes']:.3g} min per run)"
     stop = (f"early stopping on validation loss (patience {t['patience']})"
             if t["patience"] > 0 else "no early stopping")
     if d.get("plan") == "auto":
