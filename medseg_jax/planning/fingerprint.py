@@ -2,7 +2,8 @@
 foreground intensities of the training cases, and their statistics.
 
 ``case_record`` describes one case from its arrays (or, for
-``planning.dataset_fingerprint``, from its NIfTI header alone); ``fingerprint`` summarises the records.
+``planning.dataset_fingerprint``, from its NIfTI header alone); ``fingerprint``
+summarises the records.
 """
 
 from __future__ import annotations
