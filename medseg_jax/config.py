@@ -113,6 +113,10 @@ def default_config() -> ml_collections.ConfigDict:
     # are measured before training and num_epochs is set so that the run fits (recorded
     # in config.json; a resumed run keeps it).
     train.budget_minutes = 0.0
+    # Validate on at most this many samples (2D slices or 3D patches) of the validation
+    # split, evenly spaced over it (0: all). nnU-Net scores 50 batches per epoch; every
+    # slice of a large CT split can cost as much as the epoch's training.
+    train.val_max_samples = 0
     train.patience = 8  # early stopping on validation loss, in epochs (0: off)
     train.min_delta = 0.0
     train.init_from = ""  # another run's workdir: start from its best checkpoint (transfer)
@@ -210,6 +214,7 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.train.lr_schedule = "poly"
     config.train.steps_per_epoch = 250
     config.train.patience = 0
+    config.train.val_max_samples = 2048  # more than Hippocampus or HC18 have
     config.eval.tta = True
     config.augment = nnunet_augment_config(config.model.spatial_dims)
     config.train.xla_cpu_ynn = False  # faster convolutions on the CPU (no effect elsewhere)
@@ -294,6 +299,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.foreground_fraction: {config.data.foreground_fraction} "
             "is not in [0, 1]")
+    if int(config.train.get("val_max_samples", 0)) < 0:
+        raise ValueError("config.train.val_max_samples: must be >= 0 (0: all), got "
+                         f"{config.train.val_max_samples}")
     if int(config.train.freeze_encoder_epochs) < 0:
         raise ValueError("config.train.freeze_encoder_epochs: must be >= 0, got "
                          f"{config.train.freeze_encoder_epochs}")

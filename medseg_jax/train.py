@@ -120,12 +120,18 @@ def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0):
     return train, evaluate
 
 
+def _val_indices(samples: cache.Samples, config) -> np.ndarray | None:
+    return loader.evenly_spaced(len(samples), config.train.get("val_max_samples", 0))
+
+
 def validate(eval_fn, state, samples: cache.Samples, config, mesh) -> dict:
-    """Validation loss and Dice (counts summed over the whole split, divided once)."""
+    """Validation loss and Dice (counts summed over the split, or over its
+    ``train.val_max_samples`` evenly spaced samples, divided once)."""
     loss_sum, n, counts = 0.0, 0.0, 0.0
     for batch in loader.padded_batches(samples.images, samples.labels,
                                        config.eval.batch_size, jax.process_index(),
-                                       jax.process_count(), samples.annotated):
+                                       jax.process_count(), samples.annotated,
+                                       _val_indices(samples, config)):
         out = eval_fn(state, sharding.to_global(batch, mesh))
         loss_sum, n, counts = loss_sum + out["loss_sum"], n + out["n"], counts + out["counts"]
     loss_sum, n, counts = jax.device_get((loss_sum, n, counts))
@@ -253,11 +259,13 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
     workdir_lib.write_config(config, workdir)
     planning.write(plan, workdir)
     total_steps = steps_per_epoch * config.train.num_epochs
-    logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples of "
-                 "shape %s x %d channel(s); %d classes %s",
+    n_val = _val_indices(val_samples, config)
+    logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples "
+                 "(%s validated per epoch) of shape %s x %d channel(s); %d classes %s",
                  *(len(dataset.splits[s]) for s in dataset_lib.SPLITS), len(train_samples),
                  "volumes" if isinstance(train_samples, cache.Volumes) else "samples",
-                 len(val_samples), tuple(config.data.image_size), dataset.num_channels,
+                 len(val_samples), "all" if n_val is None else len(n_val),
+                 tuple(config.data.image_size), dataset.num_channels,
                  dataset.num_classes, dataset.labels)
 
     model = state_lib.build_model(config, dataset.num_classes)
@@ -355,7 +363,8 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     step_s = (time.time() - t_step) / (len(batches) - 1)
     val = list(loader.padded_batches(val_samples.images, val_samples.labels,
                                      config.eval.batch_size, jax.process_index(),
-                                     jax.process_count(), val_samples.annotated))
+                                     jax.process_count(), val_samples.annotated,
+                                     _val_indices(val_samples, config)))
     jax.block_until_ready(eval_fn(state, sharding.to_global(val[0], mesh)))  # compiles
     t_val = time.time()
     timed = val[1:4] or val[:1]

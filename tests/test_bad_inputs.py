@@ -159,6 +159,10 @@ def _overlap(data, run):
     return {"eval.sw_overlap": 1.0}, ["config.eval.sw_overlap", "1.0 is not in [0, 1)"]
 
 
+def _val_subset(data, run):
+    return {"train.val_max_samples": -1}, ["config.train.val_max_samples", "must be >= 0"]
+
+
 CASES = {
     "truncated NIfTI": _truncate, "unreadable NIfTI": _garbage,
     "image/label shape mismatch": _shape, "image/label affine mismatch": _affine,
@@ -166,6 +170,7 @@ CASES = {
     "split with no cases": _empty_split, "batch size vs devices": _batch,
     "unknown model": _model, "workdir of another config": _other_run,
     "unknown in-plane mode": _in_plane, "sliding-window overlap": _overlap,
+    "negative validation subset": _val_subset,
 }
 
 

@@ -102,6 +102,18 @@ def test_padded_batches_mask_the_padding():
     assert sum(b["mask"].sum() for b in batches) == 10
 
 
+def test_a_validation_subset_is_evenly_spaced_and_padded():
+    assert loader.evenly_spaced(10, 0) is None and loader.evenly_spaced(10, 10) is None
+    np.testing.assert_array_equal(loader.evenly_spaced(10, 4), [0, 2, 5, 7])
+    np.testing.assert_array_equal(loader.evenly_spaced(8832, 2048)[-3:], [8819, 8823, 8827])
+    assert len(np.unique(loader.evenly_spaced(8832, 2048))) == 2048
+    images = np.arange(10, dtype=np.float32).reshape(10, 1)
+    batches = list(loader.padded_batches(images, None, 3, indices=loader.evenly_spaced(10, 4)))
+    np.testing.assert_array_equal(np.concatenate([b["image"][:, 0] for b in batches]),
+                                  [0, 2, 5, 7, 0, 0])
+    np.testing.assert_array_equal(batches[-1]["mask"], [1, 0, 0])
+
+
 def test_missing_root_is_named(tmp_path):
     from conftest import tiny_config
 

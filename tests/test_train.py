@@ -11,6 +11,7 @@ from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, losses, metrics, sharding, train
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import loader
 
 
 def _batch(config, n=8, seed=0):
@@ -321,3 +322,11 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
     for c in range(1, dataset.num_classes):
         expected = metrics.dice(pred == c, gt == c)
         np.testing.assert_allclose(out["val_dice_per_class"][c - 1], expected, rtol=1e-6)
+    # train.val_max_samples: the same over an evenly spaced subset (3 of 8 rows padded)
+    config.train.val_max_samples = n_sub = len(val) // 8 * 8 - 3
+    sub = train.validate(eval_fn, state, val, config, mesh)
+    idx = loader.evenly_spaced(len(val), n_sub)
+    assert len(idx) == n_sub and sub["val_dice"] != out["val_dice"]
+    for c in range(1, dataset.num_classes):
+        expected = metrics.dice(pred[idx] == c, gt[idx] == c)
+        np.testing.assert_allclose(sub["val_dice_per_class"][c - 1], expected, rtol=1e-6)

@@ -249,19 +249,31 @@ def train_batches(samples: Samples, order: np.ndarray, process_index: int,
 
 def padded_batches(images: np.ndarray, labels: np.ndarray | None, batch_size: int,
                    process_index: int = 0, process_count: int = 1,
-                   annotated: np.ndarray | None = None) -> Iterator[dict]:
-    """Fixed-size batches over all samples, the last padded; ``mask`` marks real rows
-    (``annotated``: (N, K) classes annotated per sample, for partial labels)."""
-    n = len(images)
+                   annotated: np.ndarray | None = None,
+                   indices: np.ndarray | None = None) -> Iterator[dict]:
+    """Fixed-size batches over all samples (or over ``indices``, in their order), the last
+    padded; ``mask`` marks real rows (``annotated``: (N, K) classes annotated per sample,
+    for partial labels)."""
+    order = np.arange(len(images)) if indices is None else np.asarray(indices, np.int64)
+    n = len(order)
     local = batch_size // process_count
     for start in range(0, n, batch_size):
         rows = slice(process_index * local, (process_index + 1) * local)
-        idx = np.arange(start, start + batch_size)[rows]
-        real = idx < n
-        idx = np.where(real, idx, 0)
+        pos = np.arange(start, start + batch_size)[rows]
+        real = pos < n
+        idx = order[np.where(real, pos, 0)]
         batch = {"image": np.asarray(images[idx]), "mask": real.astype(np.float32)}
         if labels is not None:
             batch["label"] = np.asarray(labels[idx])
         if annotated is not None:
             batch["annotated"] = np.asarray(annotated[idx], np.float32)
         yield batch
+
+
+def evenly_spaced(n: int, max_samples: int) -> np.ndarray | None:
+    """Indices of at most ``max_samples`` of ``n`` samples, evenly spaced over the split
+    (so over its cases, which are stored one after the other), in order; None (all of
+    them) when ``max_samples`` is 0 or at least ``n``."""
+    if max_samples <= 0 or max_samples >= n:
+        return None
+    return (np.arange(max_samples) * n) // max_samples
