@@ -136,9 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
     # image per epoch), beside metrics.jsonl: `tensorboard --logdir runs`.
     train.tensorboard = True
     train.compilation_cache_dir = "~/.cache/medseg_jax/jit"  # empty: off
-    # False: XLA:CPU without its YNNPACK convolution fusions, 1.4-1.5x faster training on
-    # the CPU here (README "Performance"); numbers change in the last bits. Set once, at
-    # the start of the process (python -m medseg_jax.main), for jaxlib >= 0.10.
+    # False: XLA:CPU's YNNPACK fusions for reductions only, not convolutions: 1.4-1.9x
+    # faster training on the CPU here (README "Performance"); numbers change in the last
+    # bits. Set once, at the start of the process (python -m medseg_jax.main), jaxlib >= 0.10.
     train.xla_cpu_ynn = True
 
     config.augment = default_augment_config()

@@ -113,6 +113,7 @@ def test_cpu_flags_from_the_config(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
     assert sharding.set_cpu_flags(recipe(default_config()))
     assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                                       "--xla_cpu_experimental_ynn_fusion_type=")
+                                       "--xla_cpu_experimental_ynn_fusion_type="
+                                       "LIBRARY_FUSION_TYPE_REDUCE")
     assert sharding.set_cpu_flags(recipe(default_config()))  # not added twice
     assert os.environ["XLA_FLAGS"].count("ynn") == 1
