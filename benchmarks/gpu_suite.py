@@ -160,8 +160,9 @@ def time_to_accuracy_overrides(opts: dict, dry: bool) -> dict:
 
 
 def make_plan(opts: dict) -> dict:
-    """Stages, their items and time limits: env a fixed minute (half on a GPU), the
-    selected others their nominal shares scaled to what is left of ``total_s``."""
+    """Stages, their items and time limits: env a fixed 30 s on a GPU (``DRY_ENV_S`` in a
+    dry run), the selected others their nominal shares scaled to what is left of
+    ``total_s``."""
     dry = opts["dry_run"]
     env_limit = DRY_ENV_S if dry else 30.0
     nominal = dict(zip(STAGES[1:], (40, 120, 120, 90, 90) if dry else (40, 170, 110, 70, 120)))
