@@ -61,6 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
     # drawn among those the case or slice holds, then one of its voxels: nnU-Net's).
     data.oversample = "foreground"
     data.num_workers = 0  # grain worker processes (0: read in the main process)
+    # Left / right organ pairs (data/laterality.py): a mirrored training sample and a
+    # mirrored TTA prediction exchange their labels, as a mirrored patient's would be.
+    # "auto": the pairs named so in dataset.json (LeftParotid / RightParotid,
+    # Kidney_L / Kidney_R, ...); "none": mirrors keep the labels; or values "3:4,5:6".
+    data.lateral_pairs = "auto"
     # Plans from the data, as nnU-Net makes them (medseg_jax/planning): "auto" fills the
     # fields left "to the plan" (image_size (), target_spacing (), train.batch_size 0,
     # model.base_features 0, model.depth 0, model.max_features 0) from the training
@@ -149,7 +154,9 @@ def default_config() -> ml_collections.ConfigDict:
     ev.split = "test"
     ev.checkpoint = "best"  # best | latest | a step number
     ev.sw_overlap = 0.5  # sliding window: overlap of neighbouring patches (0 to <1)
-    ev.tta = False  # test-time augmentation: average the softmax over all axis flips
+    # Test-time augmentation: average the softmax over every combination of the axes
+    # training mirrors (augment.flip_axes; empty: all).
+    ev.tta = False
     # Post-processing of the label maps: "" (none) or "largest" (per class, only its
     # largest connected component; nnU-Net's). Choose it on the validation split
     # (--config.eval.split=val), never on the test split.

@@ -30,6 +30,7 @@ from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
 from medseg_jax import fileio, models, planning, sharding
 from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import augment, laterality
 from medseg_jax.data import dataset as dataset_lib
 
 
@@ -115,26 +116,36 @@ def predict_step(state: TrainState, images):
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def flip_axes(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Every subset of the spatial axes of a (B, *spatial, C) batch, () first."""
-    axes = range(1, spatial_dims + 1)
-    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
+def flip_axes(spatial_dims: int, spatial_axes=None) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a (B, *spatial, C) batch, () first; only of
+    ``spatial_axes`` (0-based, batch not counted) when given."""
+    axes = [a + 1 for a in (range(spatial_dims) if spatial_axes is None else spatial_axes)]
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def _tta_predict_step(state, images, flips: tuple[tuple[int, ...], ...]):
+def _tta_predict_step(state, images, flips: tuple[tuple[int, ...], ...],
+                      swap: tuple[int, ...] | None = None):
     total = 0.0
     for axes in flips:
         probs = predict_step(state, jnp.flip(images, axes) if axes else images)
-        total = total + (jnp.flip(probs, axes) if axes else probs)
+        if axes:
+            probs = jnp.flip(probs, axes)
+            if swap is not None and len(axes) % 2:  # a mirror: left and right exchanged
+                probs = probs[..., list(swap)]
+        total = total + probs
     return total / len(flips)
 
 
-def make_predict_fn(config, mesh, tta: bool | None = None):
+def make_predict_fn(config, mesh, tta: bool | None = None,
+                    swap: tuple[int, ...] | None = None):
     """Jitted ``(state, images) -> softmax``, averaged over flips when ``tta`` (default:
-    ``eval.tta``)."""
+    ``eval.tta``): every combination of the axes training mirrored (``augment.flip_axes``,
+    empty: all). ``swap``: the label permutation of a mirror (``data/laterality.py``); the
+    probabilities of a mirrored input have their left / right channels exchanged back."""
     tta = config.eval.tta if tta is None else tta
-    flips = tuple(flip_axes(config.model.spatial_dims)) if tta else ((),)
-    return jax.jit(functools.partial(_tta_predict_step, flips=flips),
+    dims = config.model.spatial_dims
+    flips = tuple(flip_axes(dims, augment.mirror_axes(config.augment, dims))) if tta else ((),)
+    return jax.jit(functools.partial(_tta_predict_step, flips=flips, swap=swap),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                    out_shardings=sharding.batch_sharded(mesh))
 
@@ -208,5 +219,6 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
         step, state, meta = checkpointer.restore_chosen(which, abstract)
     finally:
         checkpointer.close()
+    swap = laterality.label_permutation(config, dataset.labels, dataset.num_classes)
     return Run(config, workdir, mesh, plans, dataset, model, state, step,
-               meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh))
+               meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh, swap=swap))

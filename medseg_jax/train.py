@@ -48,22 +48,25 @@ from medseg_jax import (evaluate, fileio, inference, losses, metrics, planning, 
 from medseg_jax import events as events_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
-from medseg_jax.data import augment, cache, loader
+from medseg_jax.data import augment, cache, laterality, loader
 from medseg_jax.data import dataset as dataset_lib
 from medseg_jax.models import count_params
 
 
 def train_step(state: state_lib.TrainState, batch: dict, *, config, num_classes: int,
-               freeze_steps: int = 0):
+               freeze_steps: int = 0, swap: tuple[int, ...] | None = None):
     """One optimizer step on a global batch: on-device augmentation, Dice + CE (plus the
     coarser outputs with ``model.deep_supervision``).
 
     For the first ``freeze_steps`` steps the encoder stays fixed (transfer learning).
+    ``swap``: the left / right label permutation a mirrored sample takes (laterality).
     """
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
-    images, labels = augment.augment_batch(aug_rng, batch["image"], batch["label"],
-                                           config.augment)
+    annotated = batch.get("annotated")
+    images, labels, *rest = augment.augment_batch(aug_rng, batch["image"], batch["label"],
+                                                  config.augment, swap, annotated)
+    annotated = rest[0] if rest else None
 
     deep = bool(config.model.get("deep_supervision", False))
 
@@ -77,7 +80,7 @@ def train_step(state: state_lib.TrainState, batch: dict, *, config, num_classes:
         loss = losses.supervised_loss(logits, labels, num_classes,
                                       dice_weight=config.train.dice_weight,
                                       ce_weight=config.train.ce_weight, aux=aux,
-                                      annotated=batch.get("annotated"))
+                                      annotated=annotated)
         return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -108,11 +111,12 @@ def eval_step(state: state_lib.TrainState, batch: dict, *, config, num_classes: 
     return {"loss_sum": loss * mask.sum(), "n": mask.sum(), "counts": jnp.stack(counts)}
 
 
-def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0):
+def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0,
+              swap: tuple[int, ...] | None = None):
     repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     train = jax.jit(
         functools.partial(train_step, config=config, num_classes=num_classes,
-                          freeze_steps=freeze_steps),
+                          freeze_steps=freeze_steps, swap=swap),
         in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
     evaluate = jax.jit(
         functools.partial(eval_step, config=config, num_classes=num_classes),
@@ -244,6 +248,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool
 def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = False):
     workdir_lib.check_config(config, workdir)
     dataset, _, samples = cache.prepare(config, workdir)
+    pairs = laterality.parse_pairs(config.data.lateral_pairs, dataset.labels)
+    swap = laterality.permutation(pairs, dataset.num_classes)
+    if pairs:
+        logging.info("Left / right label pairs, exchanged in mirrored training samples and "
+                     "flip TTA (data.lateral_pairs): %s",
+                     laterality.describe(pairs, dataset.labels))
     train_samples, val_samples = samples["train"], samples["val"]
     batch = config.train.batch_size
     if isinstance(train_samples, cache.Volumes):  # patches covering the data once
@@ -299,7 +309,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
 
     freeze_steps = (config.train.freeze_encoder_epochs * steps_per_epoch
                     if config.train.init_from else 0)
-    train_fn, eval_fn = jit_steps(config, mesh, dataset.num_classes, freeze_steps)
+    train_fn, eval_fn = jit_steps(config, mesh, dataset.num_classes, freeze_steps, swap)
     start_epoch = meta["epoch"] + 1
     if meta["stopped"] or start_epoch >= config.train.num_epochs:
         logging.info("Training already finished (epoch %d, stopped early: %s)",
@@ -348,7 +358,8 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     model = state_lib.build_model(config, num_classes)
     shape = (batch, *config.data.image_size, dataset.num_channels)
     state = state_lib.init_state(config, model, shape, steps_per_epoch, mesh)
-    train_fn, eval_fn = jit_steps(config, mesh, num_classes)
+    train_fn, eval_fn = jit_steps(config, mesh, num_classes, swap=laterality.label_permutation(
+        config, dataset.labels, num_classes))
     host = loader.epoch_batches(train_samples, config, 0, 4)
     batches = [sharding.to_global(b, mesh) for b in host]
     host.close()

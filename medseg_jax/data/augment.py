@@ -321,6 +321,12 @@ def _axes(cfg: Any, name: str, ndim: int) -> tuple[int, ...]:
     return tuple(sorted({a % ndim for a in axes}))
 
 
+def mirror_axes(cfg: Any, ndim: int) -> tuple[int, ...]:
+    """The spatial axes training mirrors (``flip_axes``; empty: all), 0-based, sorted;
+    test-time augmentation flips the same ones."""
+    return _axes(cfg, "flip_axes", ndim)
+
+
 def _lerp(u: jax.Array, bounds: Sequence[float]) -> jax.Array:
     """Map ``u`` in [0, 1) to [lo, hi) (exactly ``lo`` when lo == hi)."""
     lo, hi = (float(v) for v in bounds)
@@ -416,8 +422,9 @@ def _gamma(x: jax.Array, gamma: jax.Array, axes: tuple[int, ...], retain_stats: 
 
 def _augment_geometry(
     u: jax.Array, image: jax.Array, label: jax.Array, cfg: Any
-) -> tuple[jax.Array, jax.Array]:
-    """Rotation, scaling and flips for one sample: image (*spatial, C), label (*spatial)."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotation, scaling and flips for one sample: image (*spatial, C), label (*spatial),
+    and whether the sample was mirrored (an odd number of axes flipped)."""
     shape = label.shape
     ndim = len(shape)
     p_rotate, p_scale, p_flip = (float(_get(cfg, n)) for n in ("p_rotate", "p_scale", "p_flip"))
@@ -435,8 +442,9 @@ def _augment_geometry(
         flips = (u[_U_FLIPS][:ndim] < p_flip) & allowed
         flipped_image = _flip_where(image, flips, flip_axes)
         flipped_label = _flip_where(label, flips, flip_axes)
+    mirrored = jnp.sum(flips) % 2 == 1
     if p_rotate <= 0 and p_scale <= 0:
-        return flipped_image, flipped_label
+        return flipped_image, flipped_label, mirrored
 
     do_rot = u[_U_ROT] < p_rotate
     angles = _lerp(u[_U_ANGLES][: 1 if ndim == 2 else 3], _as_range(_get(cfg, "rotate_degrees")))
@@ -462,7 +470,7 @@ def _augment_geometry(
     # Samples without rotation or scaling: the exact flip (or the input itself).
     resample = do_rot | do_scale
     return (jnp.where(resample, warped_image, flipped_image),
-            jnp.where(resample, warped_label.astype(label.dtype), flipped_label))
+            jnp.where(resample, warped_label.astype(label.dtype), flipped_label), mirrored)
 
 
 def _augment_intensity(
@@ -530,8 +538,9 @@ def _augment_intensity(
 
 
 def augment_batch(
-    rng: jax.Array, images: jax.Array, labels: jax.Array, cfg: Any
-) -> tuple[jax.Array, jax.Array]:
+    rng: jax.Array, images: jax.Array, labels: jax.Array, cfg: Any,
+    swap: Sequence[int] | None = None, annotated: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
     """Randomly augment a batch on device (jittable, vmapped over the batch).
 
     Args:
@@ -540,12 +549,17 @@ def augment_batch(
       labels: (B, *spatial) integer class labels.
       cfg: a ``ConfigDict`` (or any object with attributes) with the fields of
         ``default_augment_config``; missing fields take their defaults.
+      swap: the label permutation of a mirror (``data/laterality.py``: left and right
+        organs exchange values in a sample flipped along an odd number of axes), or
+        None (labels keep their values).
+      annotated: (B, num_classes) per-case flags of the annotated classes (partial
+        labels), permuted with the labels; None when the data set has none.
 
     Returns:
-      ``(images, labels)`` with the input shapes and dtypes.
+      ``(images, labels)`` with the input shapes and dtypes, and ``annotated`` when given.
     """
     if not _get(cfg, "enabled"):
-        return images, labels
+        return (images, labels) if annotated is None else (images, labels, annotated)
     ndim = labels.ndim - 1
     if ndim not in (2, 3):
         raise ValueError(f"labels must be (B, H, W) or (B, D, H, W), got shape {labels.shape}")
@@ -570,7 +584,15 @@ def augment_batch(
         noise = noise[:, :n_vox].reshape(images.shape)
 
     def one(u_i, extra_i, noise_i, image, label):
-        image, label = _augment_geometry(u_i, image, label, cfg)
-        return _augment_intensity(u_i, extra_i, noise_i, image, cfg), label
+        image, label, mirrored = _augment_geometry(u_i, image, label, cfg)
+        return _augment_intensity(u_i, extra_i, noise_i, image, cfg), label, mirrored
 
-    return jax.vmap(one)(u, extra, noise, images, labels)
+    images, labels, mirrored = jax.vmap(one)(u, extra, noise, images, labels)
+    if swap is not None:
+        perm = jnp.asarray(swap, labels.dtype)
+        flag = mirrored.reshape((batch,) + (1,) * (labels.ndim - 1))
+        labels = jnp.where(flag, perm[labels], labels)
+        if annotated is not None:
+            annotated = jnp.where(mirrored[:, None], annotated[:, jnp.asarray(swap)],
+                                  annotated)
+    return (images, labels) if annotated is None else (images, labels, annotated)
