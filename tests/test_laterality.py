@@ -153,3 +153,31 @@ def test_tta_swaps_the_channels_of_mirrored_predictions():
     only_1 = np.asarray(state_lib.make_predict_fn(config, mesh)(state, x))
     np.testing.assert_allclose(only_1, plain, atol=1e-6)
     assert state_lib.flip_axes(2, (1,)) == [(), (2,)]
+
+
+def test_train_step_swaps_labels_and_annotation_flags_of_mirrored_samples(make_tiny_config):
+    """A step on a batch mirrored with the swap costs what the step on the swapped labels
+    costs without it (flip and permutation commute): the annotation flags travel too."""
+    from medseg_jax import train
+
+    config = make_tiny_config(**{"augment.enabled": True})
+    for p in ("p_rotate", "p_scale", "p_brightness", "p_contrast", "p_gamma", "p_noise"):
+        config.augment[p] = 0.0
+    config.augment.p_flip, config.augment.flip_axes = 1.0, (0,)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    model = state_lib.build_model(config, 3)
+    state = state_lib.init_state(config, model, (8, 16, 16, 1), 10, mesh)
+    rng = np.random.default_rng(0)
+    labels = np.zeros((8, 16, 16), np.int32)
+    labels[:, 2:6, 3:9], labels[:, 10:14, 5:12] = 1, 2
+    images = rng.normal(size=(8, 16, 16, 1)).astype(np.float32) + labels[..., None]
+    annotated = np.tile(np.array([[1, 1, 0]], np.float32), (8, 1))  # organ 2 not contoured
+    batch = {"image": images, "label": labels, "annotated": annotated}
+    swapped = {"image": images, "label": np.asarray(SWAP)[labels],
+               "annotated": annotated[:, list(SWAP)]}
+    step = functools.partial(train.train_step, config=config, num_classes=3)
+    _, with_swap = jax.jit(functools.partial(step, swap=SWAP))(state, batch)
+    _, reference = jax.jit(step)(state, swapped)
+    _, plain = jax.jit(step)(state, batch)
+    np.testing.assert_allclose(float(with_swap["loss"]), float(reference["loss"]), rtol=1e-6)
+    assert abs(float(with_swap["loss"]) - float(plain["loss"])) > 1e-3
