@@ -107,4 +107,3 @@ def label_permutation(config, labels: Mapping[int, str], num_classes: int):
     """The run's mirror permutation from ``config.data.lateral_pairs`` (None: no pairs)."""
     spec = config.data.get("lateral_pairs", "auto")
     return permutation(parse_pairs(spec, labels), num_classes)
-
