@@ -155,7 +155,7 @@ def default_config() -> ml_collections.ConfigDict:
     ev.checkpoint = "best"  # best | latest | a step number
     ev.sw_overlap = 0.5  # sliding window: overlap of neighbouring patches (0 to <1)
     # Test-time augmentation: average the softmax over every combination of the axes
-    # training mirrors (augment.flip_axes; empty: all).
+    # training mirrors (augment.flip_axes, empty: all; none with augment.p_flip = 0).
     ev.tta = False
     # Post-processing of the label maps: "" (none) or "largest" (per class, only its
     # largest connected component; nnU-Net's). Choose it on the validation split

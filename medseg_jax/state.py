@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax.training import train_state
 
 from medseg_jax import checkpoint as ckpt_lib
@@ -145,6 +146,9 @@ def make_predict_fn(config, mesh, tta: bool | None = None,
     tta = config.eval.tta if tta is None else tta
     dims = config.model.spatial_dims
     flips = tuple(flip_axes(dims, augment.mirror_axes(config.augment, dims))) if tta else ((),)
+    if tta and len(flips) == 1:
+        logging.warning("eval.tta: training mirrors no axis (augment.enabled / p_flip), so "
+                        "test-time augmentation has no flip to average; predicting once")
     return jax.jit(functools.partial(_tta_predict_step, flips=flips, swap=swap),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                    out_shardings=sharding.batch_sharded(mesh))

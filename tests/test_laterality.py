@@ -153,6 +153,12 @@ def test_tta_swaps_the_channels_of_mirrored_predictions():
     only_1 = np.asarray(state_lib.make_predict_fn(config, mesh)(state, x))
     np.testing.assert_allclose(only_1, plain, atol=1e-6)
     assert state_lib.flip_axes(2, (1,)) == [(), (2,)]
+    # Training without mirrors: nothing to average (nnU-Net's no-mirroring trainers).
+    assert augment.mirror_axes(config.augment, 2) == (1,)
+    config.augment.p_flip = 0.0
+    assert augment.mirror_axes(config.augment, 2) == ()
+    config.augment.p_flip, config.augment.enabled = 0.5, False
+    assert augment.mirror_axes(config.augment, 2) == ()
 
 
 def test_train_step_swaps_labels_and_annotation_flags_of_mirrored_samples(make_tiny_config):

@@ -323,7 +323,10 @@ def _axes(cfg: Any, name: str, ndim: int) -> tuple[int, ...]:
 
 def mirror_axes(cfg: Any, ndim: int) -> tuple[int, ...]:
     """The spatial axes training mirrors (``flip_axes``; empty: all), 0-based, sorted;
-    test-time augmentation flips the same ones."""
+    none when augmentation or mirroring is off. Test-time augmentation flips the same
+    ones (as nnU-Net: its no-mirroring trainers predict without mirrors too)."""
+    if not _get(cfg, "enabled") or float(_get(cfg, "p_flip")) <= 0:
+        return ()
     return _axes(cfg, "flip_axes", ndim)
 
 
