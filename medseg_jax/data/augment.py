@@ -62,6 +62,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.scipy.ndimage import map_coordinates
 
+from medseg_jax.data import laterality
+
 _GAMMA_EPS = 1e-7
 _HIGHEST = jax.lax.Precision.HIGHEST  # small matrices: no TF32 on GPUs
 
@@ -592,10 +594,5 @@ def augment_batch(
 
     images, labels, mirrored = jax.vmap(one)(u, extra, noise, images, labels)
     if swap is not None:
-        perm = jnp.asarray(swap, labels.dtype)
-        flag = mirrored.reshape((batch,) + (1,) * (labels.ndim - 1))
-        labels = jnp.where(flag, perm[labels], labels)
-        if annotated is not None:
-            annotated = jnp.where(mirrored[:, None], annotated[:, jnp.asarray(swap)],
-                                  annotated)
+        labels, annotated = laterality.swap_mirrored(mirrored, swap, labels, annotated)
     return (images, labels) if annotated is None else (images, labels, annotated)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import jax.numpy as jnp
+
 _LEFT = {"left", "lt", "l", "links", "sinister", "sin"}
 _RIGHT = {"right", "rt", "r", "rechts", "dexter", "dex"}
 _SHORT = {"l", "r", "lt", "rt", "sin", "dex"}  # only as the first or the last word
@@ -107,3 +109,13 @@ def label_permutation(config, labels: Mapping[int, str], num_classes: int):
     """The run's mirror permutation from ``config.data.lateral_pairs`` (None: no pairs)."""
     spec = config.data.get("lateral_pairs", "auto")
     return permutation(parse_pairs(spec, labels), num_classes)
+
+
+def swap_mirrored(mirrored, perm, labels, annotated=None):
+    """``labels`` (B, *spatial) and ``annotated`` flags (B, K) (or None) with the pairs
+    exchanged in the samples that ``mirrored`` (B,) marks (jittable)."""
+    flag = mirrored.reshape(mirrored.shape + (1,) * (labels.ndim - 1))
+    labels = jnp.where(flag, jnp.asarray(perm, labels.dtype)[labels], labels)
+    if annotated is not None:
+        annotated = jnp.where(mirrored[:, None], annotated[:, jnp.asarray(perm)], annotated)
+    return labels, annotated
