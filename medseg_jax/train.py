@@ -248,7 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool
 def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = False):
     workdir_lib.check_config(config, workdir)
     dataset, _, samples = cache.prepare(config, workdir)
-    pairs = laterality.parse_pairs(config.data.lateral_pairs, dataset.labels)
+    pairs = laterality.parse_pairs(config.data.get("lateral_pairs", "auto"), dataset.labels)
     swap = laterality.permutation(pairs, dataset.num_classes)
     if pairs:
         logging.info("Left / right label pairs, exchanged in mirrored training samples and "
@@ -264,7 +264,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
     steps_per_epoch = config.train.steps_per_epoch or max(1, n_train // batch)
     if config.train.get("budget_minutes", 0):
         config = _fit_budget(config, workdir, mesh, dataset, train_samples, val_samples,
-                             steps_per_epoch)
+                             steps_per_epoch, swap)
     # Once the data are read: a failed start changes nothing.
     workdir_lib.write_config(config, workdir)
     planning.write(plan, workdir)
@@ -344,7 +344,7 @@ _BUDGET_STEPS = 6  # training steps timed (after the compiling one) for train.bu
 
 
 def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
-                steps_per_epoch: int):
+                steps_per_epoch: int, swap: tuple[int, ...] | None = None):
     """``config`` with ``train.num_epochs`` set so that training fits
     ``train.budget_minutes``: the run's earlier value when it resumes, else measured on a
     throw-away state (a few steps after compilation, and a few validation batches)."""
@@ -361,8 +361,7 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     model = state_lib.build_model(config, num_classes)
     shape = (batch, *config.data.image_size, dataset.num_channels)
     state = state_lib.init_state(config, model, shape, steps_per_epoch, mesh)
-    train_fn, eval_fn = jit_steps(config, mesh, num_classes, swap=laterality.label_permutation(
-        config, dataset.labels, num_classes))
+    train_fn, eval_fn = jit_steps(config, mesh, num_classes, swap=swap)
     # The timed steps read their batches as the loop does (host patches and the transfer
     # included): timing pre-made batches alone planned 10-25% too few seconds per step.
     host = loader.epoch_batches(train_samples, config, 0, 1 + _BUDGET_STEPS)

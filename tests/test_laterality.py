@@ -66,7 +66,7 @@ def _cfg(**overrides):
 
 
 def _sided_batch(batch=4):
-    """Label 1 on the low half of axis 0, label 2 on the high half; annotated rows differ."""
+    """Label 1 on the low half of axis 0, label 2 on the high half; organ 2 not annotated."""
     labels = np.zeros((batch, 8, 6), np.int32)
     labels[:, 1:3, 1:4], labels[:, 5:7, 2:5] = 1, 2
     images = np.random.default_rng(0).normal(size=(batch, 8, 6, 1)).astype(np.float32)
