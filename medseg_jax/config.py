@@ -157,9 +157,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Test-time augmentation: average the softmax over every combination of the axes
     # training mirrors (augment.flip_axes, empty: all; none with augment.p_flip = 0).
     ev.tta = False
-    # Post-processing of the label maps: "" (none) or "largest" (per class, only its
-    # largest connected component; nnU-Net's). Choose it on the validation split
-    # (--config.eval.split=val), never on the test split.
+    # Post-processing of the label maps (postprocess.py): "" (none), "largest" (every
+    # class keeps only its largest connected component; nnU-Net's), "largest:1,7" (those
+    # label values), "choose" (with eval.split=val: score each class with and without it,
+    # write the choice to <workdir>/postprocessing.json), "auto" (apply that choice).
+    # Choose on the validation split, never on the test split.
     ev.postprocess = ""
     ev.nsd_tolerance_mm = 1.0  # normalised surface Dice: surface distance counted as a hit
     ev.bootstrap_samples = 2000  # resamples for the 95% interval of each mean
@@ -242,7 +244,6 @@ _CHOICES = {
     "train.optimizer": ("adam", "sgd"),
     "train.transfer_guard": ("", "log", "disallow"),
     "eval.split": ("train", "val", "test"),
-    "eval.postprocess": ("", "largest"),
 }
 
 
@@ -255,6 +256,7 @@ def _get(config, dotted: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the fields that a run depends on; raises ValueError naming the field."""
+    from medseg_jax import postprocess  # noqa: PLC0415
     from medseg_jax.models import MODELS, layers, model_fields  # noqa: PLC0415 (jax)
 
     if config.model.name not in MODELS:
@@ -321,6 +323,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.eval.sw_overlap < 1.0:
         raise ValueError(
             f"config.eval.sw_overlap: {config.eval.sw_overlap} is not in [0, 1)")
+    postprocess.check_spec(config.eval.get("postprocess", ""))
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():
         raise ValueError(

@@ -9,8 +9,10 @@ the case's voxel spacing, so distances are in mm.
 
 Writes to the workdir, for a split ``<split>``:
 (``<split>_<checkpoint>_...`` for another checkpoint than the best, e.g.
-``test_step1500_metrics.json``, and ``..._largest_...`` with ``eval.postprocess``, so the
-best checkpoint's plain files stay)
+``test_step1500_metrics.json``, and ``..._largest_...`` / ``..._auto_...`` with
+``eval.postprocess``, so the best checkpoint's plain files stay; ``choose`` writes the
+validation split's plain, ``_largest`` and ``_auto`` files from one prediction pass and
+``postprocessing.json``, the choice per class)
 - ``<split>_metrics.json``   per case and aggregated (overall and per task)
 - ``<split>_metrics.md``     the table that is also printed
 - ``<split>_per_case.csv``   one row per case and class, every metric
@@ -32,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import fileio, inference, metrics, models, report
+from medseg_jax import fileio, inference, metrics, models, postprocess, report
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import nifti, preprocess
@@ -44,22 +46,38 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
              checkpoint: str | None = None) -> dict:
     """Evaluates a checkpoint of the run in ``workdir`` on a split; returns the results.
 
+    With ``eval.postprocess="choose"`` the post-processing is first chosen per class on
+    the validation split (``postprocess.py``), then the split is evaluated with that
+    choice (the validation results themselves when the split is "val").
     Holds the workdir's lock: a training run using the workdir makes it refuse.
     """
+    split = split or config.eval.split
     with workdir_lib.run_lock(workdir):
-        return _evaluate(config, workdir, split or config.eval.split, checkpoint)
+        if str(config.eval.get("postprocess", "")).strip() != "choose":
+            return _evaluate(config, workdir, split, checkpoint)
+        results = _evaluate(config, workdir, "val", checkpoint, choose=True)
+        if split == "val":
+            return results
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.eval.postprocess = "auto"
+        return _evaluate(config, workdir, split, checkpoint)
 
 
-def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
+def _evaluate(config, workdir: str, split: str, checkpoint: str | None,
+              choose: bool = False) -> dict:
     run = state_lib.restore_run(config, workdir, checkpoint)
-    config = run.config  # with the run's plan applied
+    spec = str(run.config.eval.get("postprocess", "")).strip()
+    config = ml_collections.ConfigDict(run.config.to_dict())  # with the run's plan applied
+    config.eval.postprocess = "" if choose else postprocess.resolve(spec, workdir, run.labels,
+                                                                     run.step)
+    run = dataclasses.replace(run, config=config)
     keys = run.dataset.splits[split]
     if not keys:
         raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases")
     logging.info("Evaluating the %s checkpoint (step %d, epoch %d) on %d %s cases%s", run.which,
                  run.step, run.epoch, len(keys), split, " with flip TTA" if config.eval.tta else "")
 
-    per_case, n_samples, t_predict, t_metrics = [], 0, 0.0, 0.0
+    per_case, largest, n_samples, t_predict, t_metrics = [], [], 0, 0.0, 0.0
     for key in keys:
         case = run.dataset.load(key)
         t0 = time.time()
@@ -69,12 +87,63 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
         ref, _ = run.dataset.refs[key]
         case_metrics = metrics.evaluate_case(pred, case.label, case.spacing, run.labels,
                                              config.eval.nsd_tolerance_mm, ref.annotated)
+        entry = {"case": key, "task": case.task, "spacing": [float(s) for s in case.spacing]}
+        per_case.append(dict(entry, metrics=case_metrics))
+        if choose:  # every class with its largest component only; unchanged ones reuse
+            kept = postprocess.largest_components(pred)
+            changed = {v: name for v, name in run.labels.items()
+                       if v and name in case_metrics and np.any((pred == v) != (kept == v))}
+            largest.append(dict(entry, metrics=dict(case_metrics, **metrics.evaluate_case(
+                kept, case.label, case.spacing, changed, config.eval.nsd_tolerance_mm,
+                ref.annotated))))
         t_predict, t_metrics, n_samples = t_predict + t1 - t0, t_metrics + time.time() - t1, \
             n_samples + n
-        per_case.append({"case": key, "task": case.task,
-                         "spacing": [float(s) for s in case.spacing],
-                         "metrics": case_metrics})
 
+    timing = {"seconds": t_predict + t_metrics, "predict_seconds": t_predict,
+              "metrics_seconds": t_metrics,
+              "cases_per_second": len(keys) / max(t_predict, 1e-9),
+              "network_inputs": n_samples}
+    prefix = split if run.which == "best" else (
+        f"{split}_step{run.step}" if run.which.isdigit() else f"{split}_{run.which}")
+    logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
+                 "%.1f s", len(keys), t_predict, timing["cases_per_second"], n_samples,
+                 t_metrics)
+    if not choose:
+        suffix = {"": "", "largest": "_largest"}.get(
+            config.eval.postprocess,
+            "_" + config.eval.postprocess.replace(":", "").replace(",", "-"))
+        label = config.eval.postprocess
+        if spec == "auto":
+            suffix, label = "_auto", f"auto ({config.eval.postprocess or 'none'})"
+        results = _report(run, split, prefix + suffix, per_case, timing, label)
+    else:
+        results = _report(run, split, prefix, per_case, timing, "")
+        _report(run, split, prefix + "_largest", largest, timing, "largest", figures=False)
+        choice = postprocess.choose(results["aggregate"]["all"],
+                                    _summarise(largest, config)["all"], run.labels)
+        chosen = [dict(c, metrics={name: (largest[i] if name in _names(choice) else c)
+                                   ["metrics"][name] for name in c["metrics"]})
+                  for i, c in enumerate(per_case)]
+        auto = _report(run, split, prefix + "_auto", chosen, timing,
+                       f"auto ({choice['spec'] or 'none'})", figures=False)
+        choice.update(split=split, checkpoint=run.which, step=run.step, epoch=run.epoch,
+                      tta=bool(config.eval.tta))
+        if jax.process_index() == 0:
+            path = postprocess.write_choice(workdir, choice)
+            table = postprocess.choice_table(choice)
+            print(table, flush=True)
+            logging.info("Post-processing chosen on the %s split: %s; wrote %s", split,
+                         choice["spec"] or "none", path)
+        results = dict(auto, postprocess_choice=choice)
+    return results
+
+
+def _names(choice: dict) -> set[str]:
+    return {name for name, row in choice["classes"].items() if row["largest"]}
+
+
+def _summarise(per_case: list[dict], config) -> dict:
+    """Aggregates over all cases, and per task when there are several."""
     def summarise(cases):
         return metrics.aggregate([c["metrics"] for c in cases], config.eval.bootstrap_samples,
                                  config.seed)
@@ -84,24 +153,24 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
     if len(tasks) > 1:
         for task in tasks:
             groups[task] = summarise([c for c in per_case if c["task"] == task])
+    return groups
+
+
+def _report(run: Run, split: str, prefix: str, per_case: list[dict], timing: dict,
+            postprocessing: str, figures: bool = True) -> dict:
+    """Aggregates, prints and writes one set of ``<prefix>_*`` files; returns the results."""
+    config, workdir = run.config, run.workdir
+    groups = _summarise(per_case, config)
     title = (f"{config.model.name}: {split} split, {run.which} checkpoint (step {run.step}, "
              f"epoch {run.epoch}){', flip TTA' if config.eval.tta else ''}"
-             + (f", post-processing: {config.eval.postprocess}"
-                if config.eval.get("postprocess") else ""))
+             + (f", post-processing: {postprocessing}" if postprocessing else ""))
     table = report.metrics_table(groups, title, config.eval.nsd_tolerance_mm)
     results = {"model": config.model.name, "split": split, "checkpoint": run.which,
                "step": run.step, "epoch": run.epoch, "tta": bool(config.eval.tta),
+               "postprocess": postprocessing, "applied": config.eval.postprocess,
                "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
                "params": models.count_params(run.state.params),
-               "aggregate": groups, "per_case": per_case,
-               "seconds": t_predict + t_metrics, "predict_seconds": t_predict,
-               "metrics_seconds": t_metrics,
-               "cases_per_second": len(keys) / max(t_predict, 1e-9),
-               "network_inputs": n_samples}
-    prefix = split if run.which == "best" else (
-        f"{split}_step{run.step}" if run.which.isdigit() else f"{split}_{run.which}")
-    if config.eval.get("postprocess", ""):
-        prefix += f"_{config.eval.postprocess}"
+               "aggregate": groups, "per_case": per_case, **timing}
     if jax.process_index() == 0:
         fileio.write_json_atomic(os.path.join(workdir, f"{prefix}_metrics.json"), results)
         fileio.write_text_atomic(os.path.join(workdir, f"{prefix}_metrics.md"), table)
@@ -110,10 +179,8 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None) -> dict:
         fileio.write_text_atomic(os.path.join(workdir, f"{prefix}_summary.csv"),
                                  report.summary_csv(groups))
     print(table, flush=True)
-    logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
-                 "%.1f s; wrote %s", len(keys), t_predict, results["cases_per_second"],
-                 n_samples, t_metrics, os.path.join(workdir, f"{prefix}_metrics.json"))
-    if config.eval.figures and jax.process_index() == 0:
+    logging.info("Wrote %s", os.path.join(workdir, f"{prefix}_metrics.json"))
+    if figures and config.eval.figures and jax.process_index() == 0:
         results["figures"] = write_figures(run, per_case, prefix)
     return results
 

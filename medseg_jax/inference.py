@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medseg_jax import sharding
+from medseg_jax import postprocess, sharding
 from medseg_jax.data import loader, nifti, preprocess
 
 
@@ -87,29 +87,10 @@ def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
 
 def label_map(probs: np.ndarray, config) -> np.ndarray:
     """The argmax of class probabilities (*spatial, K) as uint8 labels, post-processed as
-    ``eval.postprocess`` says: "largest" keeps, per class, only its largest connected
-    component (nnU-Net's post-processing, to be chosen on the validation split), the
-    voxels of the others becoming background."""
+    ``eval.postprocess`` says (``postprocess.py``: the largest connected component of all
+    or some classes; "auto" is resolved against the run's choice file before this)."""
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
-    if config.eval.get("postprocess", "") == "largest":
-        labels = largest_components(labels)
-    return labels
-
-
-def largest_components(labels: np.ndarray) -> np.ndarray:
-    """``labels`` with every class reduced to its largest face-connected component."""
-    from scipy import ndimage  # noqa: PLC0415
-
-    out = labels.copy()
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        components, n = ndimage.label(labels == value)
-        if n > 1:
-            sizes = np.bincount(components.ravel())
-            sizes[0] = 0
-            out[(components > 0) & (components != int(np.argmax(sizes)))] = 0
-    return out
+    return postprocess.apply(labels, config.eval.get("postprocess", ""))
 
 
 def predict_case(case: nifti.Case, plans: dict, config, state, predict_fn,

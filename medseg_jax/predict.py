@@ -22,10 +22,11 @@ import os
 import time
 
 import jax
+import ml_collections
 import nibabel as nib
 import numpy as np
 from absl import logging
-from medseg_jax import fileio, inference
+from medseg_jax import fileio, inference, postprocess
 from medseg_jax import state as state_lib
 from medseg_jax.data import decathlon, nifti
 
@@ -110,7 +111,9 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
             save_probabilities: bool = False) -> dict:
     """Predicts every case of ``input_path`` into ``output_dir``; returns a summary."""
     run = state_lib.restore_run(config, workdir)
-    config = run.config  # with the run's plan applied
+    config = ml_collections.ConfigDict(run.config.to_dict())  # with the run's plan applied
+    config.eval.postprocess = postprocess.resolve(config.eval.get("postprocess", ""), workdir,
+                                                  run.labels, run.step)
     info = _pick_task(run, task)
     inputs = find_inputs(input_path, len(info.modalities))
     writer = jax.process_index() == 0

@@ -43,8 +43,8 @@ from absl import logging
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import (evaluate, fileio, inference, losses, metrics, planning, report,
-                        sharding, transfer)
+from medseg_jax import (evaluate, fileio, inference, losses, metrics, planning,
+                        postprocess, report, sharding, transfer)
 from medseg_jax import events as events_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
@@ -590,5 +590,6 @@ class _Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if possible), then evaluates the best checkpoint."""
     with workdir_lib.run_lock(workdir):
+        postprocess.require_choice(config.eval.get("postprocess", ""), workdir)
         train(config, workdir)
         return evaluate.evaluate(config, workdir)
