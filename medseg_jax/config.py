@@ -159,9 +159,9 @@ def default_config() -> ml_collections.ConfigDict:
     ev.tta = False
     # Post-processing of the label maps (postprocess.py): "" (none), "largest" (every
     # class keeps only its largest connected component; nnU-Net's), "largest:1,7" (those
-    # label values), "choose" (with eval.split=val: score each class with and without it,
-    # write the choice to <workdir>/postprocessing.json), "auto" (apply that choice).
-    # Choose on the validation split, never on the test split.
+    # label values), "choose" (score each class of the validation split with and without
+    # it, keep it where it raises the class's Dice, write <workdir>/postprocessing.json,
+    # then evaluate eval.split with it), "auto" (apply that file's choice).
     ev.postprocess = ""
     ev.nsd_tolerance_mm = 1.0  # normalised surface Dice: surface distance counted as a hit
     ev.bootstrap_samples = 2000  # resamples for the 95% interval of each mean

@@ -53,27 +53,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
     """
     split = split or config.eval.split
     with workdir_lib.run_lock(workdir):
-        if str(config.eval.get("postprocess", "")).strip() != "choose":
-            return _evaluate(config, workdir, split, checkpoint)
-        results = _evaluate(config, workdir, "val", checkpoint, choose=True)
+        run = state_lib.restore_run(config, workdir, checkpoint)
+        mode = str(run.config.eval.get("postprocess", "")).strip()
+        if mode != "choose":
+            spec = postprocess.resolve(mode, workdir, run.labels, run.which, run.step)
+            if mode == "auto":
+                return _evaluate(run, split, spec, f"auto ({spec or 'none'})", "_auto")
+            return _evaluate(run, split, spec, spec, postprocess.suffix(spec))
+        results = _evaluate(run, "val", "", "", "", choose=True)
         if split == "val":
             return results
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.eval.postprocess = "auto"
-        return _evaluate(config, workdir, split, checkpoint)
+        spec = results["postprocess_choice"]["spec"]  # in memory: no process re-reads it
+        return _evaluate(run, split, spec, f"auto ({spec or 'none'})", "_auto")
 
 
-def _evaluate(config, workdir: str, split: str, checkpoint: str | None,
+def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
               choose: bool = False) -> dict:
-    run = state_lib.restore_run(config, workdir, checkpoint)
-    spec = str(run.config.eval.get("postprocess", "")).strip()
+    """One split with the resolved post-processing ``spec`` (``label`` for the titles,
+    ``suffix`` for the file names); ``choose`` also scores every class's largest
+    component and writes the choice."""
+    workdir = run.workdir
     config = ml_collections.ConfigDict(run.config.to_dict())  # with the run's plan applied
-    config.eval.postprocess = "" if choose else postprocess.resolve(spec, workdir, run.labels,
-                                                                     run.step)
+    config.eval.postprocess = spec
     run = dataclasses.replace(run, config=config)
     keys = run.dataset.splits[split]
     if not keys:
-        raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases")
+        raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases"
+                         + (" (config.eval.postprocess=choose chooses on it)" if choose else ""))
     logging.info("Evaluating the %s checkpoint (step %d, epoch %d) on %d %s cases%s", run.which,
                  run.step, run.epoch, len(keys), split, " with flip TTA" if config.eval.tta else "")
 
@@ -89,7 +95,7 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None,
                                              config.eval.nsd_tolerance_mm, ref.annotated)
         entry = {"case": key, "task": case.task, "spacing": [float(s) for s in case.spacing]}
         per_case.append(dict(entry, metrics=case_metrics))
-        if choose:  # every class with its largest component only; unchanged ones reuse
+        if choose:  # a class's metrics depend on its own mask only: unchanged ones are reused
             kept = postprocess.largest_components(pred)
             changed = {v: name for v, name in run.labels.items()
                        if v and name in case_metrics and np.any((pred == v) != (kept == v))}
@@ -109,33 +115,25 @@ def _evaluate(config, workdir: str, split: str, checkpoint: str | None,
                  "%.1f s", len(keys), t_predict, timing["cases_per_second"], n_samples,
                  t_metrics)
     if not choose:
-        suffix = {"": "", "largest": "_largest"}.get(
-            config.eval.postprocess,
-            "_" + config.eval.postprocess.replace(":", "").replace(",", "-"))
-        label = config.eval.postprocess
-        if spec == "auto":
-            suffix, label = "_auto", f"auto ({config.eval.postprocess or 'none'})"
-        results = _report(run, split, prefix + suffix, per_case, timing, label)
-    else:
-        results = _report(run, split, prefix, per_case, timing, "")
-        _report(run, split, prefix + "_largest", largest, timing, "largest", figures=False)
-        choice = postprocess.choose(results["aggregate"]["all"],
-                                    _summarise(largest, config)["all"], run.labels)
-        chosen = [dict(c, metrics={name: (largest[i] if name in _names(choice) else c)
-                                   ["metrics"][name] for name in c["metrics"]})
-                  for i, c in enumerate(per_case)]
-        auto = _report(run, split, prefix + "_auto", chosen, timing,
-                       f"auto ({choice['spec'] or 'none'})", figures=False)
-        choice.update(split=split, checkpoint=run.which, step=run.step, epoch=run.epoch,
-                      tta=bool(config.eval.tta))
-        if jax.process_index() == 0:
-            path = postprocess.write_choice(workdir, choice)
-            table = postprocess.choice_table(choice)
-            print(table, flush=True)
-            logging.info("Post-processing chosen on the %s split: %s; wrote %s", split,
-                         choice["spec"] or "none", path)
-        results = dict(auto, postprocess_choice=choice)
-    return results
+        return _report(run, split, prefix + suffix, per_case, timing, label, spec)
+    results = _report(run, split, prefix, per_case, timing, "", "")
+    every = _report(run, split, prefix + "_largest", largest, timing, "largest", "largest",
+                    figures=False)
+    choice = postprocess.choose(results["aggregate"]["all"], every["aggregate"]["all"],
+                                run.labels)
+    chosen = [dict(c, metrics={name: (largest[i] if name in _names(choice) else c)
+                               ["metrics"][name] for name in c["metrics"]})
+              for i, c in enumerate(per_case)]
+    auto = _report(run, split, prefix + "_auto", chosen, timing,
+                   f"auto ({choice['spec'] or 'none'})", choice["spec"], figures=False)
+    choice.update(split=split, checkpoint=run.which, step=run.step, epoch=run.epoch,
+                  tta=bool(config.eval.tta))
+    if jax.process_index() == 0:
+        path = postprocess.write_choice(workdir, choice)
+        print(postprocess.choice_table(choice), flush=True)
+        logging.info("Post-processing chosen on the %s split: %s; wrote %s", split,
+                     choice["spec"] or "none", path)
+    return dict(auto, postprocess_choice=choice, figures=results.get("figures"))
 
 
 def _names(choice: dict) -> set[str]:
@@ -157,7 +155,7 @@ def _summarise(per_case: list[dict], config) -> dict:
 
 
 def _report(run: Run, split: str, prefix: str, per_case: list[dict], timing: dict,
-            postprocessing: str, figures: bool = True) -> dict:
+            postprocessing: str, applied: str, figures: bool = True) -> dict:
     """Aggregates, prints and writes one set of ``<prefix>_*`` files; returns the results."""
     config, workdir = run.config, run.workdir
     groups = _summarise(per_case, config)
@@ -167,7 +165,7 @@ def _report(run: Run, split: str, prefix: str, per_case: list[dict], timing: dic
     table = report.metrics_table(groups, title, config.eval.nsd_tolerance_mm)
     results = {"model": config.model.name, "split": split, "checkpoint": run.which,
                "step": run.step, "epoch": run.epoch, "tta": bool(config.eval.tta),
-               "postprocess": postprocessing, "applied": config.eval.postprocess,
+               "postprocess": postprocessing, "applied": applied,
                "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
                "params": models.count_params(run.state.params),
                "aggregate": groups, "per_case": per_case, **timing}

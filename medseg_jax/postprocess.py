@@ -7,10 +7,14 @@ do so from its validation results. ``eval.postprocess`` says what is applied:
 - ``""``: nothing (the default);
 - ``"largest"``: every foreground class;
 - ``"largest:1,7"``: the classes with these label values only;
-- ``"choose"``: evaluation of a split other than test scores every class with and
-  without it from one prediction pass, keeps it for each class whose mean Dice it
-  raises, and writes the choice to ``<workdir>/postprocessing.json``;
-- ``"auto"``: what ``postprocessing.json`` says (evaluation and prediction).
+- ``"choose"``: the evaluation (or the training command, after training) scores every
+  class of the validation split with and without it from one prediction pass, keeps it
+  for each class whose mean Dice it raises (nnU-Net's per-class step; its first step,
+  all foreground classes as one region, is not made), writes the choice to
+  ``<workdir>/postprocessing.json`` (``postprocessing_step<N>.json`` for a checkpoint
+  other than the best), then evaluates the requested split with it;
+- ``"auto"``: what the choice file of the evaluated checkpoint says (evaluation and
+  prediction).
 
 This module owns the component filter, the spec's parsing and the choice file; the
 evaluation that scores the choice is ``evaluate.py``'s.
@@ -27,7 +31,6 @@ from absl import logging
 from medseg_jax import fileio
 
 CHOICE_FILE = "postprocessing.json"
-MODES = ("", "largest", "choose", "auto")
 _RECOVER = ("choose again on the validation split: --mode=eval --config.eval.split=val "
             "--config.eval.postprocess=choose")
 
@@ -128,30 +131,68 @@ def choice_table(choice: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def choice_path(workdir: str, which: str = "best", step: int | None = None) -> str:
+    """``postprocessing.json`` for the best checkpoint, ``postprocessing_step<N>.json``
+    for another (``eval.checkpoint``), so one checkpoint's choice never replaces another's."""
+    name = CHOICE_FILE if which == "best" or step is None else f"postprocessing_step{step}.json"
+    return os.path.join(workdir, name)
+
+
+def suffix(spec: str) -> str:
+    """The file-name suffix of a resolved spec: "", "_largest", "_largest1-7"."""
+    classes = parse(spec)
+    if classes is None:
+        return ""
+    return "_largest" + "-".join(map(str, classes))
+
+
+def normalise(spec: str) -> str:
+    """A resolved spec in one spelling: "", "largest" or "largest:1,7" (sorted, unique)."""
+    classes = parse(spec)
+    if classes is None:
+        return ""
+    return "largest" + (":" + ",".join(map(str, classes)) if classes else "")
+
+
+def read_choice(path: str, recover: str = _RECOVER) -> tuple[dict, list[int], dict[int, str]]:
+    """(the choice file's content, the label values it keeps the largest component of,
+    {label value: class name} of its rows); a damaged file is one ValueError naming it."""
+    choice = fileio.read_json(path, "the post-processing chosen on validation", recover)
+    try:
+        kept = [int(v) for v in choice["largest"]]
+        names = {int(row["value"]): str(name) for name, row in choice["classes"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a post-processing choice ({type(e).__name__}: {e}); "
+                         f"{recover}") from None
+    if any(v not in names for v in kept):
+        raise ValueError(f"{path}: 'largest' names a class without its row; {recover}")
+    return choice, kept, names
+
+
 def require_choice(spec: str, workdir: str) -> None:
-    """Before a training whose evaluation applies "auto": the choice file must be there
-    and readable (its classes are checked when it is applied)."""
+    """Before a training whose evaluation applies "auto": the best checkpoint's choice
+    file must be there and readable (its classes and step are checked when applied)."""
     if str(spec or "").strip() == "auto":
-        fileio.read_json(os.path.join(workdir, CHOICE_FILE),
-                         "the post-processing chosen on validation, for eval.postprocess=auto",
-                         "train with --config.eval.postprocess=choose to choose it on the "
-                         "validation split after training")
+        read_choice(choice_path(workdir), "train with --config.eval.postprocess=choose to "
+                    "choose it on the validation split after training")
 
 
 def write_choice(workdir: str, choice: dict) -> str:
-    path = os.path.join(workdir, CHOICE_FILE)
+    path = choice_path(workdir, choice.get("checkpoint", "best"), choice.get("step"))
     fileio.write_json_atomic(path, choice)
     return path
 
 
-def resolve(spec: str, workdir: str, labels: dict[int, str], step: int | None = None) -> str:
-    """A spec with "auto" replaced by the choice in ``<workdir>/postprocessing.json``
-    (checked against the run's label names; a choice made on another checkpoint step
-    than ``step`` is used with a warning). Raises ValueError naming the file."""
+def resolve(spec: str, workdir: str, labels: dict[int, str], which: str = "best",
+            step: int | None = None) -> str:
+    """A spec in its normal spelling, "auto" replaced by the choice of the checkpoint
+    ``which`` (step ``step``) in its choice file (``choice_path``), checked against the
+    run's label names and step. Raises ValueError naming the field or the file."""
     spec = str(spec or "").strip()
     if spec == "choose":
-        raise ValueError("config.eval.postprocess: 'choose' scores a split; it applies to "
-                         "--mode=eval on the validation split, not here")
+        raise ValueError("config.eval.postprocess: 'choose' is made by an evaluation (or the "
+                         "training command) on the validation split; here use 'auto' to "
+                         "apply its choice")
     names = {int(v): n for v, n in labels.items() if int(v) != 0}
     if spec != "auto":
         unknown = [v for v in parse(spec) or () if v not in names]
@@ -159,26 +200,18 @@ def resolve(spec: str, workdir: str, labels: dict[int, str], step: int | None = 
             raise ValueError(f"config.eval.postprocess: {spec!r}: no class with label value "
                              f"{unknown[0]} (this run's classes: "
                              + ", ".join(f"{v} {n}" for v, n in sorted(names.items())) + ")")
-        return spec
-    path = os.path.join(workdir, CHOICE_FILE)
-    choice = fileio.read_json(path, "the post-processing chosen on validation", _RECOVER)
-    try:
-        kept = [int(v) for v in choice["largest"]]
-        chosen_names = {int(row["value"]): str(name)
-                        for name, row in choice["classes"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: not a post-processing choice ({type(e).__name__}: {e}); "
-                         f"{_RECOVER}") from None
+        return normalise(spec)
+    path = choice_path(workdir, which, step)
+    choice, kept, chosen_names = read_choice(path)
     for value, name in chosen_names.items():
         if names.get(value) != name:
-            raise ValueError(
-                f"{path}: class {value} is {name!r} there but {names.get(value)!r} in this "
-                f"run's dataset.json; {_RECOVER}")
-    if any(v not in chosen_names for v in kept):
-        raise ValueError(f"{path}: 'largest' names a class without its row; {_RECOVER}")
+            theirs = repr(names[value]) if value in names else "no such class"
+            raise ValueError(f"{path}: class {value} is {name!r} there but {theirs} in this "
+                             f"run's dataset.json; {_RECOVER}")
     if step is not None and choice.get("step") not in (None, step):
-        logging.warning("%s was chosen on the checkpoint of step %s; evaluating step %d with it",
-                        path, choice.get("step"), step)
+        raise ValueError(f"{path}: chosen on the checkpoint of step {choice.get('step')}, but "
+                         f"the {which} checkpoint is step {step} (training went on); "
+                         f"{_RECOVER}")
     logging.info("Post-processing from %s: largest component of %s", path,
                  ", ".join(chosen_names[v] for v in kept) if kept else "no class")
-    return "largest:" + ",".join(map(str, kept)) if kept else ""
+    return "largest:" + ",".join(map(str, sorted(kept))) if kept else ""

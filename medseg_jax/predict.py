@@ -113,7 +113,7 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
     run = state_lib.restore_run(config, workdir)
     config = ml_collections.ConfigDict(run.config.to_dict())  # with the run's plan applied
     config.eval.postprocess = postprocess.resolve(config.eval.get("postprocess", ""), workdir,
-                                                  run.labels, run.step)
+                                                  run.labels, run.which, run.step)
     info = _pick_task(run, task)
     inputs = find_inputs(input_path, len(info.modalities))
     writer = jax.process_index() == 0
@@ -155,6 +155,7 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
     seconds = time.time() - t0
     n_pred = len(inputs) - len(skipped)
     summary = {"written": written, "skipped": skipped, "seconds": seconds,
+               "postprocess": config.eval.postprocess,
                "predict_seconds": t_predict,
                "cases_per_second": n_pred / t_predict if t_predict > 0 else float("nan")}
     logging.info("Predicted %d case(s) in %.1f s (%.2f cases/s, network and resampling only); "

@@ -14,6 +14,7 @@ on the test split. What it writes to ``workdir``:
 - ``checkpoints/``       Orbax checkpoints (latest and best by validation Dice)
 - ``events.out.tfevents.*``  TensorBoard scalars and validation overlays (``train.tensorboard``)
 - ``test_metrics.json`` / ``test_metrics.md``  per-case and aggregated test metrics
+  (``test_auto_*`` and ``postprocessing.json`` with ``eval.postprocess=choose``)
 - ``.lock``              held while a run uses the workdir (a second run is refused)
 
 Every step's loss and gradient norm are checked (at the log steps, without extra

@@ -4,6 +4,7 @@ and the choice file (postprocess.py), through evaluation and prediction."""
 import json
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -72,18 +73,29 @@ def test_auto_reads_the_choice_file_and_names_its_problems(tmp_path):
     with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
         postprocess.resolve("auto", str(tmp_path), LABELS)
     path.write_text(json.dumps({"largest": [1]}))
-    with pytest.raises(ValueError, match=f"{path}: not a post-processing choice"):
-        postprocess.resolve("auto", str(tmp_path), LABELS)
+    for call in (lambda: postprocess.resolve("auto", str(tmp_path), LABELS),
+                 lambda: postprocess.require_choice("auto", str(tmp_path))):
+        with pytest.raises(ValueError, match=f"{path}: not a post-processing choice"):
+            call()
     choice = postprocess.choose(_agg(Liver=0.8, Spleen=0.7), _agg(Liver=0.9, Spleen=0.8),
                                 LABELS)
-    postprocess.write_choice(str(tmp_path), choice)
-    assert postprocess.resolve("auto", str(tmp_path), LABELS) == "largest:1,2"
+    postprocess.write_choice(str(tmp_path), dict(choice, checkpoint="best", step=40))
+    assert postprocess.resolve("auto", str(tmp_path), LABELS, "best", 40) == "largest:1,2"
+    with pytest.raises(ValueError, match="step 40, but the best checkpoint is step 60"):
+        postprocess.resolve("auto", str(tmp_path), LABELS, "best", 60)
     with pytest.raises(ValueError, match="class 2 is 'Spleen' there but 'Pancreas'"):
         postprocess.resolve("auto", str(tmp_path), {**LABELS, 2: "Pancreas"})
+    with pytest.raises(ValueError, match="class 2 is 'Spleen' there but no such class"):
+        postprocess.resolve("auto", str(tmp_path), {0: "background", 1: "Liver"})
+    # Another checkpoint has its own file: the best one's choice is not used for it.
+    with pytest.raises(ValueError, match="postprocessing_step20.json: missing"):
+        postprocess.resolve("auto", str(tmp_path), LABELS, "20", 20)
     with pytest.raises(ValueError, match="no class with label value 9"):
         postprocess.resolve("largest:9", str(tmp_path), LABELS)
-    assert postprocess.resolve("largest:3", str(tmp_path), LABELS) == "largest:3"
-    with pytest.raises(ValueError, match="'choose' scores a split"):
+    assert postprocess.resolve("largest:3, 1,3", str(tmp_path), LABELS) == "largest:1,3"
+    assert postprocess.suffix("largest:1,3") == "_largest1-3"
+    assert postprocess.suffix("largest") == "_largest" and postprocess.suffix("") == ""
+    with pytest.raises(ValueError, match="'choose' is made by an evaluation"):
         postprocess.resolve("choose", str(tmp_path), LABELS)
 
 
@@ -110,10 +122,16 @@ def test_choose_on_val_then_auto_on_test(trained):
     for prefix in ("val", "val_largest", "val_auto", "test_auto"):
         assert (workdir / f"{prefix}_metrics.json").exists(), prefix
     assert not (workdir / "test_metrics.json").exists()  # the test split saw no choice
-    # The auto files take each class from the variant the choice names.
     none, largest, auto = (_per_case(workdir, p) for p in ("val", "val_largest", "val_auto"))
     assert none != largest  # the tiny network's maps have stray islands: a real choice
+    with open(workdir / "val_largest_metrics.json") as f:
+        assert json.load(f)["applied"] == "largest"
+    # The auto files are what applying the choice gives: evaluate val with it.
     chosen = {name for name, row in choice["classes"].items() if row["largest"]}
+    os.rename(workdir / "val_auto_metrics.json", workdir / "chosen.json")
+    evaluate.evaluate(tiny_config(**{"eval.figures": False, "eval.postprocess": "auto"}),
+                      str(workdir), split="val")
+    assert _per_case(workdir, "val_auto") == auto
     for case, classes in auto.items():
         for name, values in classes.items():
             assert values == (largest if name in chosen else none)[case][name]
@@ -121,23 +139,31 @@ def test_choose_on_val_then_auto_on_test(trained):
 
 def test_choose_scores_match_a_separate_largest_evaluation(trained):
     """The shortcut (classes the filter does not change keep their metrics) gives what
-    an evaluation with eval.postprocess=largest gives, and auto what it says."""
+    an evaluation with eval.postprocess=largest gives."""
     config, workdir, _ = trained
+    from_choose = _per_case(workdir, "val_largest")
     config = tiny_config(**{"eval.figures": False, "eval.postprocess": "largest"})
     evaluate.evaluate(config, str(workdir), split="val")
-    separate = _per_case(workdir, "val_largest")  # rewritten by the separate evaluation
-    with open(workdir / "val_auto_metrics.json") as f:
-        assert json.load(f)["split"] == "val"
-    choose = tiny_config(**{"eval.figures": False, "eval.postprocess": "choose"})
-    evaluate.evaluate(choose, str(workdir), split="val")
-    assert _per_case(workdir, "val_largest") == separate
+    assert _per_case(workdir, "val_largest") == from_choose
 
 
 def test_predict_applies_the_choice(trained, tmp_path):
     config, workdir, _ = trained
     inputs = workdir / "synthetic_data" / "SynthMRI" / "imagesTr"
+    spec = json.loads((workdir / postprocess.CHOICE_FILE).read_text())["spec"]
+    plain = tiny_config(**{"eval.figures": False})
+    predict.predict(plain, str(workdir), str(inputs), str(tmp_path / "plain"), task="SynthMRI")
     auto = tiny_config(**{"eval.figures": False, "eval.postprocess": "auto"})
-    predict.predict(auto, str(workdir), str(inputs), str(tmp_path / "out"), task="SynthMRI")
+    summary = predict.predict(auto, str(workdir), str(inputs), str(tmp_path / "out"),
+                              task="SynthMRI")
+    assert summary["postprocess"] == spec
+    changed = 0
+    for name in os.listdir(inputs):
+        before = np.asarray(nib.load(tmp_path / "plain" / name).dataobj)
+        after = np.asarray(nib.load(tmp_path / "out" / name).dataobj)
+        np.testing.assert_array_equal(after, postprocess.apply(before, spec))
+        changed += int((after != before).any())
+    assert changed or not spec
     (workdir / postprocess.CHOICE_FILE).rename(workdir / "moved.json")
     try:
         with pytest.raises(ValueError, match="postprocessing.json: missing"):
@@ -149,11 +175,31 @@ def test_predict_applies_the_choice(trained, tmp_path):
         (workdir / "moved.json").rename(workdir / postprocess.CHOICE_FILE)
 
 
-def test_choose_never_uses_the_test_split(trained):
-    """eval.split=test with 'choose' scores val for the choice, then test with it."""
+def test_choose_never_uses_the_test_split(trained, monkeypatch):
+    """eval.split=test with 'choose': the choice is made on val, then test is scored with
+    it; the test split is never evaluated in the choosing pass."""
     config, workdir, _ = trained
-    (workdir / "test_auto_metrics.json").unlink()
+    (workdir / postprocess.CHOICE_FILE).unlink()
+    calls = []
+    real = evaluate._evaluate
+
+    def spy(run, split, spec, label, suffix, choose=False):
+        calls.append((split, choose, spec))
+        return real(run, split, spec, label, suffix, choose)
+
+    monkeypatch.setattr(evaluate, "_evaluate", spy)
     choose = tiny_config(**{"eval.figures": False, "eval.postprocess": "choose"})
     results = evaluate.evaluate(choose, str(workdir), split="test")
-    assert results["split"] == "test" and (workdir / "test_auto_metrics.json").exists()
-    assert json.loads((workdir / postprocess.CHOICE_FILE).read_text())["split"] == "val"
+    spec = json.loads((workdir / postprocess.CHOICE_FILE).read_text())["spec"]
+    assert calls == [("val", True, ""), ("test", False, spec)]
+    assert results["split"] == "test" and results["applied"] == spec
+
+
+def test_another_checkpoint_gets_its_own_choice_file(trained):
+    config, workdir, _ = trained
+    before = (workdir / postprocess.CHOICE_FILE).read_text()
+    latest = tiny_config(**{"eval.figures": False, "eval.postprocess": "choose",
+                            "eval.checkpoint": "latest"})
+    evaluate.evaluate(latest, str(workdir), split="val")
+    assert (workdir / postprocess.CHOICE_FILE).read_text() == before
+    assert list(workdir.glob("postprocessing_step*.json"))
