@@ -202,7 +202,8 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
                                            "the run's config"),
             "infer_seconds_per_case": results["predict_seconds"] / n_cases,
             "aggregate": results["aggregate"], "per_case": results["per_case"],
-            "checkpoint_epoch": results["epoch"]}
+            "checkpoint_epoch": results["epoch"],
+            "postprocess": results.get("postprocess", "")}
     return info, trials
 
 

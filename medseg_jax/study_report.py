@@ -185,6 +185,11 @@ def _section(infos: list[dict], comparisons: list[dict], level: str) -> list[str
     lines += report.markdown_table(["architecture", "parameters", "training (min)",
                                     "epochs run", "best epoch", "train images/s",
                                     "inference s/case"], rows) + [""]
+    if any(i.get("postprocess") for i in infos):
+        lines += ["Post-processing of the test predictions (`eval.postprocess`; 'auto': "
+                  "chosen per class on the validation split): "
+                  + "; ".join(f"{i['label']}: {i.get('postprocess') or 'none'}" for i in infos),
+                  ""]
 
     if comparisons:
         lines += [f"{level} Paired comparisons", "",
@@ -246,7 +251,8 @@ def case_rows(infos: list[dict]) -> list[dict]:
     runs = []
     for info in infos:
         c = ml_collections.ConfigDict(info["config"])
-        runs.append((info["label"], state_lib.restore_run(c, info["workdir"])))
+        runs.append((info["label"], evaluate.with_postprocess(
+            state_lib.restore_run(c, info["workdir"]))))
     rows = []
     for title, key in picks:
         row, index = None, None

@@ -162,3 +162,19 @@ def test_report_protocol_says_what_each_config_trains_with():
     assert "from each data set's plan" in text and "batch 0" not in text
     assert "epochs of 250 steps (fitted to 8.5 min per run)" in text
     assert "no early stopping" in text and "with deep supervision" in text
+
+
+def test_study_with_post_processing_chosen_on_validation(tmp_path):
+    """eval.postprocess=choose in the study: each run chooses on its validation split,
+    its test results are those with the choice, and the report says which it applied."""
+    config = bench_config(models="unet")
+    config.eval.postprocess = "choose"
+    workdir = tmp_path / "bench"
+    results = study.run(config, str(workdir))
+    info = results["entries"][0]
+    run_dir = Path(info["workdir"])
+    choice = json.loads((run_dir / "postprocessing.json").read_text())
+    assert choice["split"] == "val" and info["postprocess"].startswith("auto")
+    tested = json.loads((run_dir / "test_auto_metrics.json").read_text())
+    assert tested["per_case"] == json.loads(json.dumps(info["per_case"]))  # nan as JSON
+    assert f"unet: {info['postprocess']}" in (workdir / "report.md").read_text()
