@@ -136,16 +136,6 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
     return dict(auto, postprocess_choice=choice, figures=results.get("figures"))
 
 
-def with_postprocess(run: Run) -> Run:
-    """``run`` with ``eval.postprocess`` resolved for its checkpoint ("choose" and "auto":
-    the choice its evaluation made), for views of its predictions as they were tested."""
-    mode = str(run.config.eval.get("postprocess", "")).strip()
-    config = ml_collections.ConfigDict(run.config.to_dict())
-    config.eval.postprocess = postprocess.resolve("auto" if mode == "choose" else mode,
-                                                  run.workdir, run.labels, run.which, run.step)
-    return dataclasses.replace(run, config=config)
-
-
 def _names(choice: dict) -> set[str]:
     return {name for name, row in choice["classes"].items() if row["largest"]}
 

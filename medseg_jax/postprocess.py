@@ -22,6 +22,7 @@ evaluation that scores the choice is ``evaluate.py``'s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -215,3 +216,17 @@ def resolve(spec: str, workdir: str, labels: dict[int, str], which: str = "best"
     logging.info("Post-processing from %s: largest component of %s", path,
                  ", ".join(chosen_names[v] for v in kept) if kept else "no class")
     return "largest:" + ",".join(map(str, sorted(kept))) if kept else ""
+
+
+def resolved_run(run, choose_as_auto: bool = True):
+    """A restored run (``state.Run``) whose config has ``eval.postprocess`` resolved for
+    its checkpoint ("choose" read as "auto" when ``choose_as_auto``: the choice its
+    evaluation made), for predictions as they were tested."""
+    import ml_collections  # noqa: PLC0415
+
+    mode = str(run.config.eval.get("postprocess", "")).strip()
+    if mode == "choose" and choose_as_auto:
+        mode = "auto"
+    config = ml_collections.ConfigDict(run.config.to_dict())
+    config.eval.postprocess = resolve(mode, run.workdir, run.labels, run.which, run.step)
+    return dataclasses.replace(run, config=config)

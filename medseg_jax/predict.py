@@ -22,7 +22,6 @@ import os
 import time
 
 import jax
-import ml_collections
 import nibabel as nib
 import numpy as np
 from absl import logging
@@ -110,10 +109,8 @@ def _pick_task(run: state_lib.Run, task: str | None) -> decathlon.DatasetInfo:
 def predict(config, workdir: str, input_path: str, output_dir: str, task: str | None = None,
             save_probabilities: bool = False) -> dict:
     """Predicts every case of ``input_path`` into ``output_dir``; returns a summary."""
-    run = state_lib.restore_run(config, workdir)
-    config = ml_collections.ConfigDict(run.config.to_dict())  # with the run's plan applied
-    config.eval.postprocess = postprocess.resolve(config.eval.get("postprocess", ""), workdir,
-                                                  run.labels, run.which, run.step)
+    run = postprocess.resolved_run(state_lib.restore_run(config, workdir), choose_as_auto=False)
+    config = run.config  # with the run's plan applied and its post-processing resolved
     info = _pick_task(run, task)
     inputs = find_inputs(input_path, len(info.modalities))
     writer = jax.process_index() == 0

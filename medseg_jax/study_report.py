@@ -12,7 +12,7 @@ import os
 import ml_collections
 import numpy as np
 
-from medseg_jax import evaluate, metrics, report, stats
+from medseg_jax import evaluate, metrics, postprocess, report, stats
 from medseg_jax import state as state_lib
 
 # Reported by the study on its own data (brain-tumour MRI, lung-nodule CT, liver-lesion
@@ -251,7 +251,7 @@ def case_rows(infos: list[dict]) -> list[dict]:
     runs = []
     for info in infos:
         c = ml_collections.ConfigDict(info["config"])
-        runs.append((info["label"], evaluate.with_postprocess(
+        runs.append((info["label"], postprocess.resolved_run(
             state_lib.restore_run(c, info["workdir"]))))
     rows = []
     for title, key in picks:
