@@ -74,6 +74,10 @@ flags.DEFINE_string("torch_compile_backend", "inductor",
                     "torch.compile backend for the compile variants (aot_eager: no code "
                     "generation, for a quick check of the path).")
 flags.DEFINE_string("torch_compile_mode", "default", "torch.compile mode.")
+flags.DEFINE_bool("xla_cpu_ynn", False,
+                  "As the config's train.xla_cpu_ynn: False (the default) sets the XLA:CPU "
+                  "flag training sets (YNNPACK for reductions only; sharding.set_cpu_flags), "
+                  "True keeps XLA's defaults. An XLA_FLAGS naming the YNN flag wins.")
 flags.DEFINE_string("json_out", "", "Also write all figures to this JSON file.")
 
 TORCH_VARIANTS = ("eager", "channels_last", "eager_bf16", "channels_last_bf16", "compile",
@@ -386,7 +390,12 @@ def main(argv) -> None:
     import jax  # noqa: PLC0415
 
     if FLAGS.device == "cpu":
+        from medseg_jax import config as config_lib, sharding  # noqa: PLC0415
+
         jax.config.update("jax_platforms", "cpu")  # also on a machine with a GPU
+        cpu_config = config_lib.default_config()
+        cpu_config.train.xla_cpu_ynn = FLAGS.xla_cpu_ynn
+        sharding.set_cpu_flags(cpu_config)  # before the backend starts, as training does
     elif not torch.cuda.is_available() or jax.default_backend() != "gpu":
         raise SystemExit(f"--device=cuda: PyTorch CUDA {torch.cuda.is_available()}, JAX "
                          f"backend {jax.default_backend()}: both need the GPU")
@@ -407,6 +416,8 @@ def main(argv) -> None:
     print(f"machine: {os.cpu_count()} CPU cores ({workdir_lib.cpu_model()}), load average "
           f"{load_start[0]:.2f}; jax {jax.__version__} on {dev.device_kind}; torch "
           f"{torch.__version__} on {torch_device}")
+    if FLAGS.device == "cpu":
+        print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '') or '(none: XLA defaults)'}")
     print(f"network: U-Net 2D, base {FLAGS.base_features}, depth {FLAGS.depth}, BatchNorm, "
           f"{FLAGS.num_classes} classes; batch {FLAGS.batch_size} x {size}x{size} x 1; "
           "Dice + CE; Adam 1e-3")

@@ -141,10 +141,11 @@ def default_config() -> ml_collections.ConfigDict:
     # image per epoch), beside metrics.jsonl: `tensorboard --logdir runs`.
     train.tensorboard = True
     train.compilation_cache_dir = "~/.cache/medseg_jax/jit"  # empty: off
-    # False: XLA:CPU's YNNPACK fusions for reductions only, not convolutions: 1.4-1.9x
-    # faster training on the CPU here (README "Performance"); numbers change in the last
-    # bits. Set once, at the start of the process (python -m medseg_jax.main), jaxlib >= 0.10.
-    train.xla_cpu_ynn = True
+    # False: XLA:CPU's YNNPACK fusions for reductions only, not convolutions: 2-5x faster
+    # training on the CPUs measured (README "Performance"; numbers change in the last
+    # bits). True: XLA's defaults. Set once, at the start of the process (python -m
+    # medseg_jax.main), where the CPU is the only backend, jaxlib 0.10 (sharding.py).
+    train.xla_cpu_ynn = False
 
     config.augment = default_augment_config()
 
@@ -209,8 +210,7 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     oversampling, nnU-Net's augmentation set, no early stopping (the best checkpoint by
     validation Dice is kept), flip test-time augmentation. Adam stays the optimizer (the
     study's); ``train.optimizer="sgd"`` gives nnU-Net's SGD with Nesterov momentum
-    (``learning_rate=1e-2``, ``weight_decay=3e-5``). On the CPU, XLA's faster convolutions
-    (``train.xla_cpu_ynn=False``). Changes ``config`` in place."""
+    (``learning_rate=1e-2``, ``weight_decay=3e-5``). Changes ``config`` in place."""
     config.data.plan = "auto"
     config.data.image_size = ()
     config.data.target_spacing = ()
@@ -226,7 +226,6 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.train.val_max_samples = 2048  # more than Hippocampus or HC18 have
     config.eval.tta = True
     config.augment = nnunet_augment_config(config.model.spatial_dims)
-    config.train.xla_cpu_ynn = False  # faster convolutions on the CPU (no effect elsewhere)
     return config
 
 

@@ -106,34 +106,70 @@ def _env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
-# jaxlib versions in which the flag below was measured (an unknown flag aborts XLA).
-_YNN_FLAG_FROM = (0, 10)
+# jaxlib versions in which the flag below was measured: an XLA flag or value that a jaxlib
+# does not know aborts the process, so a later jaxlib is not given it until measured there.
+_YNN_FLAG_FROM, _YNN_FLAG_TO = (0, 10), (0, 10)
 # YNNPACK's fusions kept: its reductions (BatchNorm's statistics and their gradients) are
 # 10x faster than XLA's own; its convolutions are 2-2.5x slower than XLA's other path.
 CPU_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
 
 
+def accelerator_plugins() -> list[str]:
+    """The PJRT plugins JAX would load besides its CPU backend (CUDA, ROCm, TPU), found as
+    JAX finds them (``jax_plugins`` entry points and modules, ``libtpu``), without
+    starting a backend."""
+    import importlib.metadata  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+    import pkgutil  # noqa: PLC0415
+
+    names = {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
+    try:
+        import jax_plugins  # noqa: PLC0415 (a namespace package, absent without plugins)
+
+        names |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+    except ImportError:
+        pass
+    if importlib.util.find_spec("libtpu") is not None:
+        names.add("tpu")
+    return sorted(names)
+
+
+def cpu_only() -> bool:
+    """Whether XLA's CPU backend is the only one this process will start: JAX_PLATFORMS
+    (or ``jax_platforms``) is "cpu", or unset with no accelerator plugin installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "") or (jax.config.jax_platforms or "")
+    if platforms:
+        return platforms.strip().lower() == "cpu"
+    return not accelerator_plugins()
+
+
 def set_cpu_flags(config) -> bool:
-    """Before the backend starts: ``train.xla_cpu_ynn=False`` keeps XLA:CPU's YNNPACK
-    fusions for reductions only (``CPU_YNN_FLAG``): convolutions by XLA's other path, 2-2.5x
-    faster on the shallow layers, BatchNorm's reductions still by YNNPACK. A float32 2D
-    U-Net step 1.9x faster on an Intel Xeon (AMX), 3D convolutions 1.5x on an AMD Zen 4
-    (README "Performance"; the results change in the last bits). Returns whether it was
-    set."""
+    """Before the backend starts: ``train.xla_cpu_ynn=False`` (the default) keeps XLA:CPU's
+    YNNPACK fusions for reductions only (``CPU_YNN_FLAG``): convolutions by XLA's other
+    path, 2-2.5x faster on the shallow layers, BatchNorm's reductions still by YNNPACK. A
+    float32 2D U-Net step 2.0x faster on an Intel Xeon (AMX), 4.9x on an AMD Zen 3 (README
+    "Performance"; the results change in the last bits). Set only where the CPU backend is
+    the only one (``cpu_only``: a GPU or TPU plugin's own XLA parses XLA_FLAGS too) and on
+    the jaxlib versions it was measured with. Returns whether it is set."""
     import importlib.metadata  # noqa: PLC0415
 
-    if config.train.get("xla_cpu_ynn", True):
+    if config.train.get("xla_cpu_ynn", False):
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:
         return True
+    if not cpu_only():
+        return False
     try:
         version = tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
     except (importlib.metadata.PackageNotFoundError, ValueError):
         version = (0, 0)
-    if version < _YNN_FLAG_FROM:
-        logging.warning("config.train.xla_cpu_ynn=False needs jaxlib >= %d.%d; ignored",
-                        *_YNN_FLAG_FROM)
+    if not _YNN_FLAG_FROM <= version <= _YNN_FLAG_TO:
+        logging.warning(
+            "config.train.xla_cpu_ynn=False: XLA_FLAGS %s was measured with jaxlib %d.%d "
+            "to %d.%d, not %s, so it is not set (an XLA flag a jaxlib does not know aborts "
+            "the process); set it in XLA_FLAGS yourself to try it",
+            CPU_YNN_FLAG, *_YNN_FLAG_FROM, *_YNN_FLAG_TO, ".".join(map(str, version)))
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_YNN_FLAG}".strip()
     return True

@@ -108,12 +108,49 @@ def test_two_processes_train_like_one_process(make_tiny_config, tmp_path):
 def test_cpu_flags_from_the_config(monkeypatch):
     from medseg_jax.config import default_config, recipe
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert not sharding.set_cpu_flags(default_config())  # XLA's default: nothing set
-    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
-    assert sharding.set_cpu_flags(recipe(default_config()))
-    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                                       "--xla_cpu_experimental_ynn_fusion_type="
-                                       "LIBRARY_FUSION_TYPE_REDUCE")
+    base = "--xla_force_host_platform_device_count=8"
+    ynn = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
+    monkeypatch.setenv("XLA_FLAGS", base)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    xla_defaults = default_config()
+    xla_defaults.train.xla_cpu_ynn = True
+    assert not sharding.set_cpu_flags(xla_defaults)  # XLA's defaults: nothing set
+    assert os.environ["XLA_FLAGS"] == base
+    assert sharding.set_cpu_flags(default_config())  # the default: YNN for reductions only
+    assert os.environ["XLA_FLAGS"] == f"{base} {ynn}"
     assert sharding.set_cpu_flags(recipe(default_config()))  # not added twice
     assert os.environ["XLA_FLAGS"].count("ynn") == 1
+
+
+@pytest.mark.parametrize("platforms, plugins, version, expected", [
+    ("cpu", ["cuda"], "0.10.2", True),  # JAX_PLATFORMS=cpu: the plugin is not loaded
+    ("", [], "0.10.2", True),  # nothing but the CPU backend installed
+    ("", ["cuda"], "0.10.2", False),  # the CUDA plugin's XLA parses XLA_FLAGS too
+    ("cuda", [], "0.10.2", False),
+    ("cpu,cuda", [], "0.10.2", False),
+    ("cpu", [], "0.9.2", False),  # before the flag's value existed
+    ("cpu", [], "0.11.0", False),  # not measured there: an unknown value aborts XLA
+])
+def test_cpu_flags_only_where_the_cpu_backend_alone_reads_them(
+        monkeypatch, caplog, request, platforms, plugins, version, expected):
+    import importlib.metadata
+
+    from medseg_jax.config import default_config
+
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    before = sharding.jax.config.jax_platforms  # "cpu", from conftest's JAX_PLATFORMS
+    sharding.jax.config.update("jax_platforms", platforms or None)
+    request.addfinalizer(lambda: sharding.jax.config.update("jax_platforms", before))
+    monkeypatch.setattr(sharding, "accelerator_plugins", lambda: plugins)
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: version if name == "jaxlib" else real_version(name))
+    assert sharding.set_cpu_flags(default_config()) is expected
+    assert ("ynn" in os.environ["XLA_FLAGS"]) is expected
+    if version == "0.11.0":
+        assert "measured with jaxlib 0.10 to 0.10, not 0.11" in caplog.text
+
+
+def test_accelerator_plugins_are_found_without_a_backend():
+    assert sharding.accelerator_plugins() == []  # this CPU-only environment
