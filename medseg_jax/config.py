@@ -181,9 +181,12 @@ def study_section() -> ml_collections.ConfigDict:
     # Decathlon folder, or the raw HC18 / OpenKBP folders, converted once into
     # <workdir>/converted/). Empty: data.root (or the embedded synthetic set).
     b.datasets = ""
-    # Wall-time budget of the whole study in minutes (0: off): shared equally by the
-    # runs, each sets its epochs to fit (train.budget_minutes), evaluation included.
+    # Wall-time budget of the whole study in minutes (0: off): shared by the runs, each
+    # sets its epochs to fit (train.budget_minutes); 15% is left for evaluation.
     b.budget_minutes = 0.0
+    # Weights of the data sets in that sharing, "name:weight,..." (unlisted: 1), e.g.
+    # "openkbp:3" for a data set whose epochs cost 3x the others'. Empty: equal shares.
+    b.budget_shares = ""
     b.image_size_3d = (64, 64, 24)  # patch size of the 3D variants; (): from the plan
     b.batch_size_3d = 2  # 0: from the plan
     # Transfer learning: an earlier benchmark workdir; each architecture is fine-tuned

@@ -19,8 +19,9 @@ Each architecture trains in ``<workdir>/<label>/`` (a normal run folder: rerunni
 the command resumes or reuses it); with ``benchmark.datasets`` (several data sets, each
 with its own label set) in ``<workdir>/<data set>/<label>/``, raw HC18 and OpenKBP
 folders converted once into ``<workdir>/converted/<data set>``.
-``benchmark.budget_minutes`` shares a wall-time budget equally between the runs, each
-setting its epochs to fit (``train.budget_minutes``). With ``benchmark.sweep.enabled`` every
+``benchmark.budget_minutes`` shares a wall-time budget between the runs (equally, or by
+``benchmark.budget_shares`` per data set), each setting its epochs to fit
+(``train.budget_minutes``), recorded in ``<workdir>/budget.json`` for reruns. With ``benchmark.sweep.enabled`` every
 combination of the listed learning rates, batch sizes, epoch counts and
 patiences is trained in ``<label>/trial_<i>/`` and scored on the validation
 split only; the best by validation Dice is then evaluated once on the test
@@ -217,6 +218,77 @@ def _run_facts(run_dir: str) -> dict:
             "images_per_second": float(np.median(ips)) if ips else float("nan")}
 
 
+BUDGET_JSON = "budget.json"
+
+
+def parse_shares(config, names: list[str]) -> dict[str, float]:
+    """``benchmark.budget_shares`` ("name:weight,..." over the data set names) -> a weight
+    per data set name; a data set not listed weighs 1."""
+    field = "config.benchmark.budget_shares"
+    shares = {n: 1.0 for n in names}
+    for item in (i.strip() for i in str(config.benchmark.get("budget_shares", "")).split(",")):
+        if not item:
+            continue
+        name, sep, value = (p.strip() for p in item.partition(":"))
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"{field}: {item!r} is not name:weight with a positive weight")
+        if name not in shares:
+            raise ValueError(f"{field}: {name!r} is not a data set of "
+                             f"config.benchmark.datasets ({', '.join(n for n in names if n)})")
+        shares[name] = weight
+    return shares
+
+
+def run_budgets(config, workdir: str, runs: list[tuple[str, str]],
+                elapsed_minutes: float) -> list[float]:
+    """Each run's ``train.budget_minutes`` (0 without ``benchmark.budget_minutes``): 85% of
+    the budget left after the start-up (conversion; evaluation and start-up take about 15%
+    of a run on the CPU), shared by the runs in proportion to their data set's
+    ``benchmark.budget_shares`` weight. Fixed at the study's first start and kept in
+    ``<workdir>/budget.json``: a rerun (resuming or reusing its runs) gives every run the
+    budget it had, so none refits its epochs; a changed budget, share or run list is a new
+    one. Process 0's figures on every process."""
+    shares = parse_shares(config, sorted({name for name, _ in runs}))  # checked always
+    shares_text = str(config.benchmark.get("budget_shares", ""))
+    budget = float(config.benchmark.get("budget_minutes", 0.0))
+    if not budget:
+        return [0.0] * len(runs)
+    keys = [f"{name}/{label}" if name else label for name, label in runs]
+    path = os.path.join(workdir, BUDGET_JSON)
+    if os.path.exists(path):
+        recorded = fileio.read_json(path, "the study's per-run budgets",
+                                    "delete it to share the budget again")
+        if (recorded.get("budget_minutes") == budget
+                and recorded.get("budget_shares", "") == shares_text
+                and sorted(recorded.get("per_run_minutes", {})) == sorted(keys)):
+            try:
+                return [float(recorded["per_run_minutes"][k]) for k in keys]
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: per_run_minutes holds a value that is not a "
+                                 "number (the study's per-run budgets); delete it to share "
+                                 "the budget again") from None
+    total = sum(shares[name] for name, _ in runs)
+    left = np.array([0.85 * (budget - elapsed_minutes) * shares[name] / total
+                     for name, _ in runs])
+    if jax.process_count() > 1:  # one figure for all processes: they must train alike
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        left = np.asarray(multihost_utils.broadcast_one_to_all(left))
+    if left.min() < 0.1:
+        raise ValueError(f"config.benchmark.budget_minutes={budget:g} leaves less than 6 s "
+                         f"to some of the {len(runs)} runs")
+    if jax.process_index() == 0:
+        fileio.write_json_atomic(path, {
+            "budget_minutes": budget, "budget_shares": shares_text,
+            "start_up_minutes": round(elapsed_minutes, 3),
+            "per_run_minutes": {k: float(m) for k, m in zip(keys, left)}})
+    return [float(m) for m in left]
+
+
 def parse_datasets(config, workdir: str) -> list[tuple[str, list[str]]]:
     """[(name, data folders)] of ``benchmark.datasets`` ("name:folder,..."; raw HC18 and
     OpenKBP folders converted into ``<workdir>/converted/<name>``), or [("", the folders of
@@ -277,15 +349,11 @@ def run(config, workdir: str) -> dict:
     runs = [(name, roots, entry) for name, roots in datasets for entry in entries
             if entry.dims == 2 or not name
             or not all(decathlon.read_dataset(r).is_2d for r in roots)]
-    budget = float(config.benchmark.get("budget_minutes", 0.0))
-    # Evaluation, conversion and start-up take about 15% of a run on the CPU.
-    per_run = 0.85 * (budget - (time.time() - t0) / 60) / max(len(runs), 1) if budget else 0.0
-    if budget and per_run < 0.1:
-        raise ValueError(f"config.benchmark.budget_minutes={budget:g} leaves less than 6 s "
-                         f"to each of the {len(runs)} runs")
+    budgets = run_budgets(config, workdir, [(name, e.label) for name, _, e in runs],
+                          (time.time() - t0) / 60)
     infos, trials = [], []
-    for name, roots, entry in runs:
-        info, entry_trials = _run_entry(config, entry, roots, workdir, name, per_run)
+    for (name, roots, entry), minutes in zip(runs, budgets):
+        info, entry_trials = _run_entry(config, entry, roots, workdir, name, minutes)
         infos.append(info)
         trials += entry_trials
     results = {"command": command_line(),

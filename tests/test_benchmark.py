@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def test_study_on_several_data_sets_with_a_budget(tmp_path):
         assert Path(info["workdir"]) == workdir / info["dataset"] / info["label"]
         recorded = json.loads((Path(info["workdir"]) / "config.json").read_text())
         assert recorded["train"]["budget_minutes"] > 0
+        # As budget.json fixed it at the start, for a rerun to give every run the same.
+        shared = json.loads((workdir / study.BUDGET_JSON).read_text())["per_run_minutes"]
+        assert recorded["train"]["budget_minutes"] == shared[
+            f"{info['dataset']}/{info['label']}"]
     assert {c["dataset"] for c in results["comparisons"]} == {"mri", "us"}
     report = (workdir / "report.md").read_text()
     assert "## Summary across data sets" in report and "## mri" in report
@@ -134,6 +139,50 @@ def test_study_on_several_data_sets_with_a_budget(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["dataset"] for r in rows} == {"mri", "us"}
     assert (workdir / "figures" / "mri" / "boxplots.png").exists()
+
+
+def test_study_budget_is_shared_by_weight_and_kept_for_reruns(tmp_path):
+    runs = [("mri", "unet"), ("mri", "fcn"), ("ct", "unet"), ("ct", "fcn")]
+    config = bench_config(budget_minutes=10.0, budget_shares="ct:3")
+    budgets = study.run_budgets(config, str(tmp_path), runs, elapsed_minutes=2.0)
+    assert budgets == pytest.approx([0.85 * 8 / 8, 0.85 * 8 / 8, 0.85 * 8 * 3 / 8,
+                                     0.85 * 8 * 3 / 8])
+    recorded = json.loads((tmp_path / study.BUDGET_JSON).read_text())
+    assert recorded["per_run_minutes"]["ct/fcn"] == pytest.approx(2.55)
+    # A rerun (conversion cached: less start-up) keeps the figures every run fitted to.
+    assert study.run_budgets(config, str(tmp_path), runs, elapsed_minutes=0.1) == budgets
+    # A new budget, new shares or other runs share it again.
+    config.benchmark.budget_shares = ""
+    assert study.run_budgets(config, str(tmp_path), runs, 0.0) == pytest.approx([2.125] * 4)
+    assert study.run_budgets(config, str(tmp_path), runs[:2], 0.0) == pytest.approx([4.25] * 2)
+    # Without a budget: no file is needed, every run trains its configured epochs.
+    assert study.run_budgets(bench_config(), str(tmp_path / "none"), runs, 0.0) == [0.0] * 4
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("shares, message", [
+    ("ct", "'ct' is not name:weight"), ("ct:0", "'ct:0' is not name:weight"),
+    ("ct:x", "'ct:x' is not name:weight"), ("us:2", "'us' is not a data set of "
+                                            "config.benchmark.datasets (ct, mri)")])
+def test_study_budget_shares_field_is_checked(tmp_path, shares, message):
+    config = bench_config(budget_shares=shares)
+    with pytest.raises(ValueError, match=f"config.benchmark.budget_shares: {re.escape(message)}"):
+        study.run_budgets(config, str(tmp_path), [("mri", "unet"), ("ct", "unet")], 0.0)
+
+
+def test_study_budget_file_damaged_or_too_small(tmp_path):
+    (tmp_path / study.BUDGET_JSON).write_text("{\"budget_minutes\": 1")
+    with pytest.raises(ValueError, match=r"budget.json: not valid JSON .*per-run budgets.*"
+                                         "delete it to share the budget again"):
+        study.run_budgets(bench_config(budget_minutes=1.0), str(tmp_path), [("", "unet")], 0)
+    (tmp_path / study.BUDGET_JSON).write_text(json.dumps(
+        {"budget_minutes": 1.0, "budget_shares": "", "per_run_minutes": {"unet": "x"}}))
+    with pytest.raises(ValueError, match="budget.json: per_run_minutes holds a value that "
+                                         "is not a number"):
+        study.run_budgets(bench_config(budget_minutes=1.0), str(tmp_path), [("", "unet")], 0)
+    with pytest.raises(ValueError, match="budget_minutes=1 leaves less than 6 s"):
+        study.run_budgets(bench_config(budget_minutes=1.0), str(tmp_path / "b"),
+                          [("", f"m{i}") for i in range(10)], 0.0)
 
 
 def test_study_datasets_field_is_checked(tmp_path):
