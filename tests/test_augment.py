@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medseg_jax.data import augment
+from medseg_jax.data import augment, filters
 
 _ALL_P = ("p_rotate", "p_scale", "p_flip", "p_brightness", "p_contrast", "p_gamma", "p_noise")
 _INTENSITY_P = ("p_brightness", "p_contrast", "p_gamma", "p_noise")
@@ -407,7 +407,7 @@ def test_blur_matches_scipy_gaussian_filter():
     scipy_ndimage = pytest.importorskip("scipy.ndimage")
     x = np.asarray(jax.random.normal(jax.random.key(0), (9, 11, 7, 2)))
     sigmas = np.array([[1.0, 0.5], [0.7, 1.0], [0.5, 0.8]], np.float32)  # (axis, channel)
-    out = np.asarray(augment.gaussian_blur(jnp.asarray(x), jnp.asarray(sigmas), radius=3))
+    out = np.asarray(filters.gaussian_blur(jnp.asarray(x), jnp.asarray(sigmas), radius=3))
     for c in range(2):  # scipy "mirror" is numpy's "reflect"; radius floor(3 sigma + 1/4)
         ref = x[..., c]
         for a in range(3):
@@ -426,7 +426,7 @@ def test_blur_kernel_size_as_nnunet():
 
     for sigma in np.linspace(0.5, 1.0, 26):
         impulse = jnp.zeros((15, 1)).at[7, 0].set(1.0)
-        out = augment.gaussian_blur(impulse, jnp.full((1, 1), sigma, jnp.float32), radius=3)
+        out = filters.gaussian_blur(impulse, jnp.full((1, 1), sigma, jnp.float32), radius=3)
         assert int(jnp.sum(out > 0)) == nnunet_size(float(sigma)), sigma
 
 
@@ -440,7 +440,7 @@ def test_blur_channel_probability_zero_skips():
 @pytest.mark.parametrize("zoom", [0.5, 0.75, 0.6])
 def test_low_resolution_equals_nearest_down_linear_up(zoom):
     x = jax.random.normal(jax.random.key(1), (8, 10, 12))
-    low = functools.partial(augment.simulate_low_resolution, zooms=jnp.array([zoom]))
+    low = functools.partial(filters.simulate_low_resolution, zooms=jnp.array([zoom]))
     out = low(x[..., None], axes=(0, 1, 2))[..., 0]
     coarse = tuple(max(1, round(n * zoom)) for n in x.shape)
     ref = jax.image.resize(jax.image.resize(x, coarse, "nearest"), x.shape, "linear")
@@ -476,7 +476,7 @@ def test_low_resolution_smooths_and_zoom_one_is_identity(spatial):
                        lowres_axes=(1, 2))
         out_i, _ = run(jax.random.key(0), images, labels, cfg)
         half = jnp.array([0.5])
-        ref = jax.vmap(lambda x: augment.simulate_low_resolution(x, half, (1, 2)))(images)
+        ref = jax.vmap(lambda x: filters.simulate_low_resolution(x, half, (1, 2)))(images)
         np.testing.assert_allclose(out_i, ref, atol=1e-6)
 
 

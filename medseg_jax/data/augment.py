@@ -63,6 +63,7 @@ import ml_collections
 from jax.scipy.ndimage import map_coordinates
 
 from medseg_jax.data import laterality
+from medseg_jax.data.filters import gaussian_blur, simulate_low_resolution
 
 _GAMMA_EPS = 1e-7
 _HIGHEST = jax.lax.Precision.HIGHEST  # small matrices: no TF32 on GPUs
@@ -346,72 +347,6 @@ def _factor(u: jax.Array, bounds: Sequence[float], split: bool) -> jax.Array:
     return jnp.where(u < 0.5, lo + (1.0 - lo) * (2.0 * u), 1.0 + (hi - 1.0) * (2.0 * u - 1.0))
 
 
-def _reflect_index(j: jax.Array, n: int) -> jax.Array:
-    """Index ``j`` (any integer) folded into [0, n) as numpy's ``"reflect"`` pad."""
-    if n == 1:
-        return jnp.zeros_like(j)
-    j = jnp.abs(j) % (2 * (n - 1))
-    return jnp.where(j >= n, 2 * (n - 1) - j, j)
-
-
-def _apply_along(x: jax.Array, op: jax.Array, axis: int) -> jax.Array:
-    """``x`` (*spatial, C) times a per-channel (C, n, n) operator along ``axis``."""
-    letters = "abcd"[: x.ndim - 1]
-    src = letters + "z"
-    dst = src.replace(letters[axis], "y")
-    return jnp.einsum(f"zy{letters[axis]},{src}->{dst}", op, x, precision=_HIGHEST)
-
-
-def gaussian_blur(x: jax.Array, sigmas: jax.Array, radius: int) -> jax.Array:
-    """Separable Gaussian blur of ``x`` (*spatial, C), ``"reflect"`` boundary.
-
-    ``sigmas`` (ndim, C): one sigma per axis and channel (traced values are
-    fine); taps ``|k| <= min(3 sigma + 1/4, radius)``, normalised to sum 1, so
-    the static ``radius`` should be at least ``3 * max(sigma) + 1/4``. Each
-    axis is one banded (n, n) matrix per channel, applied by a matmul.
-    """
-    k = jnp.arange(-radius, radius + 1)
-    for a in range(x.ndim - 1):
-        s = sigmas[a][:, None]  # (C, 1)
-        kf = k.astype(jnp.float32)[None, :]
-        w = jnp.where(jnp.abs(kf) <= 3.0 * s + 0.25, jnp.exp(-0.5 * (kf / s) ** 2), 0.0)
-        w = w / jnp.sum(w, axis=1, keepdims=True)  # (C, taps)
-        n = x.shape[a]
-        src = _reflect_index(jnp.arange(n)[:, None] + k[None, :], n)  # (n, taps)
-        hits = (src[:, :, None] == jnp.arange(n)[None, None, :]).astype(jnp.float32)
-        x = _apply_along(x, jnp.einsum("ct,itj->cij", w, hits, precision=_HIGHEST), a)
-    return x
-
-
-def simulate_low_resolution(x: jax.Array, zooms: jax.Array, axes: Sequence[int]) -> jax.Array:
-    """Nearest downsampling of ``x`` (*spatial, C) to ``round(n * zoom)`` voxels
-    along each of ``axes``, then linear upsampling back to ``n``.
-
-    ``zooms`` (C,): one factor per channel (traced values are fine). Shapes stay
-    static: per axis both steps form one (n, n) matrix per channel (two
-    nonzeros a row), applied by a matmul. Half-pixel centres as ``torch``
-    ``"nearest-exact"`` / linear with ``align_corners=False`` (edges clamped),
-    i.e. as ``jax.image.resize`` "nearest" then "linear".
-    """
-    zooms = jnp.asarray(zooms, jnp.float32)[:, None, None]
-    for a in axes:
-        n = x.shape[a]
-        m = jnp.maximum(jnp.round(n * zooms), 1.0)  # coarse size (traced), (C, 1, 1)
-        i = jnp.arange(n, dtype=jnp.float32)[None, :, None]
-        c = jnp.clip((i + 0.5) * (m / n) - 0.5, 0.0, m - 1.0)
-        j0 = jnp.floor(c)
-        t = c - j0
-
-        def source(j):  # coarse voxel j -> the input voxel its nearest sample reads
-            return jnp.minimum(jnp.floor((j + 0.5) * (n / m)), n - 1).astype(jnp.int32)
-
-        k = jnp.arange(n, dtype=jnp.int32)[None, None, :]
-        op = (jnp.where(k == source(j0), 1.0 - t, 0.0)
-              + jnp.where(k == source(jnp.minimum(j0 + 1.0, m - 1.0)), t, 0.0))
-        x = _apply_along(x, op, a)
-    return x
-
-
 def _gamma(x: jax.Array, gamma: jax.Array, axes: tuple[int, ...], retain_stats: bool) -> jax.Array:
     """``x -> x**gamma`` on the per-channel min-max rescaled intensities."""
     lo, hi = jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
@@ -479,11 +414,14 @@ def _augment_geometry(
 
 
 def _augment_intensity(
-    u: jax.Array, extra: jax.Array | None, noise: jax.Array | None, image: jax.Array, cfg: Any
+    u: jax.Array, extra: jax.Array | None, noise: jax.Array | None, image: jax.Array, cfg: Any,
+    groups: int = 1,
 ) -> jax.Array:
     """Intensity steps for one sample (*spatial, C), in nnU-Net's order.
 
-    ``extra``: the sample's extra block of draws (see ``_NUM_X``), or None.
+    ``extra``: the sample's extra block of draws (see ``_NUM_X``), or None. ``groups``:
+    the channels are that many blocks of the same modalities (neighbouring slices as
+    channels, ``data.context_slices``); a per-channel draw is shared by the blocks.
     """
     axes = tuple(range(image.ndim - 1))
     ndim, channels = image.ndim - 1, image.shape[-1]
@@ -491,7 +429,8 @@ def _augment_intensity(
     x = image.astype(jnp.promote_types(dtype, jnp.float32))
     head = per_ch = None
     if extra is not None:
-        head, per_ch = extra[:_NUM_X], extra[_NUM_X:].reshape(_NUM_XC, channels)
+        head = extra[:_NUM_X]
+        per_ch = jnp.tile(extra[_NUM_X:].reshape(_NUM_XC, channels // groups), (1, groups))
     split = bool(_get(cfg, "factors_split_at_one"))
     by_channel = per_ch is not None and bool(_get(cfg, "intensity_per_channel"))
 
@@ -545,6 +484,7 @@ def _augment_intensity(
 def augment_batch(
     rng: jax.Array, images: jax.Array, labels: jax.Array, cfg: Any,
     swap: Sequence[int] | None = None, annotated: jax.Array | None = None,
+    context: int = 0,
 ) -> tuple[jax.Array, ...]:
     """Randomly augment a batch on device (jittable, vmapped over the batch).
 
@@ -559,6 +499,8 @@ def augment_batch(
         None (labels keep their values).
       annotated: (B, num_classes) per-case flags of the annotated classes (partial
         labels), permuted with the labels; None when the data set has none.
+      context: the channels are the modalities of 2 * context + 1 neighbouring slices
+        (``data.context_slices``): per-channel draws are made per modality.
 
     Returns:
       ``(images, labels)`` with the input shapes and dtypes, and ``annotated`` when given.
@@ -578,7 +520,11 @@ def augment_batch(
     draw_noise = float(_get(cfg, "p_noise")) > 0
     n_vox = math.prod(images.shape[1:])
     n_pairs = (n_vox + 1) // 2 if draw_noise else 0
-    n_extra = _NUM_X + _NUM_XC * images.shape[-1] if _uses_extra(cfg) else 0
+    groups = 2 * int(context) + 1
+    if images.shape[-1] % groups:
+        raise ValueError(f"images have {images.shape[-1]} channels, not a multiple of the "
+                         f"{groups} slices of context={context}")
+    n_extra = _NUM_X + _NUM_XC * (images.shape[-1] // groups) if _uses_extra(cfg) else 0
     start = _NUM_U + n_extra
     r = jax.random.uniform(rng, (batch, start + 2 * n_pairs))
     u, extra, noise = r[:, :_NUM_U], (r[:, _NUM_U:start] if n_extra else None), None
@@ -590,7 +536,7 @@ def augment_batch(
 
     def one(u_i, extra_i, noise_i, image, label):
         image, label, mirrored = _augment_geometry(u_i, image, label, cfg)
-        return _augment_intensity(u_i, extra_i, noise_i, image, cfg), label, mirrored
+        return _augment_intensity(u_i, extra_i, noise_i, image, cfg, groups), label, mirrored
 
     images, labels, mirrored = jax.vmap(one)(u, extra, noise, images, labels)
     if swap is not None:
