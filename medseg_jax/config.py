@@ -34,6 +34,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Axis (of the canonical RAS volume) along which 3D volumes are sliced for
     # 2D models; 2 = axial.
     data.slice_axis = 2
+    # 2D models on volumes: the k slices on each side of a slice become extra input
+    # channels (2.5D: some 3D context for the cost of the first convolution), edge
+    # slices repeated at the volume's ends; 0: the slice alone. The label is the centre
+    # slice's. Per-channel augmentation draws stay per modality.
+    data.context_slices = 0
     # After the modality's normalisation, optionally min-max rescale each case and
     # channel to [0, 1].
     data.rescale_01 = False
@@ -310,6 +315,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.foreground_fraction: {config.data.foreground_fraction} "
             "is not in [0, 1]")
+    context = int(config.data.get("context_slices", 0))
+    if context < 0 or (context and dims != 2):
+        raise ValueError(f"config.data.context_slices: {context}: neighbouring slices as "
+                         "channels need model.spatial_dims=2 and a count >= 0")
     if int(config.train.get("val_max_samples", 0)) < 0:
         raise ValueError("config.train.val_max_samples: must be >= 0 (0: all), got "
                          f"{config.train.val_max_samples}")

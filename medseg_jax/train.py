@@ -49,7 +49,7 @@ from medseg_jax import (evaluate, fileio, inference, losses, metrics, planning,
 from medseg_jax import events as events_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
-from medseg_jax.data import augment, cache, laterality, loader
+from medseg_jax.data import augment, cache, laterality, loader, preprocess
 from medseg_jax.data import dataset as dataset_lib
 from medseg_jax.models import count_params
 
@@ -65,8 +65,9 @@ def train_step(state: state_lib.TrainState, batch: dict, *, config, num_classes:
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
     annotated = batch.get("annotated")
-    images, labels, *rest = augment.augment_batch(aug_rng, batch["image"], batch["label"],
-                                                  config.augment, swap, annotated)
+    images, labels, *rest = augment.augment_batch(
+        aug_rng, batch["image"], batch["label"], config.augment, swap, annotated,
+        context=int(config.data.get("context_slices", 0)))
     annotated = rest[0] if rest else None
 
     deep = bool(config.model.get("deep_supervision", False))
@@ -433,7 +434,8 @@ class _Loop:
         label = np.asarray(self.val_samples.labels[i])
         probs = inference.predict_batches(self.predict_fn, state, image,
                                           self.config.eval.batch_size, self.mesh)
-        pred, image = np.argmax(probs[0], axis=-1), image[0, ..., 0]
+        centre = preprocess.centre_channel(image.shape[-1], self.config)  # not a neighbour's
+        pred, image = np.argmax(probs[0], axis=-1), image[0, ..., centre]
         if label.ndim == 3:
             k = int(np.argmax((label > 0).sum(axis=(0, 1))))
             image, label, pred = image[..., k], label[..., k], pred[..., k]

@@ -112,7 +112,8 @@ def run_lock(workdir: str):
 # model, the data nor the checkpoint's structure).
 _FREE_FIELDS = ("data.num_workers", "data.cache_dir")
 # What evaluation compares: what the network is and what it is fed.
-EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.rescale_01",
+EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.context_slices",
+               "data.rescale_01",
                "data.target_spacing", "data.in_plane")
 
 

@@ -48,7 +48,7 @@ class Dataset:
     splits: dict[str, list[str]]
     labels: dict[int, str]
     num_classes: int
-    num_channels: int
+    num_channels: int  # the network's input channels: modalities x (2 context_slices + 1)
 
     def load(self, case_key: str) -> nifti.Case:
         ref, info = self.refs[case_key]
@@ -100,7 +100,8 @@ def open_dataset(config, workdir: str) -> Dataset:
             refs[key] = (ref, info)
     splits = resolve_splits(config, workdir, infos, refs)
     return Dataset(infos=infos, refs=refs, splits=splits, labels=dict(first.labels),
-                   num_classes=len(values), num_channels=len(first.modalities))
+                   num_classes=len(values), num_channels=len(first.modalities)
+                   * (2 * int(config.data.get("context_slices", 0)) + 1))
 
 
 def make_splits(infos, fractions, seed: int) -> dict[str, list[str]]:

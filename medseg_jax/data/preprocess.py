@@ -247,10 +247,34 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 # A case as the network sees it (training cache, evaluation and prediction alike).
 
 
+def with_context(image: np.ndarray, context: int, slice_axis: int) -> np.ndarray:
+    """(C, *spatial) -> (C * (2 context + 1), *spatial): channel ``o * C + c`` holds
+    channel c of the slice ``o - context`` slices away along ``slice_axis`` (the first
+    and last slices repeated beyond the volume's ends); the centre block is the image."""
+    if not context:
+        return image
+    axis, n = 1 + slice_axis, image.shape[1 + slice_axis]
+    index = np.arange(n)
+    return np.concatenate([np.take(image, np.clip(index + o, 0, n - 1), axis=axis)
+                           for o in range(-context, context + 1)], axis=0)
+
+
+def centre_channel(num_channels: int, config) -> int:
+    """The input channel of the first modality of the slice itself (not a neighbour's)."""
+    context = int(config.data.get("context_slices", 0))
+    return num_channels // (2 * context + 1) * context
+
+
 def normalized(case: Case, plans, config) -> np.ndarray:
-    """The case's image normalised as its task's plan says (+ optional [0, 1] rescale)."""
+    """The case's image normalised as its task's plan says (+ optional [0, 1] rescale),
+    with ``data.context_slices`` neighbouring slices as extra channels."""
     image = normalize(case.image, plans["intensity"][case.task])
-    return rescale_01(image) if config.data.rescale_01 else image
+    image = rescale_01(image) if config.data.rescale_01 else image
+    context = int(config.data.get("context_slices", 0))
+    if context and image.ndim != 4:
+        raise ValueError(f"config.data.context_slices={context}: case {case.task}/"
+                         f"{case.case_id} is a 2D image: it has no neighbouring slices")
+    return with_context(image, context, config.data.slice_axis)
 
 
 def uses_patches(config) -> bool:
