@@ -367,8 +367,8 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     train_fn, eval_fn = jit_steps(config, mesh, num_classes, swap=swap)
     # The timed steps read their batches as the loop does (host patches and the transfer
     # included): timing pre-made batches alone planned 10-25% too few seconds per step.
-    # The steps right after compilation ran slower than the loop's (cold memory-mapped
-    # samples, first allocations), so a few run untimed first.
+    # On one CPU (Zen 5) the steps right after compilation ran 25-45% slower than the
+    # loop's, so a few run untimed first.
     host = loader.epoch_batches(train_samples, config, 0,
                                 1 + _BUDGET_WARMUP + _BUDGET_STEPS)
     try:
