@@ -342,8 +342,7 @@ def _overlay_setup(config, mesh, val_samples) -> tuple[int | None, Any]:
     return int(np.argmax(counts)), state_lib.make_predict_fn(config, mesh, tta=False)
 
 
-_BUDGET_WARMUP = 2  # untimed training steps after the compiling one, for train.budget_minutes
-_BUDGET_STEPS = 8  # training steps timed after those
+_BUDGET_WARMUP, _BUDGET_STEPS = 2, 8  # untimed (on a Zen 5 25-45% slower), then timed steps
 
 
 def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
@@ -365,23 +364,18 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     shape = (batch, *config.data.image_size, dataset.num_channels)
     state = state_lib.init_state(config, model, shape, steps_per_epoch, mesh)
     train_fn, eval_fn = jit_steps(config, mesh, num_classes, swap=swap)
-    # The timed steps read their batches as the loop does (host patches and the transfer
-    # included): timing pre-made batches alone planned 10-25% too few seconds per step.
-    # On one CPU (Zen 5) the steps right after compilation ran 25-45% slower than the
-    # loop's, so a few run untimed first.
-    host = loader.epoch_batches(train_samples, config, 0,
-                                1 + _BUDGET_WARMUP + _BUDGET_STEPS)
+    # Batches read as the loop reads them (pre-made ones planned 10-25% too few s/step).
+    host = loader.epoch_batches(train_samples, config, 0, 1 + _BUDGET_WARMUP + _BUDGET_STEPS)
     try:
         first = sharding.to_global(next(host), mesh)
         t_compile = time.time()
         state, out_ = train_fn(state, first)
         jax.block_until_ready(out_)
         compile_s = time.time() - t_compile
-        for _ in range(_BUDGET_WARMUP):
-            state, out_ = train_fn(state, sharding.to_global(next(host), mesh))
-        jax.block_until_ready(out_)
-        t_step = time.time()
-        for b in host:
+        for i, b in enumerate(host):
+            if i == _BUDGET_WARMUP:
+                jax.block_until_ready(out_)
+                t_step = time.time()
             state, out_ = train_fn(state, sharding.to_global(b, mesh))
         jax.block_until_ready(out_)
         step_s = (time.time() - t_step) / _BUDGET_STEPS
