@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import threading
@@ -45,7 +44,7 @@ from absl import logging
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
 from medseg_jax import (evaluate, fileio, inference, losses, metrics, planning,
-                        postprocess, report, sharding, transfer)
+                        postprocess, runlog, sharding, transfer)
 from medseg_jax import events as events_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
@@ -149,61 +148,6 @@ def validate(eval_fn, state, samples: cache.Samples, config, mesh) -> dict:
             "val_dice_per_class": [float(d) for d in dice]}
 
 
-class MetricsLog:
-    """metrics.jsonl, truncated on resume to what the restored checkpoint has seen (a line
-    cut short by a kill or a full disk is dropped then too), mirrored into TensorBoard
-    event files (``events.py``: scalars under ``train/`` per log step and ``epoch/`` per
-    epoch, and the validation overlay image)."""
-
-    def __init__(self, workdir: str, restored_step: int, class_names: list[str] | None = None,
-                 resumed: bool = False, tensorboard: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled = jax.process_index() == 0
-        self.class_names = list(class_names or [])
-        if self.enabled and os.path.exists(self.path):
-            rows = fileio.read_text_lines(self.path, "the run's log", LOG_RECOVER)
-            kept = [r for r in rows if _row_step(r) <= restored_step]
-            if len(kept) != len(rows):
-                fileio.write_text_atomic(self.path, "".join(kept))
-        self.events = events_lib.EventWriter(
-            workdir, enabled=self.enabled and tensorboard,
-            start_step=restored_step if resumed else None)
-
-    def write(self, **row) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-            self.events.scalars(int(row["step"]), self._scalars(row))
-
-    def _scalars(self, row: dict) -> dict[str, float]:
-        section = "epoch" if "val_loss" in row else "train"
-        out = {}
-        for key, value in row.items():
-            if key in ("step", "epoch"):
-                continue
-            if isinstance(value, (list, tuple)):  # per class
-                names = self.class_names or [str(i + 1) for i in range(len(value))]
-                for name, v in zip(names, value):
-                    out[f"{section}/{key}/{name}"] = v
-            else:
-                out[f"{section}/{key}"] = value
-        return out
-
-    def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
-        if self.enabled:
-            self.events.image(step, tag, rgb)
-
-
-LOG_RECOVER = ("move it aside: the run then starts a new log from the restored checkpoint "
-               "(the checkpoints hold the training state)")
-
-
-def _row_step(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a blank, cut or unreadable line."""
-    row = report.metrics_row(line)
-    return float("inf") if row is None else row.get("step", 0)
-
-
 def _transfer_guard(level: str):
     """``jax.transfer_guard(level)``, or nothing for ""."""
     return jax.transfer_guard(level) if level else contextlib.nullcontext()
@@ -305,7 +249,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
                      progress["steps"] if progress else steps_per_epoch, steps_per_epoch)
     elif config.train.init_from:
         state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
-    log = MetricsLog(workdir, int(state.step),
+    log = runlog.MetricsLog(workdir, int(state.step),
                      [n for v, n in sorted(dataset.labels.items()) if v != 0],
                      resumed=latest is not None, tensorboard=config.train.tensorboard)
 
@@ -416,7 +360,7 @@ class _Loop:
 
     config: Any
     checkpointer: ckpt_lib.Checkpointer
-    log: MetricsLog
+    log: runlog.MetricsLog
     train_fn: Any
     eval_fn: Any
     mesh: Any

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
-from medseg_jax import evaluate, losses, metrics, sharding, train
+from medseg_jax import evaluate, losses, metrics, runlog, sharding, train
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import loader
@@ -246,7 +246,7 @@ def test_same_seed_gives_bit_identical_numbers_with_worker_processes(make_run_co
 def test_metrics_log_drops_rows_past_the_checkpoint_and_a_cut_line(tmp_path):
     rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')  # killed
-    log = train.MetricsLog(str(tmp_path), restored_step=2)
+    log = runlog.MetricsLog(str(tmp_path), restored_step=2)
     log.write(step=3, loss=0.5)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
