@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from medseg_jax import losses, planning, train
+from medseg_jax import losses, planning, sharding, train
 from medseg_jax import state as state_lib
 from medseg_jax.config import default_config
 from medseg_jax.data import cache, loader
@@ -166,6 +166,39 @@ def test_budget_minutes_sets_the_epochs_and_a_resume_keeps_them(tmp_path, make_t
     config2 = make_tiny_config(**{"train.budget_minutes": 0.5, "train.num_epochs": 1})
     out = train._fit_budget(config2, workdir, None, None, None, None, 2)
     assert out.train.num_epochs == epochs
+
+
+def test_budget_times_steps_on_batches_read_once_before(tmp_path, make_tiny_config,
+                                                      monkeypatch):
+    """The budget's timed batches are read once, untimed, before any step: on a cold page
+    cache the first read of a case costs more than the step (measured on OpenKBP)."""
+    events = []
+    epoch_batches, jit_steps = loader.epoch_batches, train.jit_steps
+
+    def reading(*args, **kwargs):
+        for batch in epoch_batches(*args, **kwargs):
+            events.append(("read", int(np.asarray(batch["label"]).sum())))
+            yield batch
+
+    def stepping(*args, **kwargs):
+        train_fn, eval_fn = jit_steps(*args, **kwargs)
+
+        def step(state, batch):
+            events.append(("step", None))
+            return train_fn(state, batch)
+        return step, eval_fn
+
+    monkeypatch.setattr(loader, "epoch_batches", reading)
+    monkeypatch.setattr(train, "jit_steps", stepping)
+    config = make_tiny_config(**{"train.budget_minutes": 0.5, "train.num_epochs": 1})
+    dataset, _, samples = cache.prepare(config, str(tmp_path))
+    train._fit_budget(config, str(tmp_path), sharding.make_mesh(), dataset, samples["train"],
+                      samples["val"], 4)
+    n = 1 + train._BUDGET_WARMUP + train._BUDGET_STEPS
+    kinds = [kind for kind, _ in events]
+    assert kinds[:n + 1] == ["read"] * (n + 1) and kinds[n + 1] == "step"
+    timed = [e[1] for e in events[n:] if e[0] == "read"]
+    assert timed == [e[1] for e in events[:n]]  # the same batches, read again
 
 
 def test_recipe_configs_are_short_and_valid():
