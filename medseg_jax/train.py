@@ -313,7 +313,8 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     # after one untimed read that pages their cases in, as the loop's first pass does (on
     # a cold page cache FCN's plan was 40% too slow on OpenKBP).
     n = 1 + _BUDGET_WARMUP + _BUDGET_STEPS
-    collections.deque(loader.epoch_batches(train_samples, config, 0, n), maxlen=0)
+    with contextlib.closing(loader.epoch_batches(train_samples, config, 0, n)) as warm:
+        collections.deque(warm, maxlen=0)  # closed: grain's workers stop here
     host = loader.epoch_batches(train_samples, config, 0, n)
     try:
         first = sharding.to_global(next(host), mesh)
