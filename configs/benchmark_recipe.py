@@ -18,4 +18,10 @@ def get_config():
     config.train.num_epochs = 20  # of 250 steps
     config.benchmark.image_size_3d = ()  # 3D entries: patch and batch from the plan too
     config.benchmark.batch_size_3d = 0
+    # With --config.benchmark.sweep.enabled=True: only the learning rate is searched; the
+    # plan's batch, the budget's (or num_epochs') epochs and no early stopping stay.
+    config.benchmark.sweep.learning_rates = "1e-3,3e-3"
+    config.benchmark.sweep.batch_sizes = ""
+    config.benchmark.sweep.num_epochs = ""
+    config.benchmark.sweep.patience = ""
     return config

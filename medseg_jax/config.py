@@ -201,6 +201,7 @@ def study_section() -> ml_collections.ConfigDict:
     b.freeze_encoder_epochs = 0
     # Hyperparameter search (the study's): every combination is trained and scored on the
     # validation split; the best by validation Dice is evaluated once on the test split.
+    # An empty list leaves its field as the config has it (not swept).
     b.sweep = s = ml_collections.ConfigDict()
     s.enabled = False
     s.learning_rates = "1e-3,3e-4"

@@ -88,26 +88,33 @@ def parse_entries(config) -> list[Entry]:
     return entries
 
 
+# The sweep's lists (config.benchmark.sweep) and the train fields they set.
+SWEEP_FIELDS = (("learning_rates", "learning_rate", float), ("batch_sizes", "batch_size", int),
+                ("num_epochs", "num_epochs", int), ("patience", "patience", int))
+
+
 def _grid(text: str, cast, field: str) -> list:
+    """A sweep list; empty: ``[None]`` (the field is not swept: the run keeps its own)."""
     try:
         values = [cast(v.strip()) for v in str(text).split(",") if v.strip()]
     except ValueError as e:
         raise ValueError(f"config.benchmark.sweep.{field}: {text!r} is not a comma-separated "
                          f"list of {cast.__name__} ({e})") from e
-    if not values:
-        raise ValueError(f"config.benchmark.sweep.{field}: empty")
-    return values
+    return values or [None]
 
 
 def sweep_grid(config) -> list[dict]:
-    """The trial settings: every combination of the sweep's lists."""
+    """The trial settings: every combination of the sweep's lists, each a dict of the
+    train fields it sets (a field whose list is empty is left as the config has it, e.g.
+    the plan's batch size in configs/benchmark_recipe.py)."""
     sweep = config.benchmark.sweep
-    lists = [_grid(sweep.learning_rates, float, "learning_rates"),
-             _grid(sweep.batch_sizes, int, "batch_sizes"),
-             _grid(sweep.num_epochs, int, "num_epochs"),
-             _grid(sweep.patience, int, "patience")]
-    keys = ("learning_rate", "batch_size", "num_epochs", "patience")
-    return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
+    lists = [_grid(sweep[name], cast, name) for name, _, cast in SWEEP_FIELDS]
+    if all(values == [None] for values in lists):
+        raise ValueError("config.benchmark.sweep: every list is empty (learning_rates, "
+                         "batch_sizes, num_epochs, patience): nothing to sweep")
+    keys = [key for _, key, _ in SWEEP_FIELDS]
+    return [{k: v for k, v in zip(keys, combo) if v is not None}
+            for combo in itertools.product(*lists)]
 
 
 def run_config(config, entry: Entry, roots: list[str], workdir: str,
@@ -178,7 +185,8 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
             trial_dir = os.path.join(folder, f"trial_{i}")
             logging.info("Benchmark %s, trial %d: %s", entry.label, i, setting)
             val = train.train_and_evaluate(c, trial_dir)
-            trials.append({"entry": entry.label, "dataset": dataset, "trial": i, **setting,
+            trials.append({"entry": entry.label, "dataset": dataset, "trial": i,
+                           **_trial_values(c, trial_dir), **setting,
                            "workdir": trial_dir, "val_dice": _class_mean_dice(val),
                            **_run_facts(trial_dir)})
         best = choose_trial(trials)
@@ -206,6 +214,15 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
             "checkpoint_epoch": results["epoch"],
             "postprocess": results.get("postprocess", "")}
     return info, trials
+
+
+def _trial_values(config, trial_dir: str) -> dict:
+    """The values a trial trained with for every swept field, swept or not: from the
+    trial's config.json (the plan and the time budget applied), else its config."""
+    path = os.path.join(trial_dir, "config.json")
+    recorded = (fileio.read_json(path, "the trial's config").get("train", {})
+                if os.path.exists(path) else {})
+    return {key: recorded.get(key, config.train[key]) for _, key, _ in SWEEP_FIELDS}
 
 
 def _run_facts(run_dir: str) -> dict:

@@ -42,11 +42,17 @@ def test_benchmark_with_sweep_never_chooses_on_the_test_split(tmp_path, monkeypa
 
     monkeypatch.setattr(train, "train_and_evaluate", fit)
     monkeypatch.setattr(evaluate, "evaluate", ev)
+    # num_epochs and patience are not swept (empty lists): the trials keep the config's.
     config = bench_config(**{"models": "unet,fcn", "sweep.enabled": True,
                              "sweep.learning_rates": "1e-3,3e-2", "sweep.batch_sizes": "8",
-                             "sweep.num_epochs": "1", "sweep.patience": "0"})
+                             "sweep.num_epochs": "", "sweep.patience": ""})
+    config.train.patience = 3
     workdir = tmp_path / "bench"
     results = study.run(config, str(workdir))
+    assert [(t["learning_rate"], t["batch_size"], t["num_epochs"], t["patience"])
+            for t in results["trials"]] == [(1e-3, 8, 1, 3), (3e-2, 8, 1, 3)] * 2
+    trial = json.loads((workdir / "unet" / "trial_1" / "config.json").read_text())["train"]
+    assert (trial["learning_rate"], trial["batch_size"], trial["patience"]) == (3e-2, 8, 3)
 
     # Every trial is trained and scored on the validation split; the test split is
     # evaluated once per architecture, for the chosen trial, after all of its trials.
@@ -90,12 +96,24 @@ def test_choose_trial_by_validation_dice():
     assert study.choose_trial(trials) == 2
 
 
+def test_sweep_grid_sweeps_only_the_lists_given():
+    config = bench_config(**{"sweep.learning_rates": "1e-3, 3e-3", "sweep.batch_sizes": "",
+                             "sweep.num_epochs": "", "sweep.patience": "0"})
+    assert study.sweep_grid(config) == [{"learning_rate": 1e-3, "patience": 0},
+                                        {"learning_rate": 3e-3, "patience": 0}]
+    recipe = runpy.run_path(str(ROOT / "configs" / "benchmark_recipe.py"))["get_config"]()
+    assert study.sweep_grid(recipe) == [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}]
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"models": "unet,resnet"}, "config.benchmark.models: unknown model 'resnet'"),
     ({"models": "unet,unet"}, "'unet' is listed twice"),
     ({"models": " , "}, "config.benchmark.models: empty"),
     ({"sweep.enabled": True, "sweep.learning_rates": "1e-3,fast"},
      "config.benchmark.sweep.learning_rates: '1e-3,fast' is not a comma-separated list"),
+    ({"sweep.enabled": True, "sweep.learning_rates": " ", "sweep.batch_sizes": "",
+      "sweep.num_epochs": "", "sweep.patience": ""},
+     "config.benchmark.sweep: every list is empty"),
 ])
 def test_bad_benchmark_fields_are_named(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
