@@ -186,7 +186,7 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
             logging.info("Benchmark %s, trial %d: %s", entry.label, i, setting)
             val = train.train_and_evaluate(c, trial_dir)
             trials.append({"entry": entry.label, "dataset": dataset, "trial": i,
-                           **_trial_values(c, trial_dir), **setting,
+                           **_trial_values(trial_dir),
                            "workdir": trial_dir, "val_dice": _class_mean_dice(val),
                            **_run_facts(trial_dir)})
         best = choose_trial(trials)
@@ -216,13 +216,11 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
     return info, trials
 
 
-def _trial_values(config, trial_dir: str) -> dict:
-    """The values a trial trained with for every swept field, swept or not: from the
-    trial's config.json (the plan and the time budget applied), else its config."""
-    path = os.path.join(trial_dir, "config.json")
-    recorded = (fileio.read_json(path, "the trial's config").get("train", {})
-                if os.path.exists(path) else {})
-    return {key: recorded.get(key, config.train[key]) for _, key, _ in SWEEP_FIELDS}
+def _trial_values(trial_dir: str) -> dict:
+    """The values a trial trained with for every sweepable field, swept or not, from the
+    config.json its training wrote (the plan and the time budget applied)."""
+    recorded = fileio.read_json(os.path.join(trial_dir, "config.json"), "the trial's config")
+    return {key: recorded["train"][key] for _, key, _ in SWEEP_FIELDS}
 
 
 def _run_facts(run_dir: str) -> dict:

@@ -117,8 +117,8 @@ def report_markdown(results: dict) -> str:
              ""]
     if infos:
         first = infos[0].get("run_config") or infos[0]["config"]
-        lines += [f"Protocol: {protocol(first, results['seed'])} (sweep trials override lr, "
-                  "batch and epochs, see below)  "]
+        lines += [f"Protocol: {protocol(first, results['seed'])} (sweep trials, if any, set "
+                  "the fields their lists name, see below)  "]
     if "wall_seconds" in results:
         lines += [f"Wall time of this invocation: {results['wall_seconds'] / 60:.1f} min", ""]
     else:
