@@ -110,8 +110,9 @@ def sweep_grid(config) -> list[dict]:
     sweep = config.benchmark.sweep
     lists = [_grid(sweep[name], cast, name) for name, _, cast in SWEEP_FIELDS]
     if all(values == [None] for values in lists):
-        raise ValueError("config.benchmark.sweep: every list is empty (learning_rates, "
-                         "batch_sizes, num_epochs, patience): nothing to sweep")
+        names = ", ".join(name for name, _, _ in SWEEP_FIELDS)
+        raise ValueError(f"config.benchmark.sweep: every list is empty ({names}): nothing "
+                         "to sweep")
     keys = [key for _, key, _ in SWEEP_FIELDS]
     return [{k: v for k, v in zip(keys, combo) if v is not None}
             for combo in itertools.product(*lists)]
