@@ -180,12 +180,23 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
     trials = []
     if config.benchmark.sweep.enabled:
         grid = sweep_grid(config)
+        fitted = {}  # batch size -> the epochs its first trial fitted to the budget
         for i, setting in enumerate(grid):
             c = run_config(config, entry, roots, workdir, setting, budget_minutes / len(grid))
             c.eval.split, c.eval.figures = "val", False
             trial_dir = os.path.join(folder, f"trial_{i}")
+            batch = int(c.train.batch_size)
+            if budget_minutes and batch in fitted and "num_epochs" not in setting:
+                # The step costs what an earlier trial's did: the same epochs, so that
+                # trials differ only in what the sweep sets (measured anew, a later trial
+                # finds its step compiled and cached, and fitted up to 1 epoch more).
+                c.train.budget_minutes, c.train.num_epochs = 0.0, fitted[batch]
             logging.info("Benchmark %s, trial %d: %s", entry.label, i, setting)
             val = train.train_and_evaluate(c, trial_dir)
+            if budget_minutes:
+                fitted.setdefault(batch, int(fileio.read_json(
+                    os.path.join(trial_dir, "config.json"), "the trial's config")
+                    ["train"]["num_epochs"]))
             trials.append({"entry": entry.label, "dataset": dataset, "trial": i,
                            **_trial_values(trial_dir),
                            "workdir": trial_dir, "val_dice": _class_mean_dice(val),

@@ -90,6 +90,32 @@ def test_benchmark_with_sweep_never_chooses_on_the_test_split(tmp_path, monkeypa
     assert saved["entries"][1]["params"] > 0
 
 
+def test_sweep_trials_with_a_budget_share_the_epochs_of_their_batch_size(tmp_path,
+                                                                         monkeypatch):
+    """With a time budget, the first trial of each batch size fits its epochs; the later
+    ones (only the learning rate differs) train as many, not a new measurement's."""
+    import ml_collections
+
+    measured = []
+
+    def fake_fit(config, workdir, *args, **kwargs):
+        measured.append((config.train.learning_rate, config.train.batch_size))
+        out = ml_collections.ConfigDict(config.to_dict())
+        out.train.num_epochs = {8: 1, 16: 2}[config.train.batch_size]
+        return out
+
+    monkeypatch.setattr(train, "_fit_budget", fake_fit)
+    config = bench_config(**{"models": "unet", "sweep.enabled": True,
+                             "sweep.learning_rates": "1e-3,3e-2", "sweep.batch_sizes": "8,16",
+                             "sweep.num_epochs": "", "sweep.patience": "",
+                             "budget_minutes": 2.0})
+    results = study.run(config, str(tmp_path / "bench"))
+    assert measured == [(1e-3, 8), (1e-3, 16)]
+    assert [(t["learning_rate"], t["batch_size"], t["num_epochs"], t["epochs_run"])
+            for t in results["trials"]] == [(1e-3, 8, 1, 1), (1e-3, 16, 2, 2),
+                                            (3e-2, 8, 1, 1), (3e-2, 16, 2, 2)]
+
+
 def test_choose_trial_by_validation_dice():
     trials = [{"val_dice": 0.5}, {"val_dice": float("nan")}, {"val_dice": 0.7},
               {"val_dice": 0.7}]
