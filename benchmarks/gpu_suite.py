@@ -346,6 +346,28 @@ def throughput_config(item: dict):
     return config
 
 
+def item_config(item: dict, root: str = "", dry: bool = False):
+    """The validated config of a pipeline or time-to-accuracy item (on ``root``; toy
+    synthetic data with ``dry``)."""
+    from medseg_jax import config as config_lib  # noqa: PLC0415
+
+    config = config_lib.default_config()
+    config.data.root = root
+    if dry:
+        config.data.synthetic_cases, config.data.synthetic_size = 4, 32
+        config.data.synthetic_depth = 16
+    config.model.name = item["model"]
+    config.model.spatial_dims = len(item["image_size"])
+    config.model.base_features, config.model.depth = item["base"], item["depth"]
+    config.model.dtype = item.get("dtype", "float32")
+    config.data.image_size = tuple(item["image_size"])
+    config.data.in_plane = item.get("in_plane", "resize")
+    config.data.target_spacing = tuple(item.get("target_spacing", ()))
+    config.train.batch_size = config.eval.batch_size = item["batch"]
+    config_lib.validate(config)
+    return config
+
+
 def check_plan(opts: dict) -> None:
     """Checks the GPU plan here, without a GPU: every throughput case's config is valid and
     its train step traces at full size (jax.eval_shape), every pipeline and time-to-accuracy
@@ -353,7 +375,6 @@ def check_plan(opts: dict) -> None:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
 
@@ -371,16 +392,7 @@ def check_plan(opts: dict) -> None:
     for item in pipeline_items(False, opts) + [
             dict(time_to_accuracy_overrides(opts, False), id="time_to_accuracy",
                  model="unet", workers=[0])]:
-        config = config_lib.default_config()
-        config.model.name = item["model"]
-        config.model.spatial_dims = len(item["image_size"])
-        config.model.base_features, config.model.depth = item["base"], item["depth"]
-        config.model.dtype = item.get("dtype", "float32")
-        config.data.image_size = tuple(item["image_size"])
-        config.data.in_plane = item.get("in_plane", "resize")
-        config.data.target_spacing = tuple(item.get("target_spacing", ()))
-        config.train.batch_size = config.eval.batch_size = item["batch"]
-        config_lib.validate(config)
+        config = item_config(item)
         log(f"plan ok: {item['id']}: {config.model.spatial_dims}D {tuple(item['image_size'])} "
             f"x {item['batch']}")
     for item in layer_items(False):
@@ -497,7 +509,6 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
     from absl import flags  # noqa: PLC0415
 
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
-    from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding, train  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.data import cache, loader  # noqa: PLC0415
@@ -525,20 +536,7 @@ def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:
         subprocess.run([sys.executable, "-m", "medseg_jax.tools.convert_hc18", f"--src={root}",
                         f"--dst={dst}"], check=True, stdout=subprocess.DEVNULL)
         convert_s, root = time.perf_counter() - t, dst
-    config = config_lib.default_config()
-    config.data.root = root
-    if dry:
-        config.data.synthetic_cases, config.data.synthetic_size = 4, 32
-        config.data.synthetic_depth = 16
-    config.model.name = item["model"]
-    config.model.spatial_dims = len(item["image_size"])
-    config.model.base_features, config.model.depth = item["base"], item["depth"]
-    config.model.dtype = item.get("dtype", "float32")
-    config.data.image_size = tuple(item["image_size"])
-    config.data.in_plane = item.get("in_plane", "resize")
-    config.data.target_spacing = tuple(item.get("target_spacing", ()))
-    config.train.batch_size = config.eval.batch_size = item["batch"]
-    config_lib.validate(config)
+    config = item_config(item, root, dry)
     state_lib.setup_compilation_cache(config)  # the 3D step is shared with time_to_accuracy
     mesh = sharding.make_mesh(jax.devices()[:1])
     t = time.perf_counter()
