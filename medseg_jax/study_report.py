@@ -78,8 +78,20 @@ def summary_table(infos: list[dict]) -> list[str]:
                                   "the study (theirs): Dice / HD (mm)"], rows)
 
 
-def protocol(c: dict, seed: int) -> str:
-    """The training protocol of a run's config (as a dict), in one sentence."""
+def per_run_fields(results: dict) -> set[str]:
+    """The train fields the study's runs do not share: those its runs' configs differ in,
+    and those its sweep trials differ in (the report must not state one run's value for
+    all)."""
+    configs = [(i.get("run_config") or i["config"])["train"] for i in results["entries"]]
+    keys = ("learning_rate", "batch_size", "num_epochs", "patience", "budget_minutes")
+    return {k for k in keys
+            if len({repr(t.get(k)) for t in configs}) > 1
+            or len({repr(t.get(k)) for t in results.get("trials", [])}) > 1}
+
+
+def protocol(c: dict, seed: int, per_run: set[str] = frozenset()) -> str:
+    """The training protocol of a run's config (as a dict), in one sentence; the train
+    fields in ``per_run`` are said to vary by run instead of given one run's value."""
     t, d, m = c["train"], c["data"], c["model"]
     if t.get("optimizer", "adam") == "sgd":
         optimizer = f"SGD with Nesterov momentum {t['momentum']:g}"
@@ -87,18 +99,30 @@ def protocol(c: dict, seed: int) -> str:
         optimizer = "Adam"
     schedule = {"constant": "", "cosine": ", cosine decay",
                 "poly": ", polynomial decay"}[t.get("lr_schedule", "constant")]
-    epochs = f"at most {t['num_epochs']} epochs" + (
-        f" of {t['steps_per_epoch']} steps" if t.get("steps_per_epoch") else "")
-    if t.get("budget_minutes"):
-        epochs += f" (fitted to {t['budget_minutes']:.3g} min per run)"
-    stop = (f"early stopping on validation loss (patience {t['patience']})"
-            if t["patience"] > 0 else "no early stopping")
+    steps = f" of {t['steps_per_epoch']} steps" if t.get("steps_per_epoch") else ""
+    if per_run & {"num_epochs", "budget_minutes"}:
+        epochs = f"epochs{steps} per run ('epochs run' in the cost tables" + (
+            "; fitted to the run's share of the time budget, budget.json)"
+            if t.get("budget_minutes") or "budget_minutes" in per_run else ")")
+    else:
+        epochs = f"at most {t['num_epochs']} epochs{steps}" + (
+            f" (fitted to {t['budget_minutes']:.3g} min per run)"
+            if t.get("budget_minutes") else "")
+    if "patience" in per_run:
+        stop = "early stopping patience per run"
+    elif t["patience"] > 0:
+        stop = f"early stopping on validation loss (patience {t['patience']})"
+    else:
+        stop = "no early stopping"
+    lr = "lr per run" if "learning_rate" in per_run else f"lr {t['learning_rate']:g}"
     if d.get("plan") == "auto":
         size = "batch, input and network size from each data set's plan (plans.json)"
+    elif "batch_size" in per_run:
+        size = f"batch per run, input {tuple(d['image_size'])}"
     else:
         size = f"batch {t['batch_size']}, input {tuple(d['image_size'])}"
     return (f"split {'/'.join(f'{x:g}' for x in d['split_fractions'])} by case (seed {seed}), "
-            f"{optimizer} lr {t['learning_rate']:g}{schedule}, {size}, {epochs}, {stop}, "
+            f"{optimizer} {lr}{schedule}, {size}, {epochs}, {stop}, "
             "Dice + CE loss" + (" with deep supervision" if m.get("deep_supervision") else "")
             + ", on-device augmentation; best checkpoint by validation Dice")
 
@@ -117,8 +141,10 @@ def report_markdown(results: dict) -> str:
              ""]
     if infos:
         first = infos[0].get("run_config") or infos[0]["config"]
-        lines += [f"Protocol: {protocol(first, results['seed'])} (sweep trials, if any, set "
-                  "the fields their lists name, see below)  "]
+        lines += [f"Protocol: {protocol(first, results['seed'], per_run_fields(results))}"
+                  + (" (each run's sweep trials set the fields their lists name, and the "
+                     "chosen trial's are its run's: see below)" if results["trials"] else "")
+                  + "  "]
     if "wall_seconds" in results:
         lines += [f"Wall time of this invocation: {results['wall_seconds'] / 60:.1f} min", ""]
     else:
@@ -146,12 +172,14 @@ def report_markdown(results: dict) -> str:
 
     if results["trials"]:
         lines += ["## Sweep trials (validation split only)", ""]
-        rows = [[t["entry"], t["trial"], t["learning_rate"], t["batch_size"], t["num_epochs"],
-                 t["patience"], t["epochs_run"], f"{t['val_dice']:.4f}",
-                 "yes" if t.get("chosen") else ""] for t in results["trials"]]
-        lines += report.markdown_table(["architecture", "trial", "lr", "batch", "max epochs",
-                                        "patience", "epochs run", "val Dice", "chosen"],
-                                       rows) + [""]
+        several = len(names) > 1
+        rows = [[*([t["dataset"]] if several else []), t["entry"], t["trial"],
+                 t["learning_rate"], t["batch_size"], t["num_epochs"], t["patience"],
+                 t["epochs_run"], f"{t['val_dice']:.4f}", "yes" if t.get("chosen") else ""]
+                for t in results["trials"]]
+        lines += report.markdown_table([*(["data set"] if several else []), "architecture",
+                                        "trial", "lr", "batch", "max epochs", "patience",
+                                        "epochs run", "val Dice", "chosen"], rows) + [""]
 
     figures = results.get("figures", {})
     if figures:

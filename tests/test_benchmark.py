@@ -255,6 +255,25 @@ def test_report_protocol_says_what_each_config_trains_with():
     assert "from each data set's plan" in text and "batch 0" not in text
     assert "epochs of 250 steps (fitted to 8.5 min per run)" in text
     assert "no early stopping" in text and "with deep supervision" in text
+    # Runs that differ (sweep trials, budgets fitted per run) are not given one run's value.
+    text = protocol(planned.to_dict(), 0, {"learning_rate", "num_epochs", "budget_minutes"})
+    assert "SGD with Nesterov momentum 0.99 lr per run, polynomial" in text
+    assert "epochs of 250 steps per run ('epochs run' in the cost tables; fitted to" in text
+    assert "8.5 min" not in text
+
+
+def test_report_per_run_fields_are_those_runs_or_trials_differ_in():
+    from medseg_jax.study_report import per_run_fields
+
+    def entry(**train):
+        return {"config": {"train": {"learning_rate": 1e-3, "batch_size": 8,
+                                     "num_epochs": 4, "patience": 0, **train}}}
+
+    assert per_run_fields({"entries": [entry(), entry()], "trials": []}) == set()
+    trials = [{"learning_rate": 1e-3, "batch_size": 8}, {"learning_rate": 3e-3,
+                                                          "batch_size": 8}]
+    assert per_run_fields({"entries": [entry(), entry(num_epochs=3)],
+                           "trials": trials}) == {"learning_rate", "num_epochs"}
 
 
 def test_study_with_post_processing_chosen_on_validation(tmp_path):
