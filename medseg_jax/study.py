@@ -193,12 +193,10 @@ def _run_entry(config, entry: Entry, roots: list[str], workdir: str, dataset: st
                 c.train.budget_minutes, c.train.num_epochs = 0.0, fitted[batch]
             logging.info("Benchmark %s, trial %d: %s", entry.label, i, setting)
             val = train.train_and_evaluate(c, trial_dir)
+            values = _trial_values(trial_dir)
             if budget_minutes:
-                fitted.setdefault(batch, int(fileio.read_json(
-                    os.path.join(trial_dir, "config.json"), "the trial's config")
-                    ["train"]["num_epochs"]))
-            trials.append({"entry": entry.label, "dataset": dataset, "trial": i,
-                           **_trial_values(trial_dir),
+                fitted.setdefault(batch, int(values["num_epochs"]))
+            trials.append({"entry": entry.label, "dataset": dataset, "trial": i, **values,
                            "workdir": trial_dir, "val_dice": _class_mean_dice(val),
                            **_run_facts(trial_dir)})
         best = choose_trial(trials)
