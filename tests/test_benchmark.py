@@ -183,6 +183,15 @@ def test_study_on_several_data_sets_with_a_budget(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["dataset"] for r in rows} == {"mri", "us"}
     assert (workdir / "figures" / "mri" / "boxplots.png").exists()
+    # With several data sets, the sweep trials' table says whose each trial is.
+    from medseg_jax import study_report
+
+    trial = {"entry": "unet", "trial": 0, "learning_rate": 1e-3, "batch_size": 8,
+             "num_epochs": 1, "patience": 0, "epochs_run": 1, "val_dice": 0.5}
+    results["trials"] = [dict(trial, dataset="mri"), dict(trial, dataset="us")]
+    text = study_report.report_markdown(results)
+    assert "| data set | architecture | trial | lr |" in text
+    assert "| mri | unet | 0 | 0.001 |" in text and "| us | unet | 0 | 0.001 |" in text
 
 
 def test_study_budget_is_shared_by_weight_and_kept_for_reruns(tmp_path):
