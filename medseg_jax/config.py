@@ -211,6 +211,11 @@ def study_section() -> ml_collections.ConfigDict:
     return b
 
 
+# The sweep's lists (config.benchmark.sweep) and the train fields they set.
+SWEEP_FIELDS = (("learning_rates", "learning_rate", float), ("batch_sizes", "batch_size", int),
+                ("num_epochs", "num_epochs", int), ("patience", "patience", int))
+
+
 def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """nnU-Net's training recipe, beside the study's protocol, the same for every
     architecture (the comparison stays fair): a plan from the data (patch, spacing,

@@ -49,6 +49,7 @@ from medseg_jax import evaluate, fileio, models, report, stats, study_report, tr
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import dataset as dataset_lib
 from medseg_jax.data import augment, decathlon
+from medseg_jax.config import SWEEP_FIELDS
 from medseg_jax.models import MODELS
 
 @dataclasses.dataclass
@@ -86,11 +87,6 @@ def parse_entries(config) -> list[Entry]:
                  for e in entries]
         entries = entries + tuned if config.benchmark.compare_scratch else tuned
     return entries
-
-
-# The sweep's lists (config.benchmark.sweep) and the train fields they set.
-SWEEP_FIELDS = (("learning_rates", "learning_rate", float), ("batch_sizes", "batch_size", int),
-                ("num_epochs", "num_epochs", int), ("patience", "patience", int))
 
 
 def _grid(text: str, cast, field: str) -> list:

@@ -14,6 +14,7 @@ import numpy as np
 
 from medseg_jax import evaluate, metrics, postprocess, report, stats
 from medseg_jax import state as state_lib
+from medseg_jax.config import SWEEP_FIELDS
 
 # Reported by the study on its own data (brain-tumour MRI, lung-nodule CT, liver-lesion
 # images): mean Dice, IoU and Hausdorff distance (mm). Not comparable to other data.
@@ -83,7 +84,7 @@ def per_run_fields(results: dict) -> set[str]:
     and those its sweep trials differ in (the report must not state one run's value for
     all)."""
     configs = [(i.get("run_config") or i["config"])["train"] for i in results["entries"]]
-    keys = ("learning_rate", "batch_size", "num_epochs", "patience", "budget_minutes")
+    keys = [key for _, key, _ in SWEEP_FIELDS] + ["budget_minutes"]
     return {k for k in keys
             if len({repr(t.get(k)) for t in configs}) > 1
             or len({repr(t.get(k)) for t in results.get("trials", [])}) > 1}
