@@ -59,7 +59,8 @@ def _mean_ci(values: dict[str, float], digits: int, seed: int = 0) -> str:
 
 
 def summary_table(infos: list[dict]) -> list[str]:
-    """Architecture x data set: per-case class-mean Dice and HD95, mean [95% CI]."""
+    """Architecture x data set: per-case class-mean Dice and HD95, mean [95% CI]; a last
+    row with each run's epochs."""
     names = list(dict.fromkeys(i["dataset"] for i in infos))
     labels = list(dict.fromkeys(i["label"] for i in infos))
     by = {(i["dataset"], i["label"]): i for i in infos}
@@ -75,6 +76,10 @@ def summary_table(infos: list[dict]) -> list[str]:
         ours = STUDY.get(model)
         row.append(f"{ours[0]:.2f} / {ours[2]:.1f}" if ours else "-")
         rows.append(row)
+    # With a time budget the runs differ in epochs: the row that says how far each got.
+    rows.append([f"epochs run ({' / '.join(labels)})", *[
+        " / ".join(str(by[(name, label)]["epochs_run"]) if (name, label) in by else "-"
+                   for label in labels) for name in names], ""])
     return report.markdown_table(["architecture", *[f"{n}: Dice / HD95 (mm)" for n in names],
                                   "the study (theirs): Dice / HD (mm)"], rows)
 

@@ -179,6 +179,9 @@ def test_study_on_several_data_sets_with_a_budget(tmp_path):
     report = (workdir / "report.md").read_text()
     assert "## Summary across data sets" in report and "## mri" in report
     assert "## us" in report and "the study (theirs)" in report
+    epochs = {(i["dataset"], i["label"]): i["epochs_run"] for i in results["entries"]}
+    assert (f"| epochs run (unet / fcn) | {epochs['mri', 'unet']} / {epochs['mri', 'fcn']} | "
+            f"{epochs['us', 'unet']} / {epochs['us', 'fcn']} |  |") in report
     with open(workdir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["dataset"] for r in rows} == {"mri", "us"}
