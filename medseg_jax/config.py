@@ -160,6 +160,11 @@ def default_config() -> ml_collections.ConfigDict:
     ev.split = "test"
     ev.checkpoint = "best"  # best | latest | a step number
     ev.sw_overlap = 0.5  # sliding window: overlap of neighbouring patches (0 to <1)
+    # Sliding window size: "patch" (data.image_size, the training patch; nnU-Net's) or
+    # "whole" (one window over the whole case or slice, padded up to the network's total
+    # pooling and never smaller than the patch: fewer, larger inputs; as MONAI's
+    # roi_size, set to the image; README "Evaluation windows").
+    ev.sw_window = "patch"
     # Test-time augmentation: average the softmax over every combination of the axes
     # training mirrors (augment.flip_axes, empty: all; none with augment.p_flip = 0).
     ev.tta = False
@@ -257,7 +262,23 @@ _CHOICES = {
     "train.optimizer": ("adam", "sgd"),
     "train.transfer_guard": ("", "log", "disallow"),
     "eval.split": ("train", "val", "test"),
+    "eval.sw_window": ("patch", "whole"),
 }
+
+
+def input_divisor(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The network's total pooling per spatial axis: its input sizes are multiples of it."""
+    from medseg_jax.models import layers  # noqa: PLC0415 (jax)
+
+    dims = config.model.spatial_dims
+    try:
+        pools, _ = layers.level_geometry("config.model", dims, config.model.depth,
+                                         config.model.get("pool_sizes", ()),
+                                         config.model.get("kernel_sizes", ()))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e}" if str(e).startswith("config.") else
+                         f"config.model.pool_sizes / kernel_sizes: {e}") from None
+    return layers.total_stride(pools, dims)
 
 
 def _get(config, dotted: str):
@@ -270,7 +291,7 @@ def _get(config, dotted: str):
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the fields that a run depends on; raises ValueError naming the field."""
     from medseg_jax import postprocess  # noqa: PLC0415
-    from medseg_jax.models import MODELS, layers, model_fields  # noqa: PLC0415 (jax)
+    from medseg_jax.models import MODELS, model_fields  # noqa: PLC0415 (jax)
 
     if config.model.name not in MODELS:
         raise ValueError(
@@ -294,14 +315,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.spatial_dims is {dims}")
     if config.model.depth < 1:
         raise ValueError(f"config.model.depth: must be >= 1, got {config.model.depth}")
-    try:
-        pools, _ = layers.level_geometry("config.model", dims, config.model.depth,
-                                         config.model.get("pool_sizes", ()),
-                                         config.model.get("kernel_sizes", ()))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{e}" if str(e).startswith("config.") else
-                         f"config.model.pool_sizes / kernel_sizes: {e}") from None
-    divisor = layers.total_stride(pools, dims)
+    divisor = input_divisor(config)
     if any(s <= 0 or s % d for s, d in zip(size, divisor)):
         what = (f"2**(depth-1) = {divisor[0]} for config.model.depth={config.model.depth}"
                 if not len(config.model.get("pool_sizes", ())) else

@@ -9,10 +9,11 @@ the case's voxel spacing, so distances are in mm.
 
 Writes to the workdir, for a split ``<split>``:
 (``<split>_<checkpoint>_...`` for another checkpoint than the best, e.g.
-``test_step1500_metrics.json``, and ``..._largest_...`` / ``..._auto_...`` with
-``eval.postprocess``, so the best checkpoint's plain files stay; ``choose`` writes the
-validation split's plain, ``_largest`` and ``_auto`` files from one prediction pass and
-``postprocessing.json``, the choice per class)
+``test_step1500_metrics.json``, ``..._whole_...`` with ``eval.sw_window="whole"``, and
+``..._largest_...`` / ``..._auto_...`` with ``eval.postprocess``, so the best
+checkpoint's plain files stay; ``choose`` writes the validation split's plain,
+``_largest`` and ``_auto`` files from one prediction pass and ``postprocessing.json``,
+the choice per class)
 - ``<split>_metrics.json``   per case and aggregated (overall and per task)
 - ``<split>_metrics.md``     the table that is also printed
 - ``<split>_per_case.csv``   one row per case and class, every metric
@@ -111,6 +112,9 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
               "network_inputs": n_samples}
     prefix = split if run.which == "best" else (
         f"{split}_step{run.step}" if run.which.isdigit() else f"{split}_{run.which}")
+    if config.eval.get("sw_window", "patch") == "whole" and preprocess.uses_patches(config):
+        # beside the files of the patch windows
+        prefix += "_whole"
     logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
                  "%.1f s", len(keys), t_predict, timing["cases_per_second"], n_samples,
                  t_metrics)

@@ -3,7 +3,8 @@
 2D models with ``data.in_plane='resize'`` predict every slice resized to
 ``data.image_size``. 3D models, and 2D models with ``data.in_plane='spacing'``,
 run a sliding window of ``data.image_size`` patches (one slice thick for 2D
-models), with overlap and Gaussian weighting, over the case resampled to the
+models; ``eval.sw_window="whole"``: one window over the whole case or slice), with
+overlap and Gaussian weighting, over the case resampled to the
 run's target spacing. Either way the class probabilities are resampled back to
 the case grid before the argmax.
 The network runs through a jitted ``predict_fn`` (``state.make_predict_fn``: with
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from medseg_jax import config as config_lib
 from medseg_jax import postprocess, sharding
 from medseg_jax.data import loader, nifti, preprocess
 
@@ -69,14 +71,28 @@ def sliding_window(predict_fn, state, volume: np.ndarray, patch: tuple[int, ...]
     return probs[tuple(slice(0, n) for n in spatial)], len(starts)
 
 
+def window(config, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(network input size, window in volume coordinates) for a resampled case of shape
+    ``spatial``: ``data.image_size`` with ``eval.sw_window="patch"``; with "whole", every
+    axis the network sees is the case's own, rounded up to the network's total pooling
+    (``config.input_divisor``) and never below the patch (a 2D model's window stays one
+    slice thick)."""
+    size = tuple(int(n) for n in config.data.image_size)
+    if config.eval.get("sw_window", "patch") == "whole":
+        divisor = config_lib.input_divisor(config)
+        in_plane = [n for a, n in enumerate(spatial)
+                    if len(size) == len(spatial) or a != config.data.slice_axis]
+        size = tuple(max(s, -(-n // d) * d) for s, n, d in zip(size, in_plane, divisor))
+    return size, preprocess.volume_patch(size, len(spatial), config.data.slice_axis)
+
+
 def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
                   mesh) -> tuple[np.ndarray, int]:
     """(class probabilities (*spatial, K) on the case grid, number of network inputs)."""
     spatial = case.image.shape[1:]
     if preprocess.uses_patches(config):
         volume, _ = preprocess.case_volume(dataclasses.replace(case, label=None), plans, config)
-        size = tuple(config.data.image_size)
-        patch = preprocess.volume_patch(size, volume.ndim - 1, config.data.slice_axis)
+        size, patch = window(config, volume.shape[:-1])
         probs, n = sliding_window(predict_fn, state, volume, patch, config.eval.sw_overlap,
                                   config.eval.batch_size, mesh, input_size=size)
         return preprocess.resize(probs, spatial, order=1), n

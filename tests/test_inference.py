@@ -56,3 +56,63 @@ def test_largest_component_post_processing():
     config.eval.postprocess = "largest"
     kept = inference.label_map(probs, config)
     assert (kept == 1).sum() == 9 and kept[6:8, 6:8].max() == 0 and (kept == 2).sum() == 1
+
+
+def test_whole_case_windows():
+    """eval.sw_window="whole": one window per slice (2D) or case (3D), each axis rounded
+    up to the network's total pooling and never below the patch; "patch" is the patch."""
+    from medseg_jax.config import default_config
+
+    config = default_config()
+    config.model.depth = 3  # total pooling 4 per axis
+    config.data.image_size = (8, 8)
+    config.data.slice_axis = 2
+    assert inference.window(config, (13, 9, 5)) == ((8, 8), (8, 8, 1))
+    config.eval.sw_window = "whole"
+    assert inference.window(config, (13, 9, 5)) == ((16, 12), (16, 12, 1))
+    assert inference.window(config, (6, 20, 5)) == ((8, 20), (8, 20, 1))  # never below
+    config.data.slice_axis = 0
+    assert inference.window(config, (13, 9, 5)) == ((12, 8), (1, 12, 8))
+    config.model.spatial_dims, config.data.image_size = 3, (8, 8, 8)
+    assert inference.window(config, (13, 9, 6)) == ((16, 12, 8), (16, 12, 8))
+    config.model.pool_sizes = ((2, 2, 1), (2, 2, 1))  # no pooling along the last axis
+    assert inference.window(config, (13, 9, 6)) == ((16, 12, 8), (16, 12, 8))
+    assert inference.window(config, (13, 9, 11)) == ((16, 12, 11), (16, 12, 11))
+
+    # The whole-slice window through the 2D sliding window: one input per slice.
+    config = default_config()
+    config.model.depth, config.data.image_size, config.eval.sw_window = 3, (8, 8), "whole"
+    seen = []
+
+    def two_d(state, x):
+        seen.append(x.shape)
+        return _voxelwise(state, x)
+
+    volume = np.random.default_rng(2).normal(size=(13, 9, 5, 1)).astype(np.float32)
+    size, patch = inference.window(config, volume.shape[:-1])
+    probs, n = inference.sliding_window(jax.jit(two_d), None, volume, patch, 0.5, 8,
+                                        sharding.make_mesh(), input_size=size)
+    assert seen[0] == (8, 16, 12, 1) and n == 5
+    np.testing.assert_allclose(probs, np.asarray(_voxelwise(None, volume)), rtol=1e-5, atol=1e-6)
+
+
+def test_whole_windows_in_an_evaluation_write_their_own_files(tmp_path):
+    """A patch-based run evaluated with eval.sw_window="whole": fewer network inputs, the
+    files ``test_whole_*`` beside the patch windows' ``test_*``, which stay as they were."""
+    import json
+
+    from conftest import tiny_config
+
+    from medseg_jax import evaluate, train
+
+    config = tiny_config(**{"data.in_plane": "spacing", "data.image_size": (8, 8),
+                            "eval.figures": False, "train.num_epochs": 1})
+    workdir = tmp_path / "run"
+    patch = train.train_and_evaluate(config, str(workdir))
+    before = (workdir / "test_metrics.json").read_bytes()
+    config.eval.sw_window = "whole"
+    whole = evaluate.evaluate(config, str(workdir))
+    assert (workdir / "test_metrics.json").read_bytes() == before
+    saved = json.loads((workdir / "test_whole_metrics.json").read_text())
+    assert saved["network_inputs"] == whole["network_inputs"] < patch["network_inputs"]
+    assert len(saved["per_case"]) == len(patch["per_case"])
