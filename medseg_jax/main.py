@@ -68,6 +68,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         raise app.UsageError("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
+    try:  # a config file that could not be loaded (a mistyped path) is reported only here
+        FLAGS.config.keys()
+    except OSError as e:
+        problem = next((line.strip() for line in str(e).splitlines() if "Errno" in line),
+                       " ".join(str(e).split()))
+        print(f"medseg_jax: error: --config={FLAGS['config'].serialize().split('=', 1)[-1]}: "
+              f"{problem}", file=sys.stderr)
+        sys.exit(2)
     # After flag parsing; the distributed runtime before any other JAX call.
     from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
 
@@ -84,7 +92,7 @@ def main(argv):
         if "benchmark" in config:
             if FLAGS.mode == "predict":
                 raise ValueError("--mode=predict needs one run's config and workdir, e.g. "
-                                 "--config=configs/unet.py --workdir=<bench>/unet")
+                                 "--config=configs/run.py:<bench>/unet --workdir=<bench>/unet")
             study.run(config, FLAGS.workdir)  # reuses finished runs: train or eval
         elif FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
@@ -119,7 +127,8 @@ def _override_error(argv: list[str]) -> str | None:
     if path is None:
         return None
     try:
-        config = runpy.run_path(path.split(":")[0])["get_config"]()
+        file, *arg = path.split(":", 1)  # configs/run.py:WORKDIR passes WORKDIR
+        config = runpy.run_path(file)["get_config"](*arg)
     except Exception:  # noqa: BLE001 (the flag parser reports problems with the file)
         return None
     for arg in argv:
@@ -138,7 +147,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        print(f"medseg_jax: error: {e}\nPass --help for the flags.", file=sys.stderr)
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if len(lines) > 1 and "Traceback" in str(e):  # raised by the config file's get_config
+            lines = [f"{lines[0]} {lines[-1]}"]
+        print(f"medseg_jax: error: {lines[0] if lines else e}\nPass --help for the flags.",
+              file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         message = _override_error(argv) or f"bad config override: {e}"

@@ -159,6 +159,10 @@ def _overlap(data, run):
     return {"eval.sw_overlap": 1.0}, ["config.eval.sw_overlap", "1.0 is not in [0, 1)"]
 
 
+def _window(data, run):
+    return {"eval.sw_window": "full"}, ["config.eval.sw_window", "'full' is not one of patch, whole"]
+
+
 def _val_subset(data, run):
     return {"train.val_max_samples": -1}, ["config.train.val_max_samples", "must be >= 0"]
 
@@ -170,7 +174,7 @@ CASES = {
     "split with no cases": _empty_split, "batch size vs devices": _batch,
     "unknown model": _model, "workdir of another config": _other_run,
     "unknown in-plane mode": _in_plane, "sliding-window overlap": _overlap,
-    "negative validation subset": _val_subset,
+    "negative validation subset": _val_subset, "sliding-window size": _window,
 }
 
 
@@ -232,3 +236,21 @@ def test_command_line_reports_a_bad_file_in_one_line(copy):
     lines = [l for l in result.stderr.splitlines() if l.startswith("medseg_jax: error:")]
     assert len(lines) == 1 and all(part in lines[0] for part in expected), result.stderr[-3000:]
     assert _snapshot(data, run) == before
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("configs/nope.py", ["--config=configs/nope.py", "No such file or directory"]),
+    ("configs/run.py:{tmp}", ["{tmp}/config.json: not found", "is this a run's workdir?"]),
+])
+def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path, config, expected):
+    config = config.format(tmp=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "medseg_jax.main", f"--config={config}",
+         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [l for l in result.stderr.splitlines() if l.startswith("medseg_jax: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert all(part.format(tmp=tmp_path) in lines[0] for part in expected), lines[0]
+    assert not (tmp_path / "run").exists()

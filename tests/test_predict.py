@@ -144,3 +144,50 @@ def test_flip_tta_is_equivariant(trained):
         close = np.allclose(pf, p[:, ::-1], atol=1e-5)
         assert close == equivariant
         np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+
+
+def test_run_config_is_the_runs_own_config_from_any_directory(trained, tmp_path, monkeypatch):
+    """configs/run.py:WORKDIR: a run's config.json as a config (what evaluating or
+    predicting with one of a study's runs needs), path fields as the run resolved them."""
+    import json
+    import runpy
+
+    from medseg_jax import evaluate
+    from medseg_jax import workdir as workdir_lib
+
+    config, workdir = trained
+    get_config = runpy.run_path(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "run.py"))["get_config"]
+    monkeypatch.chdir(tmp_path)  # another working directory than the run's
+    recorded = get_config(str(workdir))
+    sections = ("model", "data", "train", "eval", "augment")
+    assert workdir_lib.config_differences(workdir_lib.config_json(config),
+                                          workdir_lib.config_json(recorded), sections) == []
+    results = evaluate.evaluate(recorded, str(workdir), split="test")
+    saved = json.load(open(workdir / "test_metrics.json"))
+    assert json.dumps(results["aggregate"], sort_keys=True) == json.dumps(saved["aggregate"],
+                                                                          sort_keys=True)
+
+    # A field added to the package after the run takes its default.
+    older = tmp_path / "older"
+    older.mkdir()
+    content = json.load(open(workdir / "config.json"))
+    del content["eval"]["sw_window"]
+    # A relative data.root reads as the folder the run resolved it to (config.json "paths").
+    content["data"]["root"], content["paths"] = "data/X", {"data.root": "/somewhere/data/X"}
+    (older / "config.json").write_text(json.dumps(content))
+    assert get_config(str(older)).eval.sw_window == "patch"
+    assert get_config(str(older)).data.root == "/somewhere/data/X"
+
+    # Not a run's workdir, or a damaged config.json: one line naming the file.
+    for folder, text, expected in [("none", None, "config.json: not found"),
+                                   ("bad", "{", "config.json: not valid JSON"),
+                                   ("other", "{\"a\": 1}", "not a config record")]:
+        (tmp_path / folder).mkdir()
+        if text is not None:
+            (tmp_path / folder / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=expected) as error:
+            get_config(str(tmp_path / folder))
+        assert "\n" not in str(error.value) and str(tmp_path / folder) in str(error.value)
+    with pytest.raises(ValueError, match="needs the run's workdir"):
+        get_config()
