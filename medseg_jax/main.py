@@ -127,8 +127,8 @@ def _override_error(argv: list[str]) -> str | None:
     if path is None:
         return None
     try:
-        file, *arg = path.split(":", 1)  # configs/run.py:WORKDIR passes WORKDIR
-        config = runpy.run_path(file)["get_config"](*arg)
+        file, *given = path.split(":", 1)  # configs/run.py:WORKDIR passes WORKDIR
+        config = runpy.run_path(file)["get_config"](*given)
     except Exception:  # noqa: BLE001 (the flag parser reports problems with the file)
         return None
     for arg in argv:
@@ -147,11 +147,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        if len(lines) > 1 and "Traceback" in str(e):  # raised by the config file's get_config
-            lines = [f"{lines[0]} {lines[-1]}"]
-        print(f"medseg_jax: error: {lines[0] if lines else e}\nPass --help for the flags.",
-              file=sys.stderr)
+        message = str(e)
+        if "Traceback" in message:  # raised by the config file's get_config: its last line
+            lines = [line for line in message.splitlines() if line.strip()]
+            message = f"{lines[0]} {lines[-1]}"
+        print(f"medseg_jax: error: {message}\nPass --help for the flags.", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         message = _override_error(argv) or f"bad config override: {e}"
