@@ -12,6 +12,7 @@ libraries that decide its numbers; a later run (or evaluation) with a config tha
 differs in the model or the data is refused, naming the fields (``check_config``).
 Paths are compared as the files they name (``PATH_FIELDS``: real paths, also recorded
 in config.json under ``paths``); a damaged config.json is named in one line.
+``read_run_config`` turns a run's config.json back into a config (``configs/run.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import socket
 import tempfile
 from typing import Iterator
 
+import ml_collections
 from absl import logging
 
 from medseg_jax import config as config_lib
@@ -208,6 +210,48 @@ def check_config(config, workdir: str, fields=("model", "data"), warn: bool = Tr
 CONFIG_RECOVER = ("restore it from a copy, or delete it: the next training run writes it "
                   "again from its own config (the checkpoints are still checked against "
                   "the model)")
+
+
+def _tuples(value):
+    """JSON lists back to the tuples the config fields hold (image_size, pool_sizes, ...)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _merge(base: dict, recorded: dict) -> dict:
+    for key, value in recorded.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run recorded in its config.json: the defaults, then every recorded
+    field (the model section as recorded: the architecture's own fields), path fields as
+    the real paths the run resolved (``paths``), so it reads the same from any directory.
+    Raises ValueError naming the file."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: not found (configs/run.py reads the config.json "
+                         "that a run writes in its workdir; is this a run's workdir?)")
+    recorded = fileio.read_json(path, "the run's config", CONFIG_RECOVER)
+    if not isinstance(recorded.get("model"), dict):
+        raise ValueError(f"{path}: not a config record (no model section); {CONFIG_RECOVER}")
+    paths = recorded.pop("paths", {}) or {}
+    recorded.pop("versions", None)
+    values = config_lib.default_config().to_dict()
+    values["model"] = {}
+    values = _merge(values, _tuples(recorded))
+    for dotted, real in paths.items():
+        section, _, field = dotted.partition(".")
+        if section in values and field in values[section]:
+            values[section][field] = real
+    return ml_collections.ConfigDict(values)
 
 
 def write_config(config, workdir: str) -> None:
