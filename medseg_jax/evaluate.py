@@ -13,7 +13,7 @@ Writes to the workdir, for a split ``<split>``:
 ``..._largest_...`` / ``..._auto_...`` with ``eval.postprocess``, so the best
 checkpoint's plain files stay; ``choose`` writes the validation split's plain,
 ``_largest`` and ``_auto`` files from one prediction pass and ``postprocessing.json``,
-the choice per class)
+the choice per class, ``postprocessing_whole.json`` when made with whole windows)
 - ``<split>_metrics.json``   per case and aggregated (overall and per task)
 - ``<split>_metrics.md``     the table that is also printed
 - ``<split>_per_case.csv``   one row per case and class, every metric
@@ -57,7 +57,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
         run = state_lib.restore_run(config, workdir, checkpoint)
         mode = str(run.config.eval.get("postprocess", "")).strip()
         if mode != "choose":
-            spec = postprocess.resolve(mode, workdir, run.labels, run.which, run.step)
+            spec = postprocess.resolve(mode, workdir, run.labels, run.which, run.step,
+                                       preprocess.sw_window(run.config))
             if mode == "auto":
                 return _evaluate(run, split, spec, f"auto ({spec or 'none'})", "_auto")
             return _evaluate(run, split, spec, spec, postprocess.suffix(spec))
@@ -112,8 +113,7 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
               "network_inputs": n_samples}
     prefix = split if run.which == "best" else (
         f"{split}_step{run.step}" if run.which.isdigit() else f"{split}_{run.which}")
-    if config.eval.get("sw_window", "patch") == "whole" and preprocess.uses_patches(config):
-        # beside the files of the patch windows
+    if preprocess.sw_window(config) == "whole":  # beside the files of the patch windows
         prefix += "_whole"
     logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
                  "%.1f s", len(keys), t_predict, timing["cases_per_second"], n_samples,
@@ -131,7 +131,7 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
     auto = _report(run, split, prefix + "_auto", chosen, timing,
                    f"auto ({choice['spec'] or 'none'})", choice["spec"], figures=False)
     choice.update(split=split, checkpoint=run.which, step=run.step, epoch=run.epoch,
-                  tta=bool(config.eval.tta))
+                  tta=bool(config.eval.tta), sw_window=preprocess.sw_window(config))
     if jax.process_index() == 0:
         path = postprocess.write_choice(workdir, choice)
         print(postprocess.choice_table(choice), flush=True)

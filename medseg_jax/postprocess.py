@@ -12,9 +12,11 @@ do so from its validation results. ``eval.postprocess`` says what is applied:
   for each class whose mean Dice it raises (nnU-Net's per-class step; its first step,
   all foreground classes as one region, is not made), writes the choice to
   ``<workdir>/postprocessing.json`` (``postprocessing_step<N>.json`` for a checkpoint
-  other than the best), then evaluates the requested split with it;
-- ``"auto"``: what the choice file of the evaluated checkpoint says (evaluation and
-  prediction).
+  other than the best, ``postprocessing_whole*.json`` with ``eval.sw_window="whole"``),
+  then evaluates the requested split with it;
+- ``"auto"``: what the choice file of the evaluated checkpoint and window says
+  (evaluation and prediction; with whole windows and no choice made with them, the patch
+  windows' choice).
 
 This module owns the component filter, the spec's parsing and the choice file; the
 evaluation that scores the choice is ``evaluate.py``'s.
@@ -132,11 +134,16 @@ def choice_table(choice: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def choice_path(workdir: str, which: str = "best", step: int | None = None) -> str:
+def choice_path(workdir: str, which: str = "best", step: int | None = None,
+                window: str = "patch") -> str:
     """``postprocessing.json`` for the best checkpoint, ``postprocessing_step<N>.json``
-    for another (``eval.checkpoint``), so one checkpoint's choice never replaces another's."""
-    name = CHOICE_FILE if which == "best" or step is None else f"postprocessing_step{step}.json"
-    return os.path.join(workdir, name)
+    for another (``eval.checkpoint``), ``postprocessing_whole[_step<N>].json`` for a choice
+    made with whole-case windows (``eval.sw_window``, as ``preprocess.sw_window`` resolves
+    it): one checkpoint's or window's choice never replaces another's."""
+    name = CHOICE_FILE[:-len(".json")] + ("_whole" if window == "whole" else "")
+    if which != "best" and step is not None:
+        name += f"_step{step}"
+    return os.path.join(workdir, name + ".json")
 
 
 def suffix(spec: str) -> str:
@@ -170,25 +177,29 @@ def read_choice(path: str, recover: str = _RECOVER) -> tuple[dict, list[int], di
     return choice, kept, names
 
 
-def require_choice(spec: str, workdir: str) -> None:
+def require_choice(spec: str, workdir: str, window: str = "patch") -> None:
     """Before a training whose evaluation applies "auto": the best checkpoint's choice
-    file must be there and readable (its classes and step are checked when applied)."""
+    file (for the evaluation's window) must be there and readable (its classes and step
+    are checked when applied)."""
     if str(spec or "").strip() == "auto":
-        read_choice(choice_path(workdir), "train with --config.eval.postprocess=choose to "
-                    "choose it on the validation split after training")
+        read_choice(choice_path(workdir, window=window), "train with "
+                    "--config.eval.postprocess=choose to choose it on the validation split "
+                    "after training")
 
 
 def write_choice(workdir: str, choice: dict) -> str:
-    path = choice_path(workdir, choice.get("checkpoint", "best"), choice.get("step"))
+    path = choice_path(workdir, choice.get("checkpoint", "best"), choice.get("step"),
+                       choice.get("sw_window", "patch"))
     fileio.write_json_atomic(path, choice)
     return path
 
 
 def resolve(spec: str, workdir: str, labels: dict[int, str], which: str = "best",
-            step: int | None = None) -> str:
+            step: int | None = None, window: str = "patch") -> str:
     """A spec in its normal spelling, "auto" replaced by the choice of the checkpoint
-    ``which`` (step ``step``) in its choice file (``choice_path``), checked against the
-    run's label names and step. Raises ValueError naming the field or the file."""
+    ``which`` (step ``step``) made with the evaluation window ``window`` in its choice file
+    (``choice_path``), checked against the run's label names and step. Raises ValueError
+    naming the field or the file."""
     spec = str(spec or "").strip()
     if spec == "choose":
         raise ValueError("config.eval.postprocess: 'choose' is made by an evaluation (or the "
@@ -202,7 +213,12 @@ def resolve(spec: str, workdir: str, labels: dict[int, str], which: str = "best"
                              f"{unknown[0]} (this run's classes: "
                              + ", ".join(f"{v} {n}" for v, n in sorted(names.items())) + ")")
         return normalise(spec)
-    path = choice_path(workdir, which, step)
+    path = choice_path(workdir, which, step, window)
+    if window != "patch" and not os.path.exists(path):
+        patch = choice_path(workdir, which, step)
+        logging.info("No post-processing chosen with %s windows (%s): applying the patch "
+                     "windows' choice, %s", window, path, patch)
+        path = patch
     choice, kept, chosen_names = read_choice(path)
     for value, name in chosen_names.items():
         if names.get(value) != name:
@@ -227,6 +243,9 @@ def resolved_run(run, choose_as_auto: bool = True):
     mode = str(run.config.eval.get("postprocess", "")).strip()
     if mode == "choose" and choose_as_auto:
         mode = "auto"
+    from medseg_jax.data import preprocess  # noqa: PLC0415 (scipy)
+
     config = ml_collections.ConfigDict(run.config.to_dict())
-    config.eval.postprocess = resolve(mode, run.workdir, run.labels, run.which, run.step)
+    config.eval.postprocess = resolve(mode, run.workdir, run.labels, run.which, run.step,
+                                      preprocess.sw_window(config))
     return dataclasses.replace(run, config=config)

@@ -544,6 +544,7 @@ class _Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if possible), then evaluates the best checkpoint."""
     with workdir_lib.run_lock(workdir):
-        postprocess.require_choice(config.eval.get("postprocess", ""), workdir)
+        postprocess.require_choice(config.eval.get("postprocess", ""), workdir,
+                                   preprocess.sw_window(config))
         train(config, workdir)
         return evaluate.evaluate(config, workdir)

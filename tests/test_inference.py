@@ -116,3 +116,26 @@ def test_whole_windows_in_an_evaluation_write_their_own_files(tmp_path):
     saved = json.loads((workdir / "test_whole_metrics.json").read_text())
     assert saved["network_inputs"] == whole["network_inputs"] < patch["network_inputs"]
     assert len(saved["per_case"]) == len(patch["per_case"])
+    # Post-processing chosen with each window: two choice files, neither replaces the other;
+    # "auto" applies the window's own choice, the patch one where whole windows made none.
+    from medseg_jax import postprocess
+
+    for window in ("patch", "whole"):
+        config.eval.sw_window, config.eval.postprocess = window, "choose"
+        evaluate.evaluate(config, str(workdir), split="val")
+    patch_choice = json.loads((workdir / "postprocessing.json").read_text())
+    whole_choice = json.loads((workdir / "postprocessing_whole.json").read_text())
+    assert (patch_choice["sw_window"], whole_choice["sw_window"]) == ("patch", "whole")
+    assert (workdir / "val_whole_auto_metrics.json").exists()
+    labels = {int(row["value"]): name for name, row in whole_choice["classes"].items()}
+    labels[0] = "background"
+    every = sorted(v for v in labels if v)  # tell the two files apart
+    kept = [] if patch_choice["largest"] == every else every
+    whole_choice["largest"] = kept
+    (workdir / "postprocessing_whole.json").write_text(json.dumps(whole_choice))
+    assert postprocess.resolve("auto", str(workdir), labels, window="whole") == \
+        ("largest:" + ",".join(map(str, kept)) if kept else "")
+    assert postprocess.resolve("auto", str(workdir), labels) == patch_choice["spec"]
+    (workdir / "postprocessing_whole.json").unlink()
+    assert postprocess.resolve("auto", str(workdir), labels, window="whole") == \
+        patch_choice["spec"]

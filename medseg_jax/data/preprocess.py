@@ -284,6 +284,15 @@ def uses_patches(config) -> bool:
     return config.model.spatial_dims == 3 or config.data.in_plane == "spacing"
 
 
+def sw_window(config) -> str:
+    """The evaluation window in effect: ``eval.sw_window`` ("patch" or "whole") where cases
+    are cut into patches, "patch" where slices are resized to the network (one window
+    either way). Names the files an evaluation writes and the post-processing choice."""
+    if config.eval.get("sw_window", "patch") == "whole" and uses_patches(config):
+        return "whole"
+    return "patch"
+
+
 def case_samples(case: Case, plans, config):
     """2D models with ``data.in_plane='resize'``: the case's slices (or 2D image)
     resized to network size."""
