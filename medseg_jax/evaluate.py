@@ -57,10 +57,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
         run = state_lib.restore_run(config, workdir, checkpoint)
         mode = str(run.config.eval.get("postprocess", "")).strip()
         if mode != "choose":
-            spec = postprocess.resolve(mode, workdir, run.labels, run.which, run.step,
-                                       preprocess.sw_window(run.config))
+            window = preprocess.sw_window(run.config)
+            spec = postprocess.resolve(mode, workdir, run.labels, run.which, run.step, window)
             if mode == "auto":
-                return _evaluate(run, split, spec, f"auto ({spec or 'none'})", "_auto")
+                used = postprocess.applied_choice_path(workdir, run.which, run.step, window)
+                whose = ("" if used == postprocess.choice_path(workdir, run.which, run.step,
+                                                               window)
+                         else "the patch windows' choice: ")
+                return _evaluate(run, split, spec, f"auto ({whose}{spec or 'none'})", "_auto")
             return _evaluate(run, split, spec, spec, postprocess.suffix(spec))
         results = _evaluate(run, "val", "", "", "", choose=True)
         if split == "val":
@@ -165,10 +169,12 @@ def _report(run: Run, split: str, prefix: str, per_case: list[dict], timing: dic
     groups = _summarise(per_case, config)
     title = (f"{config.model.name}: {split} split, {run.which} checkpoint (step {run.step}, "
              f"epoch {run.epoch}){', flip TTA' if config.eval.tta else ''}"
+             + (", whole-case windows" if preprocess.sw_window(config) == "whole" else "")
              + (f", post-processing: {postprocessing}" if postprocessing else ""))
     table = report.metrics_table(groups, title, config.eval.nsd_tolerance_mm)
     results = {"model": config.model.name, "split": split, "checkpoint": run.which,
                "step": run.step, "epoch": run.epoch, "tta": bool(config.eval.tta),
+               "sw_window": preprocess.sw_window(config),
                "postprocess": postprocessing, "applied": applied,
                "nsd_tolerance_mm": float(config.eval.nsd_tolerance_mm),
                "params": models.count_params(run.state.params),

@@ -39,12 +39,15 @@ def predict_batches(predict_fn, state, images: np.ndarray, batch_size: int, mesh
 
 def sliding_window(predict_fn, state, volume: np.ndarray, patch: tuple[int, ...],
                    overlap: float, batch_size: int, mesh,
-                   input_size: tuple[int, ...] | None = None) -> tuple[np.ndarray, int]:
+                   input_size: tuple[int, ...] | None = None,
+                   fit_batch: bool = False) -> tuple[np.ndarray, int]:
     """(probabilities (*spatial, K), number of windows) of a volume (*spatial, C).
 
     ``patch`` is the window in volume coordinates; windows are reshaped to the
     network's ``input_size`` (default: ``patch``), e.g. a (64, 64, 1) window of a
-    volume to a (64, 64) input of a 2D model.
+    volume to a (64, 64) input of a 2D model. ``fit_batch``: batches of at most the
+    windows there are (rounded up to the mesh's devices), not ``batch_size`` padded
+    copies of one window (whole-case windows: a compilation per case size anyway).
     """
     input_size = tuple(patch) if input_size is None else tuple(input_size)
     spatial = volume.shape[:-1]
@@ -52,6 +55,9 @@ def sliding_window(predict_fn, state, volume: np.ndarray, patch: tuple[int, ...]
     full = padded.shape[:-1]
     starts = list(itertools.product(
         *(preprocess.window_starts(n, p, overlap) for n, p in zip(full, patch))))
+    if fit_batch:
+        devices = mesh.devices.size
+        batch_size = min(batch_size, -(-len(starts) // devices) * devices)
     weight = preprocess.gaussian_importance(patch)
     acc, norm = None, np.zeros(full, np.float32)
     for i in range(0, len(starts), batch_size):
@@ -94,7 +100,8 @@ def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
         volume, _ = preprocess.case_volume(dataclasses.replace(case, label=None), plans, config)
         size, patch = window(config, volume.shape[:-1])
         probs, n = sliding_window(predict_fn, state, volume, patch, config.eval.sw_overlap,
-                                  config.eval.batch_size, mesh, input_size=size)
+                                  config.eval.batch_size, mesh, input_size=size,
+                                  fit_batch=config.eval.get("sw_window", "patch") == "whole")
         return preprocess.resize(probs, spatial, order=1), n
     images, _ = preprocess.case_samples(case, plans, config)
     probs = predict_batches(predict_fn, state, images, config.eval.batch_size, mesh)

@@ -177,12 +177,22 @@ def read_choice(path: str, recover: str = _RECOVER) -> tuple[dict, list[int], di
     return choice, kept, names
 
 
+def applied_choice_path(workdir: str, which: str = "best", step: int | None = None,
+                        window: str = "patch") -> str:
+    """The choice file "auto" applies: the window's own (``choice_path``), else, for whole
+    windows that made none, the patch windows' one."""
+    path = choice_path(workdir, which, step, window)
+    if window != "patch" and not os.path.exists(path):
+        return choice_path(workdir, which, step)
+    return path
+
+
 def require_choice(spec: str, workdir: str, window: str = "patch") -> None:
     """Before a training whose evaluation applies "auto": the best checkpoint's choice
-    file (for the evaluation's window) must be there and readable (its classes and step
-    are checked when applied)."""
+    file (``applied_choice_path`` for the requested ``eval.sw_window``) must be there and
+    readable (its classes and step are checked when applied)."""
     if str(spec or "").strip() == "auto":
-        read_choice(choice_path(workdir, window=window), "train with "
+        read_choice(applied_choice_path(workdir, window=window), "train with "
                     "--config.eval.postprocess=choose to choose it on the validation split "
                     "after training")
 
@@ -213,12 +223,10 @@ def resolve(spec: str, workdir: str, labels: dict[int, str], which: str = "best"
                              f"{unknown[0]} (this run's classes: "
                              + ", ".join(f"{v} {n}" for v, n in sorted(names.items())) + ")")
         return normalise(spec)
-    path = choice_path(workdir, which, step, window)
-    if window != "patch" and not os.path.exists(path):
-        patch = choice_path(workdir, which, step)
-        logging.info("No post-processing chosen with %s windows (%s): applying the patch "
-                     "windows' choice, %s", window, path, patch)
-        path = patch
+    path = applied_choice_path(workdir, which, step, window)
+    if path != choice_path(workdir, which, step, window):
+        logging.warning("No post-processing chosen with %s windows: applying the patch "
+                        "windows' choice, %s", window, path)
     choice, kept, chosen_names = read_choice(path)
     for value, name in chosen_names.items():
         if names.get(value) != name:

@@ -545,6 +545,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if possible), then evaluates the best checkpoint."""
     with workdir_lib.run_lock(workdir):
         postprocess.require_choice(config.eval.get("postprocess", ""), workdir,
-                                   preprocess.sw_window(config))
+                                   config.eval.get("sw_window", "patch"))  # before the plan
         train(config, workdir)
         return evaluate.evaluate(config, workdir)

@@ -95,6 +95,20 @@ def test_whole_case_windows():
     assert seen[0] == (8, 16, 12, 1) and n == 5
     np.testing.assert_allclose(probs, np.asarray(_voxelwise(None, volume)), rtol=1e-5, atol=1e-6)
 
+    # A 3D case in one window: batches fitted to the windows (rounded up to the mesh's
+    # devices), not eval.batch_size padded copies of the case; the same probabilities.
+    mesh, seen[:] = sharding.make_mesh(), []
+    config.model.spatial_dims, config.data.image_size = 3, (8, 8, 8)
+    size, patch = inference.window(config, volume.shape[:-1])
+    batch = 4 * mesh.devices.size
+    fitted, n = inference.sliding_window(jax.jit(two_d), None, volume, patch, 0.5, batch, mesh,
+                                         input_size=size, fit_batch=True)
+    assert n == 1 and seen == [(mesh.devices.size, 16, 12, 8, 1)]
+    padded, _ = inference.sliding_window(jax.jit(two_d), None, volume, patch, 0.5, batch, mesh,
+                                         input_size=size)
+    assert seen[-1][0] == batch
+    np.testing.assert_array_equal(fitted, padded)
+
 
 def test_whole_windows_in_an_evaluation_write_their_own_files(tmp_path):
     """A patch-based run evaluated with eval.sw_window="whole": fewer network inputs, the
@@ -139,3 +153,9 @@ def test_whole_windows_in_an_evaluation_write_their_own_files(tmp_path):
     (workdir / "postprocessing_whole.json").unlink()
     assert postprocess.resolve("auto", str(workdir), labels, window="whole") == \
         patch_choice["spec"]
+    postprocess.require_choice("auto", str(workdir), "whole")  # the patch one will do
+    config.eval.postprocess = "auto"  # says whose choice it applied, and the window
+    auto = evaluate.evaluate(config, str(workdir), split="val")
+    assert auto["postprocess"].startswith("auto (the patch windows' choice: ")
+    assert auto["sw_window"] == "whole" and saved["sw_window"] == "whole"
+    assert json.loads((workdir / "test_metrics.json").read_text())["sw_window"] == "patch"
