@@ -244,6 +244,12 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: not a config record (no model section); {CONFIG_RECOVER}")
     paths = recorded.pop("paths", {}) or {}
     recorded.pop("versions", None)
+    sections = config_lib.default_config().to_dict()
+    wrong = [k for k, v in recorded.items() if isinstance(sections.get(k), dict)
+             and not isinstance(v, dict)]
+    if not isinstance(paths, dict) or wrong:
+        raise ValueError(f"{path}: not a config record ('{wrong[0] if wrong else 'paths'}' is "
+                         f"not a section of fields); {CONFIG_RECOVER}")
     values = config_lib.default_config().to_dict()
     values["model"] = {}
     values = _merge(values, _tuples(recorded))

@@ -182,7 +182,12 @@ def test_run_config_is_the_runs_own_config_from_any_directory(trained, tmp_path,
     # Not a run's workdir, or a damaged config.json: one line naming the file.
     for folder, text, expected in [("none", None, "config.json: not found"),
                                    ("bad", "{", "config.json: not valid JSON"),
-                                   ("other", "{\"a\": 1}", "not a config record")]:
+                                   ("other", "{\"a\": 1}", "not a config record"),
+                                   ("list", "[1]", "not a JSON object"),
+                                   ("paths", json.dumps(dict(content, paths=[1])),
+                                    "'paths' is not a section"),
+                                   ("data", json.dumps(dict(content, data=3)),
+                                    "'data' is not a section")]:
         (tmp_path / folder).mkdir()
         if text is not None:
             (tmp_path / folder / "config.json").write_text(text)
