@@ -174,6 +174,11 @@ def default_config() -> ml_collections.ConfigDict:
     # it, keep it where it raises the class's Dice, write <workdir>/postprocessing.json,
     # then evaluate eval.split with it), "auto" (apply that file's choice).
     ev.postprocess = ""
+    # Ensemble: workdirs of other runs on the same data and classes (comma-separated),
+    # whose class probabilities are averaged with this run's, each with its own network,
+    # plan and flips, before the argmax (evaluation and prediction; nnU-Net's ensembling
+    # of configurations). Files "<split>_ensemble_<their folder names>_*".
+    ev.ensemble = ""
     ev.nsd_tolerance_mm = 1.0  # normalised surface Dice: surface distance counted as a hit
     ev.bootstrap_samples = 2000  # resamples for the 95% interval of each mean
     ev.figures = True  # overlays, uncertainty / attention maps and curves in <workdir>/figures

@@ -9,7 +9,8 @@ the case's voxel spacing, so distances are in mm.
 
 Writes to the workdir, for a split ``<split>``:
 (``<split>_<checkpoint>_...`` for another checkpoint than the best, e.g.
-``test_step1500_metrics.json``, ``..._whole_...`` with ``eval.sw_window="whole"``, and
+``test_step1500_metrics.json``, ``..._whole_...`` with ``eval.sw_window="whole"``,
+``..._ensemble_<members' folder names>_...`` with ``eval.ensemble`` (no figures), and
 ``..._largest_...`` / ``..._auto_...`` with ``eval.postprocess``, so the best
 checkpoint's plain files stay; ``choose`` writes the validation split's plain,
 ``_largest`` and ``_auto`` files from one prediction pass and ``postprocessing.json``,
@@ -56,6 +57,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
     with workdir_lib.run_lock(workdir):
         run = state_lib.restore_run(config, workdir, checkpoint)
         mode = str(run.config.eval.get("postprocess", "")).strip()
+        if state_lib.ensemble_paths(run.config, workdir):
+            if mode in ("choose", "auto"):
+                raise ValueError(f"config.eval.postprocess={mode!r} with config.eval.ensemble: "
+                                 "a choice is made per run; give the ensemble '' or 'largest' "
+                                 "(or 'largest:1,7')")
+            spec = postprocess.resolve(mode, workdir, run.labels)
+            members = state_lib.restore_members(run, checkpoint)
+            return _evaluate(run, split, spec, spec, postprocess.suffix(spec), members=members)
         if mode != "choose":
             window = preprocess.sw_window(run.config)
             spec = postprocess.resolve(mode, workdir, run.labels, run.which, run.step, window)
@@ -74,10 +83,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
 
 
 def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
-              choose: bool = False) -> dict:
+              choose: bool = False, members: list[Run] = ()) -> dict:
     """One split with the resolved post-processing ``spec`` (``label`` for the titles,
     ``suffix`` for the file names); ``choose`` also scores every class's largest
-    component and writes the choice."""
+    component and writes the choice; ``members``: other runs whose probabilities are
+    averaged with ``run``'s (``eval.ensemble``)."""
     workdir = run.workdir
     config = ml_collections.ConfigDict(run.config.to_dict())  # with the run's plan applied
     config.eval.postprocess = spec
@@ -86,15 +96,21 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
     if not keys:
         raise ValueError(f"{workdir}/splits.json: split {split!r} has no cases"
                          + (" (config.eval.postprocess=choose chooses on it)" if choose else ""))
-    logging.info("Evaluating the %s checkpoint (step %d, epoch %d) on %d %s cases%s", run.which,
-                 run.step, run.epoch, len(keys), split, " with flip TTA" if config.eval.tta else "")
+    for member in members:
+        if sorted(member.dataset.splits.get(split, [])) != sorted(keys):
+            raise ValueError(f"config.eval.ensemble: {member.workdir}/splits.json: its {split} "
+                             f"split is not the evaluated run's ({workdir}/splits.json)")
+    logging.info("Evaluating the %s checkpoint (step %d, epoch %d) on %d %s cases%s%s",
+                 run.which, run.step, run.epoch, len(keys), split,
+                 " with flip TTA" if config.eval.tta else "",
+                 "".join(f", averaged with {m.workdir} (step {m.step})" for m in members))
 
     per_case, largest, n_samples, t_predict, t_metrics = [], [], 0, 0.0, 0.0
     for key in keys:
         case = run.dataset.load(key)
         t0 = time.time()
-        pred, n = inference.predict_case(case, run.plans, config, run.state, run.predict_fn,
-                                         run.mesh)
+        probs, n = inference.ensemble_probs(case, [run, *members])
+        pred = inference.label_map(probs, config)
         t1 = time.time()
         ref, _ = run.dataset.refs[key]
         case_metrics = metrics.evaluate_case(pred, case.label, case.spacing, run.labels,
@@ -119,11 +135,17 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
         f"{split}_step{run.step}" if run.which.isdigit() else f"{split}_{run.which}")
     if preprocess.sw_window(config) == "whole":  # beside the files of the patch windows
         prefix += "_whole"
+    if members:
+        prefix += "_ensemble_" + "+".join(_file_name(m.workdir) for m in members)
+        timing["ensemble"] = [{"workdir": m.workdir, "model": m.config.model.name,
+                               "spatial_dims": m.config.model.spatial_dims, "step": m.step}
+                              for m in members]
     logging.info("Predicted %d cases in %.1f s (%.2f cases/s, %d network inputs), metrics in "
                  "%.1f s", len(keys), t_predict, timing["cases_per_second"], n_samples,
                  t_metrics)
     if not choose:
-        return _report(run, split, prefix + suffix, per_case, timing, label, spec)
+        return _report(run, split, prefix + suffix, per_case, timing, label, spec,
+                       figures=not members)
     results = _report(run, split, prefix, per_case, timing, "", "")
     every = _report(run, split, prefix + "_largest", largest, timing, "largest", "largest",
                     figures=False)
@@ -142,6 +164,12 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
         logging.info("Post-processing chosen on the %s split: %s; wrote %s", split,
                      choice["spec"] or "none", path)
     return dict(auto, postprocess_choice=choice, figures=results.get("figures"))
+
+
+def _file_name(workdir: str) -> str:
+    """A member's folder name as it goes into file names."""
+    name = os.path.basename(os.path.normpath(workdir))
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "run"
 
 
 def _names(choice: dict) -> set[str]:
@@ -170,6 +198,8 @@ def _report(run: Run, split: str, prefix: str, per_case: list[dict], timing: dic
     title = (f"{config.model.name}: {split} split, {run.which} checkpoint (step {run.step}, "
              f"epoch {run.epoch}){', flip TTA' if config.eval.tta else ''}"
              + (", whole-case windows" if preprocess.sw_window(config) == "whole" else "")
+             + "".join(f", averaged with {m['model']} {m['spatial_dims']}D ({m['workdir']})"
+                       for m in timing.get("ensemble", []))
              + (f", post-processing: {postprocessing}" if postprocessing else ""))
     table = report.metrics_table(groups, title, config.eval.nsd_tolerance_mm)
     results = {"model": config.model.name, "split": split, "checkpoint": run.which,

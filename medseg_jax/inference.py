@@ -108,6 +108,17 @@ def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
     return preprocess.from_samples(probs, spatial, config.data.slice_axis), len(images)
 
 
+def ensemble_probs(case: nifti.Case, runs) -> tuple[np.ndarray, int]:
+    """(the mean of the class probabilities of several restored runs (``state.Run``) on the
+    case grid, network inputs in all): each with its own network, plan, window and flips."""
+    total, inputs = None, 0
+    for run in runs:
+        probs, n = predict_probs(case, run.plans, run.config, run.state, run.predict_fn,
+                                 run.mesh)
+        total, inputs = (probs if total is None else total + probs), inputs + n
+    return total / len(runs), inputs
+
+
 def label_map(probs: np.ndarray, config) -> np.ndarray:
     """The argmax of class probabilities (*spatial, K) as uint8 labels, post-processed as
     ``eval.postprocess`` says (``postprocess.py``: the largest connected component of all

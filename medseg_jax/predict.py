@@ -6,6 +6,7 @@ for every input case, ``<case>.nii.gz``: a uint8 label map with the label values
 of the run's ``dataset.json``, the input's shape, affine and header (orientation
 codes included). With ``--save_probabilities`` it also writes
 ``<case>_probabilities.nii.gz``, float32 softmax with the classes on the last axis.
+With ``eval.ensemble`` the probabilities are the mean of the run's and those runs'.
 
 Inputs: a NIfTI file, or a folder of them. In a folder, nnU-Net channel files
 ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... form one case ``CASE``; other
@@ -109,7 +110,13 @@ def _pick_task(run: state_lib.Run, task: str | None) -> decathlon.DatasetInfo:
 def predict(config, workdir: str, input_path: str, output_dir: str, task: str | None = None,
             save_probabilities: bool = False) -> dict:
     """Predicts every case of ``input_path`` into ``output_dir``; returns a summary."""
-    run = postprocess.resolved_run(state_lib.restore_run(config, workdir), choose_as_auto=False)
+    run = state_lib.restore_run(config, workdir)
+    members = state_lib.restore_members(run)
+    if members and str(run.config.eval.get("postprocess", "")).strip() in ("choose", "auto"):
+        raise ValueError(f"config.eval.postprocess={run.config.eval.postprocess!r} with "
+                         "config.eval.ensemble: a choice is made per run; give the ensemble '' "
+                         "or 'largest' (or 'largest:1,7')")
+    run = postprocess.resolved_run(run, choose_as_auto=False)
     config = run.config  # with the run's plan applied and its post-processing resolved
     info = _pick_task(run, task)
     inputs = find_inputs(input_path, len(info.modalities))
@@ -121,8 +128,9 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
             raise PermissionError(f"--output {output_dir}: cannot create the folder ({e})") from e
         if not os.access(output_dir, os.W_OK):
             raise PermissionError(f"--output {output_dir}: the folder is not writable")
-    logging.info("Predicting %d case(s) from %s with the %s checkpoint (step %d) of %s%s",
+    logging.info("Predicting %d case(s) from %s with the %s checkpoint (step %d) of %s%s%s",
                  len(inputs), input_path, run.which, run.step, workdir,
+                 "".join(f", averaged with {m.workdir} (step {m.step})" for m in members),
                  " and flip TTA" if config.eval.tta else "")
     written, skipped, t0, t_predict = [], [], time.time(), 0.0
     for name, files in inputs:
@@ -135,8 +143,7 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
             skipped.append(f"{name} ({e})")
             continue
         t1 = time.time()
-        probs, _ = inference.predict_probs(case, run.plans, config, run.state, run.predict_fn,
-                                           run.mesh)
+        probs, _ = inference.ensemble_probs(case, [run, *members])
         labels = inference.label_map(probs, config)
         t_predict += time.time() - t1
         if writer:
@@ -153,6 +160,7 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
     n_pred = len(inputs) - len(skipped)
     summary = {"written": written, "skipped": skipped, "seconds": seconds,
                "postprocess": config.eval.postprocess,
+               "ensemble": [m.workdir for m in members],
                "predict_seconds": t_predict,
                "cases_per_second": n_pred / t_predict if t_predict > 0 else float("nan")}
     logging.info("Predicted %d case(s) in %.1f s (%.2f cases/s, network and resampling only); "

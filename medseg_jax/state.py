@@ -6,7 +6,8 @@
 - the jitted prediction function (``make_predict_fn``: softmax, averaged over flips
   with ``eval.tta``);
 - a trained run restored from its workdir (``restore_run``): its config check, data,
-  plans and the chosen checkpoint, ready for evaluation, prediction and figures.
+  plans and the chosen checkpoint, ready for evaluation, prediction and figures; and the
+  other runs of an ensemble (``restore_members``: ``eval.ensemble``).
 
 Training (``train.py``), evaluation, prediction, the study and the tools all build on
 this module; it imports none of them.
@@ -226,3 +227,49 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
     swap = laterality.label_permutation(config, dataset.labels, dataset.num_classes)
     return Run(config, workdir, mesh, plans, dataset, model, state, step,
                meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh, swap=swap))
+
+
+# The evaluation settings an ensemble's members take from the evaluated run's config.
+MEMBER_EVAL_FIELDS = ("batch_size", "checkpoint", "sw_overlap", "sw_window", "tta")
+
+
+def ensemble_paths(config, workdir: str) -> list[str]:
+    """The member workdirs ``eval.ensemble`` names (not the run itself); one-line errors."""
+    entries = [e.strip() for e in str(config.eval.get("ensemble", "") or "").split(",")]
+    entries = [e for e in entries if e]
+    seen = {os.path.realpath(workdir): workdir}
+    for entry in entries:
+        real = os.path.realpath(entry)
+        if real in seen:
+            raise ValueError(f"config.eval.ensemble: {entry} is "
+                             + ("the evaluated run itself (--workdir)" if seen[real] == workdir
+                                else f"listed twice (as {seen[real]})"))
+        seen[real] = entry
+    return entries
+
+
+def restore_members(run: Run, checkpoint: str | None = None) -> list[Run]:
+    """The other runs of ``run.config.eval.ensemble``, each restored from its own recorded
+    config (its network, plan and data: ``workdir.read_run_config``) with ``run``'s
+    evaluation settings (``MEMBER_EVAL_FIELDS``, no post-processing: the ensemble's is
+    applied once, after averaging). Every member must have ``run``'s classes. Raises
+    ValueError naming the member."""
+    members = []
+    for path in ensemble_paths(run.config, run.workdir):
+        try:
+            config = workdir_lib.read_run_config(path)
+        except ValueError as e:
+            raise ValueError(f"config.eval.ensemble: {e}") from None
+        for field in MEMBER_EVAL_FIELDS:
+            config.eval[field] = run.config.eval[field]
+        config.eval.postprocess, config.eval.ensemble = "", ""
+        member = restore_run(config, path, checkpoint)
+        if member.dataset.labels != run.dataset.labels:
+            raise ValueError(f"config.eval.ensemble: {path} has the classes "
+                             f"{member.dataset.labels}, the evaluated run {run.dataset.labels}")
+        modalities = [[len(i.modalities) for i in r.dataset.infos] for r in (member, run)]
+        if modalities[0] != modalities[1]:
+            raise ValueError(f"config.eval.ensemble: {path} reads {modalities[0][0]} "
+                             f"modalities per case, the evaluated run {modalities[1][0]}")
+        members.append(member)
+    return members
