@@ -58,10 +58,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
         run = state_lib.restore_run(config, workdir, checkpoint)
         mode = str(run.config.eval.get("postprocess", "")).strip()
         if state_lib.ensemble_paths(run.config, workdir):
-            if mode in ("choose", "auto"):
-                raise ValueError(f"config.eval.postprocess={mode!r} with config.eval.ensemble: "
-                                 "a choice is made per run; give the ensemble '' or 'largest' "
-                                 "(or 'largest:1,7')")
             spec = postprocess.resolve(mode, workdir, run.labels)
             members = state_lib.restore_members(run, checkpoint)
             return _evaluate(run, split, spec, spec, postprocess.suffix(spec), members=members)

@@ -112,10 +112,6 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
     """Predicts every case of ``input_path`` into ``output_dir``; returns a summary."""
     run = state_lib.restore_run(config, workdir)
     members = state_lib.restore_members(run)
-    if members and str(run.config.eval.get("postprocess", "")).strip() in ("choose", "auto"):
-        raise ValueError(f"config.eval.postprocess={run.config.eval.postprocess!r} with "
-                         "config.eval.ensemble: a choice is made per run; give the ensemble '' "
-                         "or 'largest' (or 'largest:1,7')")
     run = postprocess.resolved_run(run, choose_as_auto=False)
     config = run.config  # with the run's plan applied and its post-processing resolved
     info = _pick_task(run, task)

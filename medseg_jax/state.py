@@ -234,9 +234,15 @@ MEMBER_EVAL_FIELDS = ("batch_size", "checkpoint", "sw_overlap", "sw_window", "tt
 
 
 def ensemble_paths(config, workdir: str) -> list[str]:
-    """The member workdirs ``eval.ensemble`` names (not the run itself); one-line errors."""
+    """The member workdirs ``eval.ensemble`` names (not the run itself); one-line errors,
+    also for a per-run post-processing choice ("choose", "auto") asked of an ensemble."""
     entries = [e.strip() for e in str(config.eval.get("ensemble", "") or "").split(",")]
     entries = [e for e in entries if e]
+    mode = str(config.eval.get("postprocess", "")).strip()
+    if entries and mode in ("choose", "auto"):
+        raise ValueError(f"config.eval.postprocess={mode!r} with config.eval.ensemble: a "
+                         "choice is made per run; give the ensemble '' or 'largest' (or "
+                         "'largest:1,7')")
     seen = {os.path.realpath(workdir): workdir}
     for entry in entries:
         real = os.path.realpath(entry)
