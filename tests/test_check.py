@@ -237,3 +237,41 @@ def test_hippocampus_checks_clean(shared_data_dir):
     # The intensity maxima span 1e2 .. 1.7e6: reported as information, not as a fault.
     assert any("per-case normalisation" in p.fault for p in report.info)
     assert seconds < 60
+
+
+def test_label_geometry_of_hand_made_masks():
+    """A 4x4x4 cube: 56 of 64 voxels on its boundary, a one-voxel shift keeps 3 of 4
+    layers (Dice 0.75 on every axis); a 1x2x6 bar at the volume's edge is all boundary, its
+    shifts score 0, 1/2 and 5/6; an absent class is not listed."""
+    from medseg_jax.data.check import label_geometry
+
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2:6, 2:6, 2:6] = 1
+    lab[0:1, 0:2, 0:6] = 3
+    geometry = label_geometry(lab)
+    assert sorted(geometry) == [1, 3]
+    boundary, shift = geometry[1]
+    assert boundary == pytest.approx(56 / 64) and shift == pytest.approx((0.75, 0.75, 0.75))
+    boundary, shift = geometry[3]
+    assert boundary == 1.0 and shift == pytest.approx((0.0, 0.5, 5 / 6))
+    # 2D: a 3x3 square keeps its centre pixel
+    square = np.zeros((5, 5), np.int16)
+    square[1:4, 1:4] = 2
+    assert label_geometry(square) == {2: (pytest.approx(8 / 9), pytest.approx((2 / 3, 2 / 3)))}
+
+
+def test_summary_reports_the_label_geometry_per_class(tmp_path):
+    root = tmp_path / "T"
+    for i in range(2):
+        lab = np.zeros(SHAPE, np.uint8)
+        lab[1:5, 1:5, 0:4] = 1  # 4x4x4: boundary 56/64, shift Dice 0.75 on each axis
+        if i == 0:
+            lab[5, 0, 0] = 2  # one voxel: all boundary, shift Dice 0 (in one case only)
+        _write(root / "imagesTr" / f"toy_{i:03d}.nii.gz", _image(i))
+        _write(root / "labelsTr" / f"toy_{i:03d}.nii.gz", lab)
+    _dataset_json(root, ["toy_000", "toy_001"])
+    summary = check([str(root)]).summary()
+    assert ("1 a: 88% of its voxels on its boundary; shifted by one voxel along axis 0/1/2: "
+            "Dice 0.75, 0.75, 0.75 (2 cases)") in summary
+    assert ("2 b: 100% of its voxels on its boundary; shifted by one voxel along axis 0/1/2: "
+            "Dice 0.00, 0.00, 0.00 (1 case)") in summary
