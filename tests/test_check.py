@@ -258,6 +258,10 @@ def test_label_geometry_of_hand_made_masks():
     square = np.zeros((5, 5), np.int16)
     square[1:4, 1:4] = 2
     assert label_geometry(square) == {2: (pytest.approx(8 / 9), pytest.approx((2 / 3, 2 / 3)))}
+    # a volume of one slice has no shift along that axis
+    boundary, shift = label_geometry(square[:, :, None])[2]
+    assert boundary == pytest.approx(8 / 9) and shift[:2] == pytest.approx((2 / 3, 2 / 3))
+    assert np.isnan(shift[2])
 
 
 def test_summary_reports_the_label_geometry_per_class(tmp_path):

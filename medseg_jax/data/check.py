@@ -230,7 +230,7 @@ def _geometry_lines(task: TaskSummary) -> list[str]:
             continue
         boundary = np.mean([b for b, _ in entries])
         shift = np.mean([s for _, s in entries], axis=0)
-        axes = ", ".join(f"{v:.2f}" for v in shift)
+        axes = ", ".join("-" if np.isnan(v) else f"{v:.2f}" for v in shift)
         lines.append(f"      {value} {task.labels.get(value, '?')}: {100 * boundary:.0f}% of its "
                      f"voxels on its boundary; shifted by one voxel along axis "
                      f"{'/'.join(str(a) for a in range(len(shift)))}: Dice {axes} "
@@ -353,20 +353,25 @@ def label_geometry(label: np.ndarray) -> dict[int, tuple[float, tuple[float, ...
     """Per class present in ``label`` (background 0 excluded): the share of its voxels on
     its boundary (a face neighbour outside the class, or the volume's edge) and, per axis,
     the Dice between the class mask and the same mask shifted by one voxel along that axis
-    (adjacent voxel pairs inside the mask along the axis / mask voxels)."""
+    (adjacent voxel pairs inside the mask along the axis / mask voxels; NaN along an axis
+    of one voxel)."""
     label = np.asarray(label)  # each class is cropped to its tight bounding box: a mask
     # voxel on the box's faces has its outer neighbour outside the class, so the erosion's
     # zero border counts exactly the boundary
-    structure = ndimage.generate_binary_structure(label.ndim, 1)
+    kept = [a for a, n in enumerate(label.shape) if n > 1]  # an axis of one slice has no
+    structure = ndimage.generate_binary_structure(len(kept), 1)  # neighbours along it
     out = {}
     for value, box in enumerate(ndimage.find_objects(label.astype(np.int64)), start=1):
         if box is None:
             continue
         mask = label[box] == value
         voxels = int(mask.sum())
-        inner = ndimage.binary_erosion(mask, structure, border_value=0)
+        flat = [mask.shape[a] for a in kept]
+        inner = (ndimage.binary_erosion(mask.reshape(flat), structure, border_value=0)
+                 if kept else np.zeros(1, bool))  # a single voxel: all boundary
         shift = tuple(float(np.logical_and(mask.take(range(1, n), axis=a),
                                            mask.take(range(n - 1), axis=a)).sum() / voxels)
+                      if label.shape[a] > 1 else float("nan")  # one slice: no shift
                       for a, n in enumerate(mask.shape))
         out[value] = (1.0 - float(inner.sum()) / voxels, shift)
     return out
