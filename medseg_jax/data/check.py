@@ -366,8 +366,8 @@ def label_geometry(label: np.ndarray) -> dict[int, tuple[float, tuple[float, ...
             continue
         mask = label[box] == value
         voxels = int(mask.sum())
-        flat = [mask.shape[a] for a in kept]
-        inner = (ndimage.binary_erosion(mask.reshape(flat), structure, border_value=0)
+        squeezed = [mask.shape[a] for a in kept]
+        inner = (ndimage.binary_erosion(mask.reshape(squeezed), structure, border_value=0)
                  if kept else np.zeros(1, bool))  # a single voxel: all boundary
         shift = tuple(float(np.logical_and(mask.take(range(1, n), axis=a),
                                            mask.take(range(n - 1), axis=a)).sum() / voxels)
