@@ -136,6 +136,9 @@ def pipeline_items(dry: bool, opts: dict) -> list[dict]:
              "in_plane": "resize", "workers": workers, "model": "unet", "base": 4, "depth": 3},
             {"id": "hippocampus-3d", "root": hip, "image_size": [16, 16, 16], "batch": 2,
              "workers": workers[:1], "model": "unet", "base": 4, "depth": 3},
+            {"id": "hc18-2d-spacing", "root": hc18, "image_size": [32, 32], "batch": 4,
+             "in_plane": "spacing", "target_spacing": [3.0, 3.0], "workers": workers[:1],
+             "model": "unet", "base": 4, "depth": 3},
         ]
     tta = time_to_accuracy_overrides(opts, dry)
     return [  # the README's configurations: Hippocampus 2D, the 3D run below, HC18 spacing

@@ -91,6 +91,9 @@ def test_pipeline_and_time_to_accuracy_rows(dry_run):
     assert [h["workers"] for h in two_d["host"]] == [0, 2]  # grain worker processes ran
     assert all(h["images_per_s"] > 0 and h["host_over_step"] > 0 for h in two_d["host"])
     assert two_d["data"] == "synthetic" and "synthetic" in two_d["note"]
+    # The HC18 item resamples to a spacing in mm, as the GPU run's does.
+    assert pipe["hc18-2d-spacing"]["config"]["in_plane"] == "spacing"
+    assert pipe["hc18-2d-spacing"]["step_ms"] > 0
     tta = report["stages"]["time_to_accuracy"]["items"]["unet-3d-hippocampus"]
     assert tta["reached"] and tta["curve"] and tta["exit_code"] == 143  # stopped by SIGTERM
     assert tta["curve"][0]["val_dice"] >= 0
