@@ -106,12 +106,17 @@ def test_two_processes_train_like_one_process(make_tiny_config, tmp_path):
 
 
 def test_cpu_flags_from_the_config(monkeypatch):
+    import importlib.metadata
+
     from medseg_jax.config import default_config, recipe
 
     base = "--xla_force_host_platform_device_count=8"
     ynn = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
     monkeypatch.setenv("XLA_FLAGS", base)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    real_version = importlib.metadata.version  # a measured jaxlib, whichever is installed
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.10.2" if name == "jaxlib" else real_version(name))
     xla_defaults = default_config()
     xla_defaults.train.xla_cpu_ynn = True
     assert not sharding.set_cpu_flags(xla_defaults)  # XLA's defaults: nothing set
@@ -129,7 +134,8 @@ def test_cpu_flags_from_the_config(monkeypatch):
     ("cuda", [], "0.10.2", False),
     ("cpu,cuda", [], "0.10.2", False),
     ("cpu", [], "0.9.2", False),  # before the flag's value existed
-    ("cpu", [], "0.11.0", False),  # not measured there: an unknown value aborts XLA
+    ("cpu", [], "0.12.1", True),  # the newest measured
+    ("cpu", [], "0.13.0", False),  # not measured there: an unknown value aborts XLA
 ])
 def test_cpu_flags_only_where_the_cpu_backend_alone_reads_them(
         monkeypatch, caplog, request, platforms, plugins, version, expected):
@@ -148,8 +154,8 @@ def test_cpu_flags_only_where_the_cpu_backend_alone_reads_them(
                         lambda name: version if name == "jaxlib" else real_version(name))
     assert sharding.set_cpu_flags(default_config()) is expected
     assert ("ynn" in os.environ["XLA_FLAGS"]) is expected
-    if version == "0.11.0":
-        assert "measured with jaxlib 0.10 to 0.10, not 0.11" in caplog.text
+    if version == "0.13.0":
+        assert "measured with jaxlib 0.10 to 0.12, not 0.13" in caplog.text
 
 
 def test_accelerator_plugins_are_found_without_a_backend():
