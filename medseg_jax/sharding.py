@@ -145,6 +145,20 @@ def cpu_only() -> bool:
     return not accelerator_plugins()
 
 
+def _jaxlib_version() -> tuple[int, ...]:
+    import importlib.metadata  # noqa: PLC0415
+
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def cpu_flag_measured() -> bool:
+    """Whether the installed jaxlib is one ``CPU_YNN_FLAG`` was measured with."""
+    return _YNN_FLAG_FROM <= _jaxlib_version() <= _YNN_FLAG_TO
+
+
 def set_cpu_flags(config) -> bool:
     """Before the backend starts: ``train.xla_cpu_ynn=False`` (the default) keeps XLA:CPU's
     YNNPACK fusions for reductions only (``CPU_YNN_FLAG``): convolutions by XLA's other
@@ -153,8 +167,6 @@ def set_cpu_flags(config) -> bool:
     "Performance"; the results change in the last bits). Set only where the CPU backend is
     the only one (``cpu_only``: a GPU or TPU plugin's own XLA parses XLA_FLAGS too) and on
     the jaxlib versions it was measured with. Returns whether it is set."""
-    import importlib.metadata  # noqa: PLC0415
-
     if config.train.get("xla_cpu_ynn", False):
         return False
     flags = os.environ.get("XLA_FLAGS", "")
@@ -162,11 +174,8 @@ def set_cpu_flags(config) -> bool:
         return True
     if not cpu_only():
         return False
-    try:
-        version = tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        version = (0, 0)
-    if not _YNN_FLAG_FROM <= version <= _YNN_FLAG_TO:
+    if not cpu_flag_measured():
+        version = _jaxlib_version()
         logging.warning(
             "config.train.xla_cpu_ynn=False: XLA_FLAGS %s was measured with jaxlib %d.%d "
             "to %d.%d, not %s, so it is not set (an XLA flag a jaxlib does not know aborts "

@@ -58,12 +58,9 @@ def test_the_tool_sets_the_configs_xla_cpu_flags_as_training_does(tmp_path):
          "--warmup=0", f"--workdir={tmp_path}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    from importlib.metadata import version
-
     from medseg_jax import sharding
 
-    jaxlib = tuple(int(p) for p in version("jaxlib").split(".")[:2])
-    if sharding._YNN_FLAG_FROM <= jaxlib <= sharding._YNN_FLAG_TO:
+    if sharding.cpu_flag_measured():
         assert ("XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE "
                 "(train.xla_cpu_ynn=False)") in out.stdout
     else:  # a jaxlib the flag was not measured with is not given it, and says so
