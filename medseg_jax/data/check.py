@@ -352,10 +352,9 @@ def _open(root: str, report: Report) -> decathlon.DatasetInfo | None:
 def label_geometry(label: np.ndarray) -> dict[int, tuple[float, tuple[float, ...]]]:
     """Per class present in the integer ``label`` map (background 0 excluded): the share
     of its voxels on its boundary (a face neighbour outside the class, or the volume's
-    edge) and, per axis,
-    the Dice between the class mask and the same mask shifted by one voxel along that axis
-    (adjacent voxel pairs inside the mask along the axis / mask voxels; NaN along an axis
-    of one voxel)."""
+    edge) and, per axis, the Dice between the class mask and the same mask shifted by one
+    voxel along that axis (adjacent voxel pairs inside the mask along the axis / mask
+    voxels; NaN along an axis of one voxel)."""
     label = np.asarray(label)  # each class is cropped to its tight bounding box: a mask
     # voxel on the box's faces has its outer neighbour outside the class, so the erosion's
     # zero border counts exactly the boundary (metrics.surface's convention; not imported:
