@@ -39,6 +39,7 @@ REPO_PATH_RE = re.compile(r"(?<![\w/.])((?:configs|benchmarks|launch|tests|medse
 COMMAND_RE = re.compile(r"(?:\bpython3? -m ([\w.<>]+)|(?<![\w/-])(medseg-jax)(?![\w-]))")
 EXTRA_RE = re.compile(r"pip install (?:-e )?'?\.\[([\w,]+)\]'?")
 LINK_RE = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+NAME_RE = re.compile(r"\bmedseg_jax(?:\.\w+)+")
 COMMAND_END = {"&&", "||", "|", ";", ">", "2>", "#"}
 
 
@@ -200,6 +201,29 @@ def check_command(module: str, args: list[str], root: Path = ROOT) -> list[str]:
 
 
 @functools.cache
+def name_problem(dotted: str) -> str | None:
+    """None if ``dotted`` is a module of the package or a name in one."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        module = ".".join(parts[:i])
+        if module in PENDING_MODULES:
+            return None
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            continue
+        obj = importlib.import_module(module)
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return f"{dotted}: {module} has no {attr!r}"
+            obj = getattr(obj, attr)
+        return None
+    return f"{dotted}: no such module"
+
+
+@functools.cache
 def declared_extras(root: Path = ROOT) -> frozenset[str]:
     with open(root / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
@@ -256,6 +280,10 @@ def check_text(path: Path, text: str, root: Path = ROOT) -> list[str]:
                                         {"unet", "fcn", "attention_unet"})
                 if problem:
                     problems.append(f"{path.name}: `{span}`: {problem}")
+    for dotted in sorted(set(NAME_RE.findall(text))):
+        problem = name_problem(dotted)
+        if problem:
+            problems.append(f"{path.name}: {problem}")
     for rel in REPO_PATH_RE.findall(text):
         if not (root / rel).exists():
             problems.append(f"{path.name}: {rel} does not exist")
@@ -296,7 +324,8 @@ README_SAMPLE = """\
 python -m medseg_jax.main --config=configs/unet.py --workdir=runs/x \\
     --config.train.learning_rate=3e-4 --mode=eval
 ```
-Then `python -m medseg_jax.tools.check_data --root=DATA`, see [data](docs/data.md#check-a-data-set).
+Then `python -m medseg_jax.tools.check_data --root=DATA`, see [data](docs/data.md#check-a-data-set);
+from Python, `medseg_jax.data.check.check(roots)`.
 """
 
 
@@ -309,6 +338,7 @@ Then `python -m medseg_jax.tools.check_data --root=DATA`, see [data](docs/data.m
     ("--root=DATA", "--rot=DATA", "unknown flag --rot"),
     ("docs/data.md#check", "docs/data.md#chek", "no heading #chek-a-data-set"),
     ("docs/data.md", "docs/dat.md", "docs/dat.md does not exist"),
+    ("check.check(", "check.chek(", "medseg_jax.data.check has no 'chek'"),
 ])
 def test_checker_reports_a_renamed_name(tmp_path, old, new, expected):
     for rel in ("docs/data.md", "configs/unet.py", "pyproject.toml"):
