@@ -11,15 +11,18 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import tomllib
 import unicodedata
 from pathlib import Path
 
 import pytest
-from absl import flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,22 +113,27 @@ def module_flags(module: str) -> frozenset[str] | None:
 
 @functools.cache
 def defined_flags(module: str) -> frozenset[str] | None:
-    """The flags a command-line module defines (None: no such module): absl's registry
-    after importing it, and the DEFINE_* calls of its source (tools define theirs in a
-    function, not on import)."""
+    """The flags a command-line module defines (None: no such module): the DEFINE_* calls
+    of its source (tools define theirs in a function, not on import) and, for a module that
+    defines flags on import, absl's registry after importing it. The import runs in a child
+    process, so this process's flags stay as the other tests expect them."""
     try:
         spec = importlib.util.find_spec(module)
-    except ModuleNotFoundError:
+    except (ImportError, ValueError):
         spec = None
     if spec is None or spec.origin is None:
         return None
-    importlib.import_module(module)
-    names = {f.name for f in flags.FLAGS.flags_by_module_dict().get(module, [])}
-    names |= set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']",
-                            Path(spec.origin).read_text(encoding="utf-8")))
-    absl_own = {f.name for mod, fl in flags.FLAGS.flags_by_module_dict().items()
-                if mod.startswith("absl.") for f in fl}
-    return frozenset(names | absl_own)
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    names = set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", source))
+    if re.search(r"^\S.*\bDEFINE_\w+\(", source, re.M):
+        code = ("import importlib, json; from absl import flags; "
+                f"importlib.import_module({module!r}); "
+                "print(json.dumps([f.name for mod, fl in flags.FLAGS.flags_by_module_dict()"
+                f".items() if mod == {module!r} or mod.startswith('absl.') for f in fl]))")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+        names |= set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return frozenset(names)
 
 
 def _load_config_file(path: Path):
@@ -214,6 +222,8 @@ def name_problem(dotted: str) -> str | None:
             spec = None
         if spec is None:
             continue
+        if i == len(parts):
+            return None  # a module: found, not imported
         obj = importlib.import_module(module)
         for attr in parts[i:]:
             if not hasattr(obj, attr):
