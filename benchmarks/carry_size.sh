@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prints what travels to the device machine from this checkout: tracked and untracked-not-
-# ignored files, plus the carried .whl/ and data_carry/ folders (limit: 64 MiB in all).
+# Prints the size of what an offline GPU machine needs from this checkout: tracked and
+# untracked-not-ignored files, plus the .whl/ and data_carry/ folders (checked against a
+# 64 MiB limit on what is copied).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Downloads into .whl/ (git-ignored) the wheels the GPU machine's image lacks, for its
-# Python 3.12 on manylinux x86_64, checks that every requirement of every wheel is either
-# carried or in the image, and prints what will travel (64 MiB at most, data included).
+# Downloads into .whl/ (git-ignored) the wheels an offline GPU machine's image lacks, for
+# its Python 3.12 on manylinux x86_64, checks that every requirement of every wheel is either
+# in .whl/ or in the image, and prints the size of the repository with .whl/ and data_carry/.
 #
-#   benchmarks/fetch_gpu_wheels.sh          # here, with network; then carry .whl
+#   benchmarks/fetch_gpu_wheels.sh          # on a machine with network; then copy the
+#                                           # repository with .whl/ to the GPU machine
 #
-# The image (/work/.library/device/KINDS.md, package list of 2026-11-17) has jax 0.11.2 with
+# The image assumed (its package list as of 2026-11-17) has jax 0.11.2 with
 # the CUDA 13 plugin, flax, optax, orbax-checkpoint, scipy, matplotlib, absl-py, etils,
 # cloudpickle, protobuf, psutil, pyyaml, packaging, typing-extensions and torch, but not:
 #   grain (-> array-record, portpicker), nibabel, ml-collections.
@@ -25,7 +26,7 @@ mkdir -p .whl
 "$PY" - <<'PYEOF'
 import glob, re, sys, zipfile
 
-# The image's packages (KINDS.md, "Python packages already there", 2026-11-17).
+# The image's packages (2026-11-17): edit for another image.
 IMAGE = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
 botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage
 cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops

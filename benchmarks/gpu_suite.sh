@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite on a borrowed, offline GPU machine: set-up, then the stages of
+# The GPU benchmark suite on a GPU machine, also an offline one: set-up, then the stages of
 # benchmarks/gpu_suite.py (which says what each one measures).
 #
 #   benchmarks/gpu_suite.sh OUTDIR [--dry_run] [more gpu_suite.py flags]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fills data_carry/ (git-ignored) with the data the GPU suite reads, small enough to travel
-# with the working tree (64 MiB in all, with .whl/): the Hippocampus cases as they are
+# Fills data_carry/ (git-ignored) with the data the GPU suite reads, small enough to copy
+# with the repository to an offline GPU machine: the Hippocampus cases as they are
 # (16 MB) and the first $HC18_LIMIT (default 120) HC18 images converted to the Decathlon
 # layout (python -m medseg_jax.tools.convert_hc18; about 0.17 MB an image).
 #

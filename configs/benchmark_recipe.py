@@ -17,7 +17,7 @@ def get_config():
     recipe(config)
     config.train.num_epochs = 20  # of 250 steps
     # Adam 3e-3, chosen on validation Dice over the data sets and architectures measured
-    # (docs/study_real.md): 1e-3 left U-Net / Attention U-Net at 0 on OpenKBP.
+    # (docs/results/study_real.md): 1e-3 left U-Net / Attention U-Net at 0 on OpenKBP.
     config.train.learning_rate = 3e-3
     config.benchmark.image_size_3d = ()  # 3D entries: patch and batch from the plan too
     config.benchmark.batch_size_3d = 0
