@@ -166,7 +166,8 @@ def check_output_location(output_dir: str, input_path: str, config, workdir: str
     source = source if os.path.isdir(source) else os.path.dirname(source)
     recover = "give another --output, a folder of the predictions' own"
     if _inside(out, source):
-        where = "is the input folder" if out == source else f"lies inside the input folder {source}"
+        where = ("is the input folder" if out == source
+                 else f"lies inside the input folder {source}")
         raise ValueError(f"--output {output_dir}: {where} (inputs are never written over); "
                          f"{recover}")
     folder = out
@@ -183,7 +184,8 @@ def check_output_location(output_dir: str, input_path: str, config, workdir: str
         folder = parent
     for root in _run_data_roots(config, workdir):
         if _inside(out, os.path.realpath(root)):
-            raise ValueError(f"--output {output_dir}: lies inside the run's data root {root} "
+            where = "is" if out == os.path.realpath(root) else "lies inside"
+            raise ValueError(f"--output {output_dir}: {where} the run's data root {root} "
                              f"(config.data.root; data are never written over); {recover}")
     try:
         workdirs = [workdir, *state_lib.ensemble_paths(config, workdir)]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -49,7 +50,8 @@ def test_predictions_keep_the_input_geometry(trained, tmp_path):
         probs = nib.load(out / name.replace(".nii.gz", "_probabilities.nii.gz"))
         assert probs.shape == src.shape + (2,)
         np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-5)
-    assert [f for f in os.listdir(out) if f.startswith(".")] == [predict.MANIFEST]  # no temporary file
+    # The manifest of what was written; no temporary file left.
+    assert [f for f in os.listdir(out) if f.startswith(".")] == [predict.MANIFEST]
 
     # The written map is the evaluation's prediction, mapped back to the file's voxels.
     run = state_lib.restore_run(config, str(workdir))
@@ -86,7 +88,7 @@ def test_a_reoriented_input_gets_the_same_prediction_in_world_space(trained, tmp
     assert np.asarray(plain.dataobj).any()  # a non-trivial map was compared
 
 
-def test_unreadable_inputs_are_named_and_skipped(trained, tmp_path):
+def test_unreadable_inputs_are_named_and_skipped(trained, tmp_path, caplog):
     config, workdir = trained
     names = sorted(os.listdir(_inputs(workdir)))[:2]
     folder, out = tmp_path / "in", tmp_path / "out"
@@ -95,8 +97,14 @@ def test_unreadable_inputs_are_named_and_skipped(trained, tmp_path):
         shutil.copy(_inputs(workdir) / name, folder / name)
     raw = (_inputs(workdir) / names[0]).read_bytes()
     (folder / "broken.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated download
-    with pytest.raises(ValueError, match=r"1 of 3 input case\(s\).*broken.*broken\.nii\.gz"):
-        predict.predict(config, str(workdir), str(folder), str(out), task="SynthMRI")
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(ValueError,
+                           match=r"1 of 3 input case\(s\).*broken.*broken\.nii\.gz"):
+            predict.predict(config, str(workdir), str(folder), str(out), task="SynthMRI")
+    assert f"Ignored in {folder} (not .nii/.nii.gz files): notes.txt" in caplog.text
+    assert "Predicted 2 of 3 case(s) (3 input file(s))" in caplog.text
+    assert "; 1 skipped" in caplog.text
     for name in names:
         assert nib.load(out / name).shape == nib.load(folder / name).shape
     assert sorted(os.listdir(out)) == sorted(names + [predict.MANIFEST])
@@ -217,6 +225,7 @@ def test_output_folders_that_are_refused(tmp_path):
         task: f"is the data set folder {task}",
         os.path.join(task, "new", "pred"): "lies inside the data set folder",
         tmp_path / "link" / "pred": "lies inside the data set folder",
+        plain: f"is the run's data root {plain}",
         plain / "pred": f"lies inside the run's data root {plain}",
         run: f"is the run's workdir {run}",
         run / "checkpoints" / "p": f"lies inside the checkpoints of the run {run}",
