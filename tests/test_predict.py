@@ -183,6 +183,41 @@ def test_channel_files_form_one_case(tmp_path):
     assert predict.find_inputs(str(tmp_path / "a_0000.nii.gz"), 1)[0][0] == "a"
 
 
+def test_write_failures(trained, tmp_path, monkeypatch):
+    """A case whose file cannot be written (ValueError) is skipped; a full disk (OSError)
+    stops the command, naming the case; the cases before it stay written and listed."""
+    import errno
+
+    config, workdir = trained
+    names = sorted(os.listdir(_inputs(workdir)))
+    real = predict._write_nifti
+
+    def write(array, reference, path):
+        if path.endswith("_" + names[1]):
+            raise ValueError("header field out of range")
+        if path.endswith("_" + names[2]):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(array, reference, path)
+
+    monkeypatch.setattr(predict, "_write_nifti", write)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"--output {out}: cannot write the files of "
+                                      rf"{names[2][:-7]} \({names[2]}\) \(No space left on "
+                                      r"device\); the cases before it are written"):
+        predict.predict(config, str(workdir), str(_inputs(workdir)), str(out), task="SynthMRI")
+    assert sorted(os.listdir(out)) == sorted([predict.MANIFEST, names[0]])
+    assert list(json.loads((out / predict.MANIFEST).read_text())["files"]) == [names[0]]
+    def broken(array, reference, path):
+        raise ValueError("header field out of range")
+
+    monkeypatch.setattr(predict, "_write_nifti", broken)
+    with pytest.raises(ValueError, match=rf"{names[1][:-7]} \({names[1]}\): not written: "
+                                         "header field out of range"):
+        predict.predict(config, str(workdir), str(_inputs(workdir)), str(tmp_path / "o2"),
+                        task="SynthMRI")
+    assert os.listdir(tmp_path / "o2") == []
+
+
 def test_clashing_case_names_stop_before_anything_is_written(tmp_path):
     for name in ("a.nii", "a.nii.gz", "b.nii.gz", "b_0000.nii.gz", "c_0000.nii",
                  "c_0000.nii.gz", "c_0001.nii.gz", "d_0000.nii.gz", "d_0001.nii.gz"):
