@@ -29,11 +29,18 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
                   "train: train (or resume) then evaluate; eval: evaluate a checkpoint; "
                   "predict: write label maps for NIfTI inputs.")
 flags.DEFINE_string("input", None, "predict: a NIfTI file or a folder of them.")
-flags.DEFINE_string("output", None, "predict: folder for the predicted label maps.")
+flags.DEFINE_string("output", None, "predict: folder for the predicted label maps: a new "
+                    "or empty folder, or one an earlier predict wrote (its files are listed "
+                    "in .medseg_predict.json there). Never the input folder, a data set "
+                    "folder (one holding imagesTr, labelsTr or dataset.json) or a folder "
+                    "inside one, the run's workdir or its checkpoints.")
 flags.DEFINE_string("task", None, "predict: the task (dataset.json name) whose intensity "
                     "normalisation the inputs need; only for runs trained on several tasks.")
 flags.DEFINE_bool("save_probabilities", False, "predict: also write the softmax "
                   "probabilities as <case>_probabilities.nii.gz.")
+flags.DEFINE_bool("overwrite", False, "predict: replace files an earlier predict wrote into "
+                  "--output, when unchanged since (a file the user changed or added is never "
+                  "replaced).")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of input/config errors.")
 flags.DEFINE_string("coordinator_address", "",
                     "Multi-process runs: HOST:PORT of process 0 (else JAX_COORDINATOR_ADDRESS, "
@@ -100,7 +107,7 @@ def main(argv):
             evaluate.evaluate(config, FLAGS.workdir)
         else:
             predict.predict(config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.task,
-                            FLAGS.save_probabilities)
+                            FLAGS.save_probabilities, FLAGS.overwrite)
     except train.Preempted as e:
         logging.warning("%s", e)
         print(f"medseg_jax: stopped: {e}", file=sys.stderr)

@@ -93,6 +93,118 @@ def copy(trained, tmp_path):
 # --------------------------------------------------------------------------- #
 
 
+def _predict(data, run, source, output, *flags):
+    return cli(f"--workdir={run}", "--mode=predict", f"--input={source}", f"--output={output}",
+               *flags, overrides={"data.root": str(data)})
+
+
+def _inputs(data, folder, **names):
+    """A folder of copies of the task's images: {new name: image index}."""
+    folder.mkdir()
+    images = sorted((data / "imagesTr").iterdir())
+    for name, index in names.items():
+        shutil.copy(images[index], folder / name.replace("__", "."))
+    return folder
+
+
+def test_predict_refuses_to_write_over_inputs_or_data(copy, tmp_path):
+    data, run = copy
+    other = _inputs(data, tmp_path / "in", x__nii__gz=0)
+    before = snapshot(data, run, other)
+    for source, output, expected in [
+        (data / "imagesTr", data / "imagesTr", "is the input folder"),
+        (other, data / "labelsTr", f"lies inside the data set folder {data}"),
+        (other, data / "predictions", f"lies inside the data set folder {data}"),
+    ]:
+        line = error_line(_predict(data, run, source, output))
+        assert line.startswith(f"medseg_jax: error: --output {output}: {expected}"), line
+        assert line.endswith("give another --output, a folder of the predictions' own"), line
+        assert snapshot(data, run, other) == before
+    assert not (data / "predictions").exists()
+
+
+def test_predict_refuses_a_folder_it_did_not_write(copy, tmp_path):
+    data, run = copy
+    source = _inputs(data, tmp_path / "in", x__nii__gz=0)
+    output = tmp_path / "results"
+    output.mkdir()
+    (output / "x.nii.gz").write_bytes(b"the user's own segmentation")
+    before = snapshot(data, run, source, output)
+    line = error_line(_predict(data, run, source, output, "--overwrite"))
+    assert line == (f"medseg_jax: error: --output {output}: the folder holds 1 file(s) "
+                    "predict did not write (x.nii.gz); predict writes only into a new or "
+                    "empty folder or one it wrote itself: give another --output")
+    assert snapshot(data, run, source, output) == before
+
+
+def test_predict_again_replaces_only_its_own_unchanged_files(copy, tmp_path):
+    data, run = copy
+    source = _inputs(data, tmp_path / "in", a__nii__gz=0, b__nii__gz=1)
+    output = tmp_path / "pred"
+    first = _predict(data, run, source, output)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(os.listdir(output)) == [".medseg_predict.json", "a.nii.gz", "b.nii.gz"]
+    before = snapshot(data, run, source, output)
+    line = error_line(_predict(data, run, source, output))
+    assert line == (f"medseg_jax: error: --output {output}: would replace 2 file(s) an "
+                    "earlier predict wrote (a.nii.gz, b.nii.gz); pass --overwrite to replace "
+                    "them, or give another --output")
+    assert snapshot(data, run, source, output) == before
+    again = _predict(data, run, source, output, "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = snapshot(data, run, source, output)
+    manifest = str(output / ".medseg_predict.json")
+    assert {k: v for k, v in after.items() if k != manifest} == \
+        {k: v for k, v in before.items() if k != manifest}  # the same predictions
+    with open(output / "b.nii.gz", "ab") as f:
+        f.write(b"corrected by hand")
+    before = snapshot(data, run, source, output)
+    line = error_line(_predict(data, run, source, output, "--overwrite"))
+    assert line.startswith(f"medseg_jax: error: {output / 'b.nii.gz'}: changed ("), line
+    assert line.endswith("--overwrite replaces only predict's own files unchanged since: move "
+                         "it away or give another --output"), line
+    assert snapshot(data, run, source, output) == before
+
+
+def test_predict_stops_on_clashing_case_names(copy, tmp_path):
+    data, run = copy
+    source = _inputs(data, tmp_path / "in", a__nii__gz=0, b__nii__gz=1, b_0000__nii__gz=2)
+    shutil.copy(next((data / "imagesTr").iterdir()), source / "a.nii")  # gzip content: fine
+    before = snapshot(data, run, source)
+    line = error_line(_predict(data, run, source, tmp_path / "pred"))
+    assert line == (f"medseg_jax: error: --input {source}: a.nii and a.nii.gz both give case "
+                    "'a'; b.nii.gz and b_0000.nii.gz both give case 'b'; rename or move the "
+                    "extra files (nnU-Net channel files CASE_0000, CASE_0001, ... form one "
+                    "case CASE)")
+    assert snapshot(data, run, source) == before and not (tmp_path / "pred").exists()
+
+
+def test_predict_skips_bad_cases_and_writes_the_others(copy, tmp_path):
+    """A 2D image among 3D ones and a float64 image of 1e300 (finite, but not as float32):
+    each named and skipped, nothing written for them, the others written, exit 1."""
+    import nibabel as nib
+    import numpy as np
+
+    data, run = copy
+    source = _inputs(data, tmp_path / "in", a__nii__gz=0, c__nii__gz=1)
+    image = nib.load(source / "a.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 0], image.affine),
+             source / "b_flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.full(image.shape, 1e300), image.affine),
+             source / "b_huge.nii.gz")
+    output = tmp_path / "pred"
+    before = snapshot(data, run, source)
+    line = error_line(_predict(data, run, source, output, "--save_probabilities"))
+    assert line.startswith(f"medseg_jax: error: 2 of 4 input case(s) were skipped and nothing "
+                           f"was written for them (the others are written to {output}): "), line
+    assert "b_flat (b_flat.nii.gz): a 2D image, but the run's task SynthMRI holds 3D" in line
+    assert "b_huge (b_huge.nii.gz): " in line
+    assert sorted(os.listdir(output)) == [".medseg_predict.json", "a.nii.gz",
+                                          "a_probabilities.nii.gz", "c.nii.gz",
+                                          "c_probabilities.nii.gz"]
+    assert snapshot(data, run, source) == before
+
+
 # --------------------------------------------------------------------------- #
 # A run's record is the truth: resume and config numbers
 # --------------------------------------------------------------------------- #

@@ -48,7 +48,8 @@ def test_train_then_eval_reproduces_the_test_table(tmp_path):
     third = _run(f"--config={config}", f"--workdir={workdir}", "--mode=predict",
                  f"--input={inputs}", f"--output={tmp_path / 'pred'}", "--task=SynthUS", *TINY)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "pred")) == sorted(os.listdir(inputs))
+    assert sorted(os.listdir(tmp_path / "pred")) == sorted(os.listdir(inputs)
+                                                            + [".medseg_predict.json"])
     missing = _run(f"--config={config}", f"--workdir={workdir}", "--mode=predict", *TINY)
     assert missing.returncode != 0
     assert "--mode=predict needs --input=DIR_OR_FILE and --output=DIR" in missing.stderr
