@@ -140,3 +140,35 @@ def test_a_stage_out_of_time_keeps_the_others(tmp_path):
     assert statuses[0] == "timeout" and set(statuses[1:]) == {"skipped"}, items
     assert report["stages"]["env"]["items"]["versions"]["status"] == "ok"
     assert "timeout: stage time limit reached" in md
+
+
+def test_benchmark_modules_are_small_and_documented():
+    """No benchmarks/ module over 600 lines; the suite's modules, functions and classes
+    each say what they are (a docstring)."""
+    import ast  # noqa: PLC0415
+    import glob  # noqa: PLC0415
+
+    bench = os.path.join(REPO, "benchmarks")
+    for path in glob.glob(os.path.join(bench, "**", "*.py"), recursive=True):
+        with open(path) as f:
+            assert len(f.read().splitlines()) <= 600, path
+    for path in [os.path.join(bench, "gpu_suite.py")] + glob.glob(
+            os.path.join(bench, "suite", "*.py")):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        assert ast.get_docstring(tree), path
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert ast.get_docstring(node), f"{path}: {node.name}"
+
+
+def test_driver_side_imports_no_jax():
+    """The driver runs before the package's dependencies are known to be installed: its
+    modules import neither jax nor ml_collections."""
+    code = ("import sys; import suite.driver, gpu_suite; "
+            "print(sorted(m for m in ('jax', 'ml_collections', 'grain', 'nibabel') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "benchmarks"),
+                          env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
