@@ -288,7 +288,11 @@ trust.
 
 
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|")
+    """Text for a table cell: pipes escaped, and ``<`` outside code (``<workdir>``
+    would be read as an HTML tag)."""
+    parts = re.split(r"(``.*?``|`[^`]*`)", str(text))
+    text = "".join(p if p.startswith("`") else p.replace("<", "&lt;") for p in parts)
+    return text.replace("|", "\\|")
 
 
 def _table(rows: list[tuple[str, Any, str]]) -> list[str]:

@@ -91,3 +91,6 @@ def test_the_docs_are_generated_from_the_comments():
         "regenerate: python -m medseg_jax.config_fields > docs/configuration.md")
     assert "| `train.learning_rate` | `0.001` | the initial learning rate" in committed
     assert "use only config files you\ntrust" in committed
+    # "<workdir>" is text, not an HTML tag; code keeps its "<"; pipes do not split cells
+    assert "Empty: &lt;workdir>/cache." in committed and "``lo < 1 < hi``" in committed
+    assert "| the architecture: unet \\| fcn \\| attention_unet |" in committed
