@@ -25,7 +25,6 @@ from typing import Any
 
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_SOURCE = PACKAGE / "config.py"
-AUGMENT_SOURCE = PACKAGE / "data" / "augment.py"
 MODELS_SOURCE = PACKAGE / "models"
 
 # The functions of config.py whose fields are listed, and the section each one builds.
@@ -128,8 +127,10 @@ def _augment_meanings() -> dict[str, str]:
     """{augment.field: meaning} from the ``Fields:`` list of default_augment_config's
     docstring (``name: text`` or ``name, name: text`` entries, continued by deeper
     indented lines)."""
-    tree = ast.parse(AUGMENT_SOURCE.read_text())
-    func = next(n for n in tree.body
+    # the module that defines it (data/augment.py), wherever it is in the package
+    source = next(text for path in sorted(PACKAGE.rglob("*.py"))
+                  if re.search(r"^def default_augment_config\(", text := path.read_text(), re.M))
+    func = next(n for n in ast.parse(source).body
                 if isinstance(n, ast.FunctionDef) and n.name == "default_augment_config")
     doc = ast.get_docstring(func) or ""
     fields, names, indent, listing = {}, [], None, False
