@@ -17,8 +17,9 @@ A config file is Python code, run when it is loaded: use only config files you t
 
 Exit status: 0 done; 1 an error, reported on one line ``medseg_jax: error: ...``
 (bad data or config, a workdir in use or not writable, a failed checkpoint save,
-divergence); 2 a bad flag or config override; 143 stopped by SIGTERM after
-saving a checkpoint (run the same command again to resume).
+divergence); 2 a bad or missing flag, a config file that cannot be loaded or a bad
+config override; 143 stopped by SIGTERM after saving a checkpoint (run the same
+command again to resume).
 """
 
 import difflib
@@ -207,7 +208,8 @@ _HELP = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
 
 def _help() -> str:
     module = FLAGS.find_module_defining_flag("workdir")
-    return f"{__doc__.strip()}\n\nflags:\n{FLAGS.module_help(module)}\n"
+    listed = FLAGS.module_help(module).lstrip("\n").split("\n", 1)[1]  # no module name
+    return f"{__doc__.strip()}\n\nflags:\n{listed}\n"
 
 
 def _last_overrides(argv: list[str]) -> list[str]:
