@@ -14,6 +14,8 @@ from medseg_jax.data.augment import default_augment_config, nnunet_augment_confi
 
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # Seed of the train / val / test split (data.splits_file empty), the parameter
+    # initialisation, the training draws (batches, augmentation) and the bootstrap.
     config.seed = 0
 
     # --- data -------------------------------------------------------------
@@ -22,7 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
     # synthetic MRI + CT + ultrasound set, generated from `seed` into the workdir.
     data.root = ""
     data.synthetic_seed = 0  # the synthetic data set is fixed by its own seed
-    data.synthetic_cases = 24  # per modality
+    data.synthetic_cases = 24  # synthetic cases per modality
     data.synthetic_size = 64  # in-plane size of the synthetic images
     data.synthetic_depth = 24  # slices of the synthetic 3D volumes
     # Preprocessed arrays are cached here (keyed by a fingerprint of the data
@@ -83,11 +85,11 @@ def default_config() -> ml_collections.ConfigDict:
     # dropout_rate, Attention U-Net's output_transform) are added by its config file
     # (configs/fcn.py) and listed in medseg_jax/models.
     config.model = model = ml_collections.ConfigDict()
-    model.name = "unet"  # unet | fcn | attention_unet
-    model.spatial_dims = 2
-    model.base_features = 16
+    model.name = "unet"  # the architecture: unet | fcn | attention_unet
+    model.spatial_dims = 2  # 2: a 2D network on slices or 2D images; 3: a 3D network
+    model.base_features = 16  # features of the finest level, doubled at each coarser one
     model.depth = 4  # resolution levels; sizes must be divisible by the total pooling
-    model.norm = "batch"  # batch | instance | none
+    model.norm = "batch"  # normalisation after each convolution: batch | instance | none
     # Compute dtype: float32 | bfloat16 (mixed precision: convolutions in bfloat16, the
     # parameters, optimizer, BatchNorm statistics, logits and loss stay float32).
     model.dtype = "float32"
@@ -98,7 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
     # entries), e.g. ((2, 2, 1), (2, 2, 2), ...) for thick slices. Empty: 2 and 3 on
     # every axis. A plan (data.plan="auto") fills them from the data.
     model.pool_sizes = ()
-    model.kernel_sizes = ()
+    model.kernel_sizes = ()  # per level and axis (depth entries); see pool_sizes
     model.max_features = 0  # cap on a level's features (nnU-Net: 320 in 3D); 0: none
     # Transposed conv and max pool: "reshape" (matmul / reshape forms, fastest on XLA's
     # CPU backend), "lax" (lax.conv_transpose / reduce_window, cuDNN on GPUs), or
@@ -112,12 +114,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 16  # global batch, split over all devices
     train.optimizer = "adam"  # adam (the study's) | sgd (Nesterov momentum, nnU-Net's)
-    train.learning_rate = 1e-3
+    train.learning_rate = 1e-3  # the initial learning rate (lr_schedule decays it)
     train.lr_schedule = "constant"  # constant | cosine | poly (nnU-Net: (1 - t/T)**0.9)
     train.momentum = 0.99  # sgd only
     train.weight_decay = 0.0  # adam: >0 switches to AdamW; sgd: L2 added to the gradient
     train.grad_clip_norm = 0.0  # 0: no clipping
-    train.num_epochs = 30
+    train.num_epochs = 30  # at most (early stopping: patience)
     train.steps_per_epoch = 0  # 0: one pass over the training samples
     # A wall-time budget for training, in minutes (0: off): the step and validation times
     # are measured before training and num_epochs is set so that the run fits (recorded
@@ -128,11 +130,11 @@ def default_config() -> ml_collections.ConfigDict:
     # slice of a large CT split can cost as much as the epoch's training.
     train.val_max_samples = 0
     train.patience = 8  # early stopping on validation loss, in epochs (0: off)
-    train.min_delta = 0.0
+    train.min_delta = 0.0  # a validation loss lower by more than this is an improvement
     train.init_from = ""  # another run's workdir: start from its best checkpoint (transfer)
     train.freeze_encoder_epochs = 0  # with init_from: keep the encoder fixed this many epochs
-    train.dice_weight = 1.0
-    train.ce_weight = 1.0
+    train.dice_weight = 1.0  # loss = dice_weight * soft Dice loss + ce_weight * cross-entropy
+    train.ce_weight = 1.0  # see dice_weight
     train.log_every_steps = 50  # the only steps whose loss is fetched to the host
     train.prefetch = 2  # batches put on the devices ahead of the step consuming them
     # Debugging: run the step loop under jax.transfer_guard(...): "" (off) | "log" |
@@ -152,12 +154,15 @@ def default_config() -> ml_collections.ConfigDict:
     # medseg_jax.main), where the CPU is the only backend, jaxlib 0.10 (sharding.py).
     train.xla_cpu_ynn = False
 
+    # --- augmentation -----------------------------------------------------
+    # On the device, in the train step (medseg_jax/data/augment.py); the recipe takes
+    # nnU-Net's set (nnunet_augment_config).
     config.augment = default_augment_config()
 
     # --- evaluation -------------------------------------------------------
     config.eval = ev = ml_collections.ConfigDict()
-    ev.batch_size = 32
-    ev.split = "test"
+    ev.batch_size = 32  # slices or sliding-window patches per prediction call
+    ev.split = "test"  # the split evaluated: train | val | test
     ev.checkpoint = "best"  # best | latest | a step number
     ev.sw_overlap = 0.5  # sliding window: overlap of neighbouring patches (0 to <1)
     # Sliding window size: "patch" (data.image_size, the training patch; nnU-Net's) or
@@ -207,17 +212,17 @@ def study_section() -> ml_collections.ConfigDict:
     # Transfer learning: an earlier benchmark workdir; each architecture is fine-tuned
     # from its counterpart there (and, with compare_scratch, also trained from scratch).
     b.init_from = ""
-    b.compare_scratch = True
-    b.freeze_encoder_epochs = 0
+    b.compare_scratch = True  # with init_from: also train each architecture from scratch
+    b.freeze_encoder_epochs = 0  # with init_from: as train.freeze_encoder_epochs
     # Hyperparameter search (the study's): every combination is trained and scored on the
     # validation split; the best by validation Dice is evaluated once on the test split.
     # An empty list leaves its field as the config has it (not swept).
     b.sweep = s = ml_collections.ConfigDict()
-    s.enabled = False
-    s.learning_rates = "1e-3,3e-4"
-    s.batch_sizes = "16"
-    s.num_epochs = "30"
-    s.patience = "8"
+    s.enabled = False  # run the search (False: one run per architecture and data set)
+    s.learning_rates = "1e-3,3e-4"  # values of train.learning_rate, comma-separated
+    s.batch_sizes = "16"  # values of train.batch_size
+    s.num_epochs = "30"  # values of train.num_epochs
+    s.patience = "8"  # values of train.patience
     return b
 
 

@@ -1,24 +1,38 @@
-"""Command line: ``python -m medseg_jax.main --config=configs/unet.py --workdir=runs/unet``.
+"""Command line: ``medseg-jax --config=configs/unet.py --workdir=runs/unet`` (the same as
+``python -m medseg_jax.main ...``).
 
 Modes: ``train`` (default: train, resuming from the latest checkpoint in the
 workdir, then evaluate the best checkpoint on the test split), ``eval``
 (restore a checkpoint and evaluate) and ``predict`` (NIfTI in, NIfTI label maps
 out: ``--mode=predict --input=DIR_OR_FILE --output=DIR``). A config with a
-``benchmark`` section (configs/benchmark.py) runs the whole study (``study.py``). Any config
-field can be overridden, e.g. ``--config.train.learning_rate=3e-4``.
+``benchmark`` section (configs/benchmark.py) runs the whole study (``study.py``).
+
+Config fields: any field can be overridden, e.g. ``--config.train.learning_rate=3e-4``
+or ``--config.data.image_size='(32,32)'`` (a tuple in one argument; an override given
+twice: the last one counts). ``--config=configs/unet.py --show_config`` lists every field
+of that config with its value and meaning (also docs/configuration.md); ``--version``
+prints the versions of medseg_jax, JAX, jaxlib and Flax and JAX's default backend.
+
+A config file is Python code, run when it is loaded: use only config files you trust.
 
 Exit status: 0 done; 1 an error, reported on one line ``medseg_jax: error: ...``
 (bad data or config, a workdir in use or not writable, a failed checkpoint save,
-divergence); 2 a bad flag or config override; 143 stopped by SIGTERM after
-saving a checkpoint (run the same command again to resume).
+divergence); 2 a bad or missing flag, a config file that cannot be loaded or a bad
+config override; 143 stopped by SIGTERM after saving a checkpoint (run the same
+command again to resume).
 """
 
+import difflib
 import logging as std_logging
+import os
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medseg_jax import config_fields
 from medseg_jax.workdir import WorkdirInUse
 
 FLAGS = flags.FLAGS
@@ -50,7 +64,10 @@ flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's id (-
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() even when no flag or SLURM variable asks "
                   "for it (Cloud TPU VM pod slices: everything is detected).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("show_config", False, "Print every field of --config (overrides "
+                  "applied) with its value and meaning, then exit; needs no --workdir.")
+flags.DEFINE_bool("version", False, "Print the versions of medseg_jax, JAX, jaxlib and Flax "
+                  "and JAX's default backend, then exit.")
 
 # Errors caused by the input, the config, the workdir or the machine (a full disk),
 # and divergence: reported in one line, exit status 1.
@@ -71,18 +88,26 @@ def _quiet_libraries(record) -> bool:
 
 
 def main(argv):
+    if FLAGS.version:
+        print(_versions())
+        return
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
-        raise app.UsageError("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
+        _usage_error(f"unexpected arguments: {' '.join(argv[1:])}; flags are written "
+                     "--name=value (see --help)")
+    if FLAGS.config is None:
+        _usage_error("--config: missing; name a config file, e.g. --config=configs/unet.py")
     try:  # a config file that could not be loaded (a mistyped path) is reported only here
         FLAGS.config.keys()
     except OSError as e:
-        problem = next((line.strip() for line in str(e).splitlines() if "Errno" in line),
-                       " ".join(str(e).split()))
-        print(f"medseg_jax: error: --config={FLAGS['config'].serialize().split('=', 1)[-1]}: "
-              f"{problem}", file=sys.stderr)
-        sys.exit(2)
+        _usage_error(_unloadable(e))
+    if FLAGS.show_config:
+        print(config_fields.listing(FLAGS.config, _config_path().split(":", 1)[0]), end="")
+        return
+    if FLAGS.workdir is None:
+        _usage_error("--workdir: missing; name the run's folder (checkpoints, logs, "
+                     "results), e.g. --workdir=runs/unet")
+    if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
+        _usage_error("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
     # After flag parsing; the distributed runtime before any other JAX call.
     from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
 
@@ -126,44 +151,166 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 1000 else text[:997] + "..."
 
 
-def _override_error(argv: list[str]) -> str | None:
-    """Names the first ``--config.a.b=...`` override that is not a config field."""
-    import runpy  # noqa: PLC0415
+def _usage_error(message: str) -> None:
+    """A bad flag or override: one line, exit status 2."""
+    print(f"medseg_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None:
-        return None
+
+def _config_path() -> str:
+    """--config's value as given (also when parsing it failed)."""
+    return FLAGS["config"].parser.path
+
+
+def _unloadable(e: OSError) -> str:
+    """The line for a config file that could not be loaded (a mistyped path)."""
+    problem = next((line.strip() for line in str(e).splitlines() if "Errno" in line),
+                   " ".join(str(e).split()))
+    return f"--config={_config_path()}: {problem}"
+
+
+def _versions() -> str:
+    from importlib import metadata  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    import medseg_jax  # noqa: PLC0415
+
+    lines = [f"medseg_jax {medseg_jax.__version__}"]
+    lines += [f"{name} {metadata.version(name)}" for name in ("jax", "jaxlib", "flax")]
     try:
-        file, *given = path.split(":", 1)  # configs/run.py:WORKDIR passes WORKDIR
-        config = runpy.run_path(file)["get_config"](*given)
-    except Exception:  # noqa: BLE001 (the flag parser reports problems with the file)
-        return None
+        count = jax.device_count()
+        lines.append(f"backend {jax.default_backend()} ({count} device{'s' * (count > 1)})")
+    except RuntimeError as e:  # no backend starts (a broken accelerator plugin)
+        lines.append(f"backend none: {_one_line(e)}")
+    return "\n".join(lines)
+
+
+class _ConfigFileParser(type(FLAGS["config"].parser)):  # config_flags' file parser
+    """Loads the config file once and keeps what came of it: the config (before the
+    overrides), or the error its code raised. A bad override is then explained from
+    that config, without running the file again."""
+
+    loaded = None
+    error = None
+    path = ""
+
+    def parse(self, path):
+        self.loaded, self.error, self.path = None, None, path
+        try:
+            self.loaded = super().parse(path)
+        except Exception as e:
+            # config_flags re-raises a TypeError / ValueError with the traceback as text
+            self.error = e.__context__ if "Error whilst parsing" in str(e) else e
+            raise
+        return self.loaded
+
+
+FLAGS["config"].parser = _ConfigFileParser("config", lock_config=True)
+
+# --config.a.b=v, --config.a.b v, --noconfig.a.b: the field a.b
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+_HELP = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
+
+
+def _help() -> str:
+    module = FLAGS.find_module_defining_flag("workdir")
+    listed = FLAGS.module_help(module).lstrip("\n").split("\n", 1)[1]  # no module name
+    return f"{__doc__.strip()}\n\nflags:\n{listed}\n"
+
+
+def _last_overrides(argv: list[str]) -> list[str]:
+    """``argv`` without the overrides that a later one of the same field replaces
+    (absl would append a repeated tuple override to the earlier one)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    last = {}
+    for i, arg in enumerate(argv[:end]):
+        if _OVERRIDE.match(arg):
+            last[_OVERRIDE.match(arg).group(1)] = i
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        match = _OVERRIDE.match(arg) if i < end else None
+        if match and last[match.group(1)] != i:
+            # "--config.a.b VALUE": the value goes too
+            skip = ("=" not in arg and not arg.lstrip("-").startswith("no")
+                    and i + 1 < end and not argv[i + 1].startswith("-"))
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _unknown_field(argv: list[str], config) -> str | None:
+    """Names the first ``--config.a.b`` override that is not a field of ``config``
+    (the config as its file made it), with the closest field name."""
     for arg in argv:
-        if not arg.startswith("--config."):
+        match = _OVERRIDE.match(arg)
+        if not match:
             continue
         node, walked = config, "config"
-        for part in arg[len("--config."):].split("=", 1)[0].split("."):
-            if not hasattr(node, "keys") or part not in node:
-                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
-                return f"{arg.split('=', 1)[0]}: {walked} has no field {part!r}; valid: {valid}"
+        for part in match.group(1).split("."):
+            if not hasattr(node, "keys"):
+                return f"--config.{match.group(1)}: {walked} is a value, not a section"
+            if part not in node:
+                names = sorted(node.keys())
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = (f"did you mean {close[0]!r}?" if close else
+                        f"valid: {', '.join(names)}")
+                owners = [m for m, f in config_fields.model_extras().items() if part in f]
+                if walked == "config.model" and owners:
+                    hint = f"a field of model {owners[0]} (configs/{owners[0]}.py); {hint}"
+                return f"--config.{match.group(1)}: {walked} has no field {part!r}; {hint}"
             node, walked = node[part], f"{walked}.{part}"
     return None
 
 
+def _failed_config(e: BaseException) -> str:
+    """The line for a config file whose code raised ``e``, with the file's line."""
+    path = _config_path()
+    file = path.split(":", 1)[0]
+    where = [f for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(file)]
+    if isinstance(e, ValueError):  # the file's own message
+        return f"--config={path}: {_one_line(e)}"
+    line = where[-1].lineno if where and not isinstance(e, SyntaxError) else None  # (its own)
+    return (f"--config={path}: {type(e).__name__}: {_one_line(e)}"
+            + (f" (line {line})" if line else ""))
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    argv = _last_overrides(argv)
+    if any(arg in _HELP for arg in argv[1:argv.index("--") if "--" in argv else None]):
+        print(_help() + (f"\nall flags:\n{FLAGS.get_help()}\n" if "--helpfull" in argv
+                         else ""), end="")
+        sys.exit(0)
+    parser = FLAGS["config"].parser
+    parser.loaded, parser.error = None, None  # of an earlier parse in this process
     try:
         return FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-        if "Traceback" in message:  # raised by the config file's get_config: its last line
-            lines = [line for line in message.splitlines() if line.strip()]
-            message = f"{lines[0]} {lines[-1]}"
-        print(f"medseg_jax: error: {message}\nPass --help for the flags.", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        message = _override_error(argv) or f"bad config override: {e}"
-        print(f"medseg_jax: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 (every problem with the flags: one line)
+        if any(arg in ("--traceback", "--traceback=true", "--traceback=True") for arg in argv):
+            raise
+        if parser.error is not None:  # the config file's code raised
+            _usage_error(_failed_config(parser.error))
+        try:
+            unknown = parser.loaded is not None and _unknown_field(argv, parser.loaded)
+        except OSError as unloadable:  # the file could not be loaded
+            _usage_error(_unloadable(unloadable))
+        if unknown:
+            message = unknown
+        elif isinstance(e, flags.UnrecognizedFlagError):
+            names = [n for n in FLAGS if not n.startswith("config.")]
+            close = difflib.get_close_matches(e.flagname, names, n=1)
+            message = (f"--{e.flagname}: unknown flag; " + (
+                f"did you mean --{close[0]}?" if close else "see --help"))
+        elif isinstance(e, flags.Error):
+            message = re.sub(r"^flag ", "", " ".join(str(e).split()))
+            message += "; see --help" if "--help" not in message else ""
+        else:
+            message = f"bad config override: {_one_line(e)}"
+        _usage_error(message)
 
 
 def run():

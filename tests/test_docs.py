@@ -26,12 +26,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Flags, modules and extras that are documented but defined by work merged separately.
-# Remove an entry once its definition is in the code.
-PENDING_FLAGS = {"medseg_jax.main": {"show_config", "version", "overwrite"}}
-PENDING_MODULES = {"medseg_jax.tools.config": {"config"}}
-PENDING_EXTRAS = {"tensorboard"}
-
 CONSOLE_SCRIPTS = {"medseg-jax": "medseg_jax.main"}
 # absl's own flags (app.run defines the help flags; absl.logging its flags on import).
 ABSL_FLAGS = {"help", "helpshort", "helpfull", "helpxml", "flagfile", "undefok",
@@ -103,12 +97,10 @@ def commands(text: str) -> list[tuple[str, list[str]]]:
 
 def module_flags(module: str) -> frozenset[str] | None:
     """The flags a command may give ``module`` (None: no such module)."""
-    if module in PENDING_MODULES:
-        return frozenset(PENDING_MODULES[module] | ABSL_FLAGS)
     defined = defined_flags(module)
     if defined is None:
         return None
-    return defined | ABSL_FLAGS | PENDING_FLAGS.get(module, set())
+    return defined | ABSL_FLAGS
 
 
 @functools.cache
@@ -214,8 +206,6 @@ def name_problem(dotted: str) -> str | None:
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         module = ".".join(parts[:i])
-        if module in PENDING_MODULES:
-            return None
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
@@ -237,7 +227,7 @@ def name_problem(dotted: str) -> str | None:
 def declared_extras(root: Path = ROOT) -> frozenset[str]:
     with open(root / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
-    return frozenset(project.get("optional-dependencies", {})) | PENDING_EXTRAS
+    return frozenset(project.get("optional-dependencies", {}))
 
 
 def heading_slugs(text: str) -> set[str]:
@@ -367,14 +357,3 @@ def test_checker_knows_architecture_fields():
     assert check_text(ROOT / "README.md", fcn) == []
     assert any("config.model.dropout_rate" in p for p in check_text(ROOT / "README.md", unet))
 
-
-def test_pending_names_are_not_yet_defined():
-    """Once a pending flag or module exists, its entry above must go."""
-    for module, names in PENDING_FLAGS.items():
-        done = names & defined_flags(module)
-        assert not done, f"remove {sorted(done)} from PENDING_FLAGS"
-    for module in PENDING_MODULES:
-        assert importlib.util.find_spec(module) is None, f"remove {module} from PENDING_MODULES"
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        extras = tomllib.load(f)["project"]["optional-dependencies"]
-    assert not PENDING_EXTRAS & set(extras), "remove the declared extras from PENDING_EXTRAS"

@@ -224,3 +224,28 @@ def test_predict_skips_bad_cases_and_writes_the_others(copy, tmp_path):
 # The command line: flags, overrides, usage errors
 # --------------------------------------------------------------------------- #
 
+
+
+def test_cli_a_mistyped_override_on_a_trained_run_is_one_line(copy):
+    """A typo in a field: "did you mean", exit 2, before anything is read or written."""
+    data, run = copy
+    before = snapshot(data, run)
+    result = cli(f"--workdir={run}", "--mode=eval",
+                 overrides={"data.root": data, "eval.tta": True, "train.learnig_rate": 3e-4})
+    assert error_line(result, 2) == (
+        "medseg_jax: error: --config.train.learnig_rate: config.train has no field "
+        "'learnig_rate'; did you mean 'learning_rate'?")
+    assert snapshot(data, run) == before
+
+
+def test_cli_predict_without_output_is_one_line_and_writes_nothing(copy, tmp_path):
+    """No usage text: the whole of stderr is the one line."""
+    data, run = copy
+    before = snapshot(data, run)
+    result = cli(f"--workdir={run}", "--mode=predict", f"--input={data / 'imagesTr'}",
+                 overrides={"data.root": data})
+    assert error_line(result, 2) == (
+        "medseg_jax: error: --mode=predict needs --input=DIR_OR_FILE and --output=DIR")
+    assert result.stderr.count("\n") == 1 and not result.stdout
+    assert snapshot(data, run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]

@@ -77,7 +77,7 @@ class FCN(SegmentationNet):
     supervision, the (fused) score maps of the coarser levels are supervised.
     """
 
-    dropout_rate: float = 0.0
+    dropout_rate: float = 0.0  # dropout after fc6 and fc7, training only (0: none)
 
     MIN_DEPTH: ClassVar[int] = 3
 
