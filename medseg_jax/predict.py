@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from medseg_jax import fileio, inference, postprocess
 from medseg_jax import state as state_lib
-from medseg_jax.data import decathlon, nifti
+from medseg_jax.data import decathlon, nifti, preprocess
 
 _NIFTI = (".nii.gz", ".nii")
 
@@ -133,6 +133,8 @@ def predict(config, workdir: str, input_path: str, output_dir: str, task: str | 
         ref = decathlon.CaseRef(case_id=name, image_paths=files, label_path=None,
                                 task=info.name)
         try:
+            preprocess.check_case_memory(ref, info, config, run.plans.get("target_spacing"),
+                                         run.dataset.num_classes)  # from the header
             case = nifti.load_case(ref, info)
         except (ValueError, FileNotFoundError, OSError) as e:
             logging.error("Skipped %s: %s", name, e)

@@ -168,9 +168,11 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
     if damaged or not os.path.exists(directory):
         logging.info("Preprocessing %d training and %d validation cases into %s",
                      len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
+        spacing = target_spacing(config, dataset) if volumetric else None
+        for key in (*dataset.splits["train"], *dataset.splits["val"]):  # headers only
+            preprocess.check_case_memory(*dataset.refs[key], config, spacing)
         loaded: dict = {}  # cases already read for the CT statistics, used once more below
-        plans = {"intensity": intensity_plans(dataset, loaded),
-                 "target_spacing": target_spacing(config, dataset) if volumetric else None}
+        plans = {"intensity": intensity_plans(dataset, loaded), "target_spacing": spacing}
         os.makedirs(cache_root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
         try:
