@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -241,3 +243,16 @@ def test_case_memory_of_resized_slices(tmp_path):
     with pytest.raises(ValueError, match=r"resized gives 4x1024x1024 pixels"):
         preprocess.check_case_memory(ref, info, config, None)
     assert preprocess.physical_memory() > 1 << 30
+
+
+def test_max_case_gib_may_change_within_a_run():
+    """Raising the limit, as its message says, is no change of the run's data or model."""
+    from medseg_jax import config as config_lib
+    from medseg_jax import workdir
+
+    before = workdir.config_json(config_lib.default_config())
+    after = json.loads(json.dumps(before))
+    after["data"]["max_case_gib"] = 40.0
+    assert workdir.config_differences(before, after) == []
+    after["data"]["slice_axis"] = 1
+    assert workdir.config_differences(before, after) == ["data.slice_axis: 2 -> 1"]

@@ -1,7 +1,8 @@
 """Preprocessing, once per data and settings: the cache a training run reads.
 
 ``prepare(config, workdir)`` fits the intensity normalisation and the target spacing
-on the training cases only, preprocesses the training and validation cases (resized
+on the training cases only, checks from the headers that no training or validation
+case needs more memory than ``config.data.max_case_gib``, preprocesses the training and validation cases (resized
 slices, or cases resampled to the target spacing for patch-based runs) and stores them
 as ``.npy`` files in a folder keyed by a fingerprint of the files and the settings, so
 an epoch reads memory-mapped arrays and never decodes NIfTI. The folder is built under

@@ -9,7 +9,10 @@ naming schemes are understood:
   channel, and ``labelsTr/x.nii.gz``.
 
 ``read_dataset`` lists the cases without reading any image (``data/nifti.py``
-reads them).
+reads them). ``dataset.json`` is read with ``fileio.read_json`` (a regular file, size
+and nesting bounded); its label keys must be distinct non-negative integers as
+written, its ``file_ending`` a real ending; a file name that is not valid UTF-8 is
+refused (case ids become CSV rows and JSON keys).
 """
 
 from __future__ import annotations

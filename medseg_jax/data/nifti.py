@@ -2,7 +2,10 @@
 
 ``load_case`` reads the image channels and the label of a ``decathlon.CaseRef``,
 reoriented to the closest canonical (RAS+) orientation, and checks them thoroughly
-(geometry, finiteness, label values): every problem is a ValueError naming the file.
+(geometry, finiteness in float32, label values): every problem is a ValueError naming
+the file. ``load_header`` refuses, before any data is read, a header whose affine is
+not finite or not invertible and a file too small for the data its header declares;
+``header_geometry`` gives a case's shape and voxel size from the header alone.
 ``write_nifti`` writes the converters' and the synthetic generator's files.
 ``to_original_orientation`` maps a label map back onto the voxel grid of the file it
 came from (predictions are written in the input's geometry).

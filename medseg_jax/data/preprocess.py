@@ -16,6 +16,12 @@ Normalisation follows nnU-Net's conventions, chosen by the channel's modality:
   training set, then z-score with the mean / std of those clipped intensities
   (data-set statistics, so Hounsfield units keep their meaning across cases);
 - anything else (MRI, ultrasound, ...): z-score per case and channel.
+Statistics are computed in float64, so any intensities float32 holds normalise; a
+result that is not finite is refused, naming the case's file.
+
+``check_case_memory`` estimates from a case's header alone what preprocessing (and
+evaluating) it takes, and refuses a case over ``config.data.max_case_gib`` (0: half of
+the machine's memory) before any of it is read.
 """
 
 from __future__ import annotations
