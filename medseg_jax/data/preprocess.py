@@ -65,12 +65,17 @@ _CHUNK = 1 << 20  # voxels per float64 block of the statistics
 
 
 def _moments(x: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation of ``x``, summed in float64 a block at a time: float32
-    sums of squares overflow from intensities of about 1e19 on."""
+    """Mean and standard deviation of ``x``. The mean is summed in float64; the std in
+    float32 (fast) unless its sum of squares overflows (intensities from about 1e19 on),
+    then in float64 a block at a time."""
     flat = x.reshape(-1)
     if not flat.size:
         return 0.0, 0.0
     mean = float(flat.mean(dtype=np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        std = float(flat.std())
+    if np.isfinite(std):
+        return mean, std
     squares = 0.0
     for start in range(0, flat.size, _CHUNK):
         d = flat[start:start + _CHUNK].astype(np.float64) - mean
