@@ -493,6 +493,20 @@ def test_affine_must_be_finite_and_invertible(tmp_path, which, affine, problem):
         load_case(info.cases[0], info)
 
 
+def test_single_slice_with_a_flat_third_axis(tmp_path):
+    """A 2D data set may leave the slice axis's column zero; a 3D one (reoriented in 3D,
+    which once raised nibabel's HeaderDataError) may not."""
+    root = _decathlon(tmp_path / "T", n=1)
+    flat = np.diag([1.0, 1.0, 0.0, 1.0])
+    image = _raw_nifti(root / "imagesTr" / "toy_000.nii.gz", _image(0, (6, 5, 1)), flat)
+    _raw_nifti(root / "labelsTr" / "toy_000.nii.gz", _label((6, 5, 1)), flat)
+    info = read_dataset(str(root))
+    with pytest.raises(ValueError, match=f"^{image}: the header's affine .* is not invertible"):
+        load_case(info.cases[0], info)
+    info.tensor_dims = 2
+    assert load_case(info.cases[0], info).image.shape == (1, 6, 5)
+
+
 def test_grid_check_fails_on_nan():
     """Two affines one of which holds NaN are not the same grid."""
     from medseg_jax.data import nifti

@@ -68,16 +68,17 @@ def load_header(path: str) -> nib.Nifti1Image:
     return img
 
 
-def _check_affine(img: nib.Nifti1Image, path: str) -> None:
-    """The voxel-to-world affine must be finite, and invertible on the image's axes (the
-    two in-plane ones of a 2D image): else grids cannot be compared or reoriented."""
+def _check_affine(img: nib.Nifti1Image, path: str, axes: int | None = None) -> None:
+    """The voxel-to-world affine must be finite, and invertible on the image's ``axes``
+    (default: the two in-plane ones of an image of one slice, else three): else grids
+    cannot be compared or reoriented."""
     affine = np.asarray(img.affine, dtype=np.float64)
     rows = np.array2string(affine[:3], separator=", ", max_line_width=10_000).replace("\n", "")
     if not np.isfinite(affine).all():
         raise ValueError(f"{path}: the header's affine (sform/qform) holds NaN or inf: "
                          f"{rows}; fix the file's geometry")
     shape = img.shape
-    axes = 2 if len(shape) == 2 or shape[2] == 1 else 3
+    axes = axes or (2 if len(shape) == 2 or shape[2] == 1 else 3)
     sv = np.linalg.svd(affine[:3, :axes], compute_uv=False)
     if not sv[-1] > 1e-6 * sv[0]:
         raise ValueError(f"{path}: the header's affine (sform/qform) is not invertible "
@@ -241,6 +242,8 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
     for path in ref.image_paths:
         img = load_header(path)
         is_2d = _file_is_2d(img, info)
+        if not is_2d:  # one slice of a 3D data set: reoriented in 3D
+            _check_affine(img, path, axes=3)
         data = _spatial(_read_array(img, path), path, is_2d, channels=True)
         if len(ref.image_paths) > 1 and data.shape[-1] != 1:
             raise ValueError(f"{path}: channel file holds {data.shape[-1]} channels, expected 1")
@@ -287,6 +290,8 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
         lpath = ref.label_path
         lshape = limg.shape
         lis_2d = ref_is_2d and (len(lshape) == 2 or (len(lshape) == 3 and lshape[2] == 1))
+        if not lis_2d:
+            _check_affine(limg, lpath, axes=3)
         ldata = _spatial(_read_array(limg, lpath), lpath, lis_2d, channels=False)
         ldata = _to_uint8_label(ldata, lpath, info.labels)
         laffine = limg.affine
