@@ -58,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
     # take the two in-plane entries (a third, slice-axis entry is ignored: slices
     # keep their own thickness).
     data.target_spacing = ()
+    # The most memory one case may take while it is preprocessed or evaluated, in GiB,
+    # estimated from its header before it is read (a header whose voxel size is off
+    # would resample it to a huge grid). 0: half of this machine's physical memory.
+    data.max_case_gib = 0.0
     data.split_fractions = (0.7, 0.15, 0.15)  # train / val / test, by case
     # A JSON file {"train": [...], "val": [...], "test": [...]} of case ids
     # ("Task/case"). Empty: made from `seed` and written to <workdir>/splits.json.

@@ -103,6 +103,8 @@ def _evaluate(run: Run, split: str, spec: str, label: str, suffix: str,
 
     per_case, largest, n_samples, t_predict, t_metrics = [], [], 0, 0.0, 0.0
     for key in keys:
+        preprocess.check_case_memory(*run.dataset.refs[key], config,  # before it is read
+                                     run.plans.get("target_spacing"), run.dataset.num_classes)
         case = run.dataset.load(key)
         t0 = time.time()
         probs, n = inference.ensemble_probs(case, [run, *members])

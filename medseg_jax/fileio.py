@@ -6,10 +6,12 @@ and renamed onto it (``atomic_path``, ``write_text_atomic``, ``write_json_atomic
 a folder is built beside its target and swapped into place (``build_folder``).
 A kill at any moment leaves the old version or the new one, never a mix.
 
-``read_json`` reads a JSON file and turns every failure (missing, unreadable,
-not JSON, the wrong type) into one ``ValueError`` that names the file, says what
-is wrong and how to recover; ``read_text_lines`` does the same for a log that is
-appended to (damaged lines are skipped with a warning).
+``read_json`` reads a JSON file and turns every failure (missing, not a regular
+file, too big, not UTF-8, not JSON, nested too deeply, the wrong type) into one
+``ValueError`` that names the file, says what is wrong and how to recover;
+``read_text_lines`` does the same for a log that is appended to (damaged lines are
+skipped with a warning). Both read only regular files (``read_regular``): a FIFO or
+a device given as a file is refused, never opened for reading.
 
 A derived folder (a preprocessing cache entry) records what it holds in
 ``manifest.json`` (``write_manifest``: sizes, array headers, digests of the small
@@ -25,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from typing import Any, Iterator
@@ -63,24 +66,92 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# A JSON file read by the package is a small record (dataset.json, a config, a split):
+# bigger or deeper than this is not one, and is refused before it costs memory.
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 100
+
+
+def read_regular(path: str, limit: int | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (of at most ``limit`` bytes).
+    Its type is checked before it is opened, so a FIFO, a device or a folder is refused
+    (OSError naming it) without blocking or consuming anything; FileNotFoundError when
+    it does not exist."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(f"{path}: not a regular file ({_kind(mode)})")
+    # O_NONBLOCK: had it been swapped for a FIFO since the stat, the open does not wait.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if limit is not None and size > limit:
+            raise OSError(f"{path}: {size} bytes, more than the {limit / 2**20:.3g} MiB such a "
+                          "file may have")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise OSError(f"{path}: more than the {limit / 2**20:.3g} MiB such a file may have")
+    return data
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "a special file"
+
+
+def _read_problem(path: str, e: OSError) -> str:
+    """An OSError of ``read_regular`` as the text after ``<path>: ``."""
+    text = str(e)
+    return text[len(path) + 2:] if text.startswith(f"{path}: ") else e.strerror or text
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON arrays and objects nest in ``value`` (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item if isinstance(v, (dict, list)))
+    return deepest
+
+
 def read_json(path: str, what: str = "", recover: str = "", expect: type | None = dict) -> Any:
     """The JSON content of ``path``; any failure is one ValueError
-    ``<path>: <what is wrong>; <recover>`` (``what`` names the file's role)."""
+    ``<path>: <what is wrong>; <recover>`` (``what`` names the file's role): missing,
+    not a regular file (a FIFO or a device is never opened for reading), over
+    ``MAX_JSON_BYTES``, not UTF-8, not JSON, nested deeper than ``MAX_JSON_DEPTH``, of
+    the wrong type."""
     role = f" ({what})" if what else ""
     hint = f"; {recover}" if recover else ""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        data = read_regular(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise ValueError(f"{path}: missing{role}{hint}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ValueError(f"{path}: cannot read{role}: {reason}{hint}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read{role}: {_read_problem(path, e)}{hint}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}){role}{hint}") from None
+    deep = f"{path}: arrays or objects nested deeper than {MAX_JSON_DEPTH} levels{role}{hint}"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         problem = "empty" if not text.strip() else f"not valid JSON ({e})"
         raise ValueError(f"{path}: {problem}{role}{hint}") from None
+    except RecursionError:
+        raise ValueError(deep) from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(deep)
     if expect is not None and not isinstance(value, expect):
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not a "
                          f"{'JSON object' if expect is dict else expect.__name__}{role}{hint}")
@@ -91,16 +162,16 @@ def read_text_lines(path: str, what: str = "", recover: str = "") -> list[str]:
     """The lines of a text file that is appended to (``metrics.jsonl``), ends kept; []
     when it does not exist. A line that is not valid UTF-8 (damaged bytes) is skipped,
     with a warning naming the file. A file that is not text at all (NUL bytes, or no line
-    valid UTF-8) or cannot be read is one ValueError ``<path>: <what is wrong>; <recover>``."""
+    valid UTF-8), not a regular file (a FIFO is never opened for reading) or that cannot
+    be read is one ValueError ``<path>: <what is wrong>; <recover>``."""
     role = f" ({what})" if what else ""
     hint = f"; {recover}" if recover else ""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path)
     except FileNotFoundError:
         return []
     except OSError as e:
-        raise ValueError(f"{path}: cannot read{role}: {e.strerror or e}{hint}") from None
+        raise ValueError(f"{path}: cannot read{role}: {_read_problem(path, e)}{hint}") from None
     raw = data.splitlines(keepends=True)
     lines, bad = [], 0
     for line in raw:
@@ -288,9 +359,8 @@ def check_destination(dst: str, marker: str, generator: str, overwrite: bool) ->
         raise FileExistsError(f"{dst}: exists and is not a folder")
     if os.listdir(dst) and not overwrite:
         try:
-            with open(os.path.join(dst, marker), encoding="utf-8") as f:
-                ours = json.load(f).get("generator") == generator
-        except (OSError, ValueError, AttributeError):
+            ours = read_json(os.path.join(dst, marker)).get("generator") == generator
+        except ValueError:
             ours = False
         if not ours:
             raise FileExistsError(f"{dst}: folder is not empty and was not written by "

@@ -65,7 +65,7 @@ import numpy as np
 from absl import logging
 from medseg_jax import fileio, inference, postprocess
 from medseg_jax import state as state_lib
-from medseg_jax.data import decathlon, nifti
+from medseg_jax.data import decathlon, nifti, preprocess
 
 _NIFTI = (".nii.gz", ".nii")
 MANIFEST = ".medseg_predict.json"
@@ -399,6 +399,8 @@ def _predict_case(name: str, files: tuple[str, ...], info: decathlon.DatasetInfo
     seconds) for a case, or (None, why it is skipped, seconds)."""
     ref = decathlon.CaseRef(case_id=name, image_paths=files, label_path=None, task=info.name)
     try:
+        preprocess.check_case_memory(ref, info, config, runs[0].plans.get("target_spacing"),
+                                     runs[0].dataset.num_classes)  # from the header
         case = nifti.load_case(ref, info)
         reference = nib.load(files[0])
     except (ValueError, OSError) as e:  # a file that cannot be read

@@ -159,7 +159,7 @@ def metrics_row(line: str) -> dict | None:
         return None
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # damaged, or nested without end
         return None
     return row if isinstance(row, dict) else None
 

@@ -112,7 +112,7 @@ def run_lock(workdir: str):
 
 # Fields that may change between runs in one workdir (they change neither the
 # model, the data nor the checkpoint's structure).
-_FREE_FIELDS = ("data.num_workers", "data.cache_dir")
+_FREE_FIELDS = ("data.num_workers", "data.cache_dir", "data.max_case_gib")
 # What evaluation compares: what the network is and what it is fed.
 EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.context_slices",
                "data.rescale_01",

@@ -174,15 +174,21 @@ def test_warnings_and_info_do_not_fail(tmp_path):
     "content, expected",
     [
         (None, "missing dataset.json"),
-        ('{"name": "x",, }', "invalid JSON"),
+        ('{"name": "x",, }', "not valid JSON"),
         (json.dumps({"name": "x", "modality": {"0": "MRI"}}), "missing field 'labels'"),
+        ('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 100"),
+        (b'{"name": "\xff"}', "not UTF-8 text"),
+        (json.dumps({"name": "x", "modality": {"0": "MRI"}, "labels": {"0": "a", "-0": "b"}}),
+         "key '-0' is not a non-negative integer"),
     ],
-    ids=["missing", "bad-json", "no-labels"],
+    ids=["missing", "bad-json", "no-labels", "nested", "not-utf8", "label-keys"],
 )
 def test_broken_dataset_json_is_one_error(tmp_path, content, expected):
     root = _clean(tmp_path / "T")
     if content is None:
         (root / "dataset.json").unlink()
+    elif isinstance(content, bytes):
+        (root / "dataset.json").write_bytes(content)
     else:
         (root / "dataset.json").write_text(content)
     report = check([str(root)])
@@ -193,6 +199,26 @@ def test_broken_dataset_json_is_one_error(tmp_path, content, expected):
     result = _cli(root)
     assert result.returncode == 1
     assert f"ERROR T: {root / 'dataset.json'}: " in result.stdout and expected in result.stdout
+
+
+def test_header_faults_are_errors(tmp_path):
+    """NaN in a label's affine once passed the image/label grid check ("OK"); a header
+    declaring 1500^3 voxels in a tiny file once allocated them before failing."""
+    from test_decathlon import _raw_nifti
+
+    root = _clean(tmp_path / "T", n=3)
+    nan = _affine()
+    nan[0, 3] = np.nan
+    bad_label = _raw_nifti(root / "labelsTr" / "toy_000.nii.gz", _label(), nan)
+    huge = _raw_nifti(root / "imagesTr" / "toy_001.nii.gz", np.zeros(1, np.float32),
+                      shape=(1500, 1500, 1500))
+    report = check([str(root)])
+    assert {(e.where, e.file) for e in report.errors} == {
+        ("Toy/toy_000", str(bad_label)), ("Toy/toy_001", str(huge))}
+    faults = " | ".join(e.fault for e in report.errors)
+    assert "the header's affine (sform/qform) holds NaN or inf" in faults
+    assert "header declares shape (1500, 1500, 1500) of float32" in faults
+    assert not report.ok and report.cases_read == 1
 
 
 def test_duplicate_case_id_and_multiple_roots(tmp_path):

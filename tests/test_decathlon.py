@@ -292,7 +292,7 @@ def test_missing_dataset_json(tmp_path):
 
 def test_bad_json(tmp_path):
     (tmp_path / "dataset.json").write_text('{"name": "x",, }')
-    with pytest.raises(ValueError, match=r"dataset\.json.*invalid JSON.*line 1"):
+    with pytest.raises(ValueError, match=r"dataset\.json.*not valid JSON.*line 1"):
         read_dataset(str(tmp_path))
 
 
@@ -443,6 +443,164 @@ def test_garbage_file(tmp_path):
     info = read_dataset(str(root))
     with pytest.raises(ValueError, match=r"labelsTr/toy_000\.nii\.gz.*cannot read"):
         load_case(info.cases[0], info)
+
+
+def _raw_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None,
+               shape: tuple[int, ...] | None = None) -> Path:
+    """A NIfTI file written byte by byte: any sform affine (NaN, singular) and any
+    declared ``shape`` (more than ``data`` holds), which nibabel's writer refuses."""
+    hdr = nib.Nifti1Image(data, _affine()).header.copy()
+    hdr["qform_code"], hdr["sform_code"] = 0, 1
+    rows = (_affine() if affine is None else affine)[:3]
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = rows
+    if shape is not None:
+        hdr["dim"][0] = len(shape)
+        hdr["dim"][1:len(shape) + 1] = shape
+    hdr["vox_offset"] = 352
+    blob = hdr.binaryblock + b"\0" * 4 + np.asarray(data).tobytes(order="F")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(blob) if path.name.endswith(".gz") else blob)
+    return path
+
+
+def _nan_translation():
+    aff = _affine()
+    aff[0, 3] = np.nan
+    return aff
+
+
+def _nan_rotation():
+    aff = _affine()
+    aff[0, 1] = np.nan
+    return aff
+
+
+@pytest.mark.parametrize("which", ["imagesTr", "labelsTr"])
+@pytest.mark.parametrize("affine, problem", [
+    (_nan_translation(), "holds NaN or inf"),
+    (_nan_rotation(), "holds NaN or inf"),
+    (np.zeros((4, 4)), "is not invertible"),
+    (np.diag([1.0, 1.0, 0.0, 1.0]), "is not invertible"),
+], ids=["nan-translation", "nan-rotation", "zero", "flat-axis"])
+def test_affine_must_be_finite_and_invertible(tmp_path, which, affine, problem):
+    """NaN in the label's translation once passed the image/label grid check."""
+    root = _decathlon(tmp_path / "T", n=1)
+    data = _image(0) if which == "imagesTr" else _label()
+    path = _raw_nifti(root / which / "toy_000.nii.gz", data, affine)
+    info = read_dataset(str(root))
+    with pytest.raises(ValueError, match=f"^{path}: the header's affine \\(sform/qform\\) "
+                       f"{problem}"):
+        load_case(info.cases[0], info)
+
+
+def test_single_slice_with_a_flat_third_axis(tmp_path):
+    """A 2D data set may leave the slice axis's column zero; a 3D one (reoriented in 3D,
+    which once raised nibabel's HeaderDataError) may not."""
+    root = _decathlon(tmp_path / "T", n=1)
+    flat = np.diag([1.0, 1.0, 0.0, 1.0])
+    image = _raw_nifti(root / "imagesTr" / "toy_000.nii.gz", _image(0, (6, 5, 1)), flat)
+    _raw_nifti(root / "labelsTr" / "toy_000.nii.gz", _label((6, 5, 1)), flat)
+    info = read_dataset(str(root))
+    with pytest.raises(ValueError, match=f"^{image}: the header's affine .* is not invertible"):
+        load_case(info.cases[0], info)
+    info.tensor_dims = 2
+    assert load_case(info.cases[0], info).image.shape == (1, 6, 5)
+
+
+def test_grid_check_fails_on_nan():
+    """Two affines one of which holds NaN are not the same grid."""
+    from medseg_jax.data import nifti
+
+    with pytest.raises(ValueError, match="affines differ"):
+        nifti._check_same_grid("a", SHAPE, _affine(), "b", SHAPE, _nan_translation(), "x")
+
+
+@pytest.mark.parametrize("name", ["toy_000.nii.gz", "toy_000.nii"])
+def test_header_declaring_more_than_the_file_holds(tmp_path, name):
+    """A 91-byte .nii.gz declaring 1500^3 voxels once allocated 3.6 GB before failing."""
+    import tracemalloc
+
+    root = _decathlon(tmp_path / "T", n=1)
+    (root / "imagesTr" / "toy_000.nii.gz").unlink()
+    path = _raw_nifti(root / "imagesTr" / name, np.zeros(1, np.float32),
+                      shape=(1500, 1500, 1500))
+    _dataset_json(root, training=[{"image": f"./imagesTr/{name}",
+                                   "label": "./labelsTr/toy_000.nii.gz"}])
+    info = read_dataset(str(root))
+    info.file_ending = name[7:]
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=f"^{path}: header declares shape "
+                           r"\(1500, 1500, 1500\) of float32 \(12.6 GiB\) but "):
+            load_case(info.cases[0], info)
+        assert tracemalloc.get_traced_memory()[1] < 50 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_float64_beyond_float32_range(tmp_path):
+    root = _decathlon(tmp_path / "T", n=1)
+    img = _image(0, dtype=np.float64)
+    img[1, 2, 3] = 1e39  # finite in float64, inf in float32
+    _write(root / "imagesTr" / "toy_000.nii.gz", img)
+    info = read_dataset(str(root))
+    with pytest.raises(ValueError, match=r"toy_000\.nii\.gz: intensities up to 1e\+39 "
+                       r"\(float64\) exceed the float32 range"):
+        load_case(info.cases[0], info)
+    img[1, 2, 3] = 3e38  # the largest float32 values still load
+    _write(root / "imagesTr" / "toy_000.nii.gz", img)
+    assert np.isfinite(load_case(info.cases[0], info).image).all()
+
+
+@pytest.mark.parametrize("ending", ["", "nii.gz", "."])
+def test_file_ending_must_be_an_ending(tmp_path, ending):
+    """An empty file_ending once made every case id "" ("split 'val' has no cases")."""
+    root = _decathlon(tmp_path / "T", n=2, listed=False)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": ending}))
+    with pytest.raises(ValueError, match=r"dataset\.json: field 'file_ending' must be a file "
+                       "name ending such as '.nii.gz', got"):
+        read_dataset(str(root))
+
+
+@pytest.mark.parametrize("labels, problem", [
+    ({"0": "background", "1": "a", "-0": "b"}, "key '-0' is not a non-negative integer"),
+    ({"0": "background", "1": "a", "01": "b"},
+     "keys '1' and '01' are the same label value 1 \\('a' and 'b'\\)"),
+    ({"0": "background", "+1": "a"}, "key '\\+1' is not a non-negative integer"),
+])
+def test_label_keys_written_distinctly(tmp_path, labels, problem):
+    """"0" and "-0" once silently renamed a class."""
+    root = _decathlon(tmp_path / "T", n=1)
+    _dataset_json(root, labels=labels)
+    with pytest.raises(ValueError, match=f"dataset\\.json: field 'labels' {problem}"):
+        read_dataset(str(root))
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["training-list", "scanned"])
+def test_file_name_not_utf8_is_refused(tmp_path, listed):
+    """Such a case once trained, then evaluation failed writing its CSV row."""
+    root = _decathlon(tmp_path / "T", n=2, listed=False)
+    bad = os.fsdecode(b"toy_\xff01.nii.gz")
+    for folder in ("imagesTr", "labelsTr"):
+        os.rename(root / folder / "toy_001.nii.gz", root / folder / bad)
+    if listed:
+        meta = json.loads((root / "dataset.json").read_text())
+        meta["training"] = [_entry("toy_000"), {"image": f"./imagesTr/{bad}",
+                                                "label": f"./labelsTr/{bad}"}]
+        (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"^b'.*/(images|labels)Tr/toy_\\xff01\.nii\.gz': file "
+                       "name is not valid UTF-8 text; rename it"):
+        read_dataset(str(root))
+
+
+def test_dataset_json_fifo_is_refused(tmp_path):
+    root = _decathlon(tmp_path / "T", n=1)
+    (root / "dataset.json").unlink()
+    os.mkfifo(root / "dataset.json")
+    with pytest.raises(ValueError, match=r"dataset\.json: cannot read .*not a regular file "
+                       r"\(a FIFO\)"):
+        read_dataset(str(root))
 
 
 # --------------------------------------------------------------------------

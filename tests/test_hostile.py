@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import tiny_config
@@ -213,6 +214,180 @@ def test_predict_skips_bad_cases_and_writes_the_others(copy, tmp_path):
 # --------------------------------------------------------------------------- #
 # Data files: memory, finite values, headers, names and JSON
 # --------------------------------------------------------------------------- #
+
+
+def _split_case(run, split: str) -> str:
+    """The first case (file stem) of ``split`` in the trained run's splits.json."""
+    return json.loads((run / "splits.json").read_text())[split][0].split("/")[-1]
+
+
+def _rescaled(path: Path, factor: float, data=None) -> None:
+    """Rewrites the NIfTI ``path`` with its voxel size times ``factor`` (and ``data``)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    affine = img.affine.copy()
+    affine[:3, :3] *= factor
+    array = np.asanyarray(img.dataobj) if data is None else data
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def test_case_memory_known_from_the_header(copy, tmp_path):
+    """A validation case whose header says 1000 mm voxels: the 3D path would resample it
+    to ~1e12 voxels; refused from its header before any case is read."""
+    data, run = copy
+    case = _split_case(run, "val")
+    for folder in ("imagesTr", "labelsTr"):
+        _rescaled(data / folder / f"{case}.nii.gz", 1000.0)
+    before = snapshot(data, run)
+    result = cli(f"--workdir={tmp_path / 'new'}", overrides={
+        "data.root": data, "model.spatial_dims": 3, "data.image_size": "(16,16,4)"})
+    line = error_line(result)
+    assert line.startswith(f"medseg_jax: error: {data / 'imagesTr' / case}.nii.gz: case "
+                           f"SynthMRI/{case} of shape 16x16x4 at ")
+    assert " GiB allowed per case; check the header's voxel size, or raise " \
+        "config.data.max_case_gib" in line and "resampled to " in line
+    assert snapshot(data, run) == before
+
+
+def test_header_declaring_more_than_the_file(copy, tmp_path):
+    """A 91-byte .nii.gz declaring 1500^3 voxels: refused before its data is allocated."""
+    from test_decathlon import _raw_nifti
+
+    data, run = copy
+    path = data / "imagesTr" / f"{_split_case(run, 'train')}.nii.gz"
+    _raw_nifti(path, np.zeros(1, np.float32), shape=(1500, 1500, 1500))
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={tmp_path / 'new'}", overrides={"data.root": data}))
+    assert line.startswith(f"medseg_jax: error: {path}: header declares shape "
+                           "(1500, 1500, 1500) of float32 (12.6 GiB) but a ")
+    assert snapshot(data, run) == before
+
+
+def test_huge_intensities_predict_as_the_original(copy, tmp_path):
+    """Intensities x 1e20 (float32) once normalised to all zeros and predicted all
+    background, exit 0; float64 values beyond float32 became inf. The scaled case now
+    gives the original's probabilities; the float64 one is skipped, named, exit 1."""
+    import nibabel as nib
+
+    data, run = copy
+    case = data / "imagesTr" / f"{_split_case(run, 'test')}.nii.gz"
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copy(case, inputs / "orig.nii.gz")
+    image = np.asanyarray(nib.load(str(case)).dataobj).astype(np.float32)
+    affine = nib.load(str(case)).affine
+    nib.save(nib.Nifti1Image(image * np.float32(1e20), affine), str(inputs / "scaled.nii.gz"))
+    wide = image.astype(np.float64)
+    wide.flat[0] = 1e39
+    nib.save(nib.Nifti1Image(wide, affine), str(inputs / "wide.nii.gz"))
+    before = snapshot(data, run, inputs)
+    result = cli("--mode=predict", f"--workdir={run}", f"--input={inputs}", f"--output={out}",
+                 "--save_probabilities", overrides={"data.root": data})
+    line = error_line(result)
+    assert line.startswith("medseg_jax: error: 1 of 3 input case(s) were skipped")
+    assert f"wide (wide.nii.gz): {inputs / 'wide.nii.gz'}: intensities up to 1e+39 (float64) " \
+        "exceed the float32 range" in line
+    probs = [np.asanyarray(nib.load(str(out / f"{n}_probabilities.nii.gz")).dataobj)
+             for n in ("orig", "scaled")]
+    np.testing.assert_allclose(probs[1], probs[0], atol=1e-4)
+    assert not (out / "wide.nii.gz").exists()
+    assert snapshot(data, run, inputs) == before
+
+
+def test_nan_in_the_label_affine(copy, tmp_path):
+    """NaN in a label's translation once passed the image/label grid check (check_data
+    said OK)."""
+    import nibabel as nib
+    from test_decathlon import _raw_nifti
+
+    data, run = copy
+    label = data / "labelsTr" / f"{_split_case(run, 'train')}.nii.gz"
+    img = nib.load(str(label))
+    affine = img.affine.copy()
+    affine[0, 3] = np.nan
+    _raw_nifti(label, np.asanyarray(img.dataobj), affine)
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={tmp_path / 'new'}", overrides={"data.root": data}))
+    assert line.startswith(f"medseg_jax: error: {label}: the header's affine (sform/qform) "
+                           "holds NaN or inf: ")
+    checked = subprocess.run([sys.executable, "-m", "medseg_jax.tools.check_data",
+                              f"--root={data}"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert checked.returncode == 1 and "FAILED" in checked.stdout
+    assert f"{label}: the header's affine (sform/qform) holds NaN or inf" in checked.stdout
+    assert snapshot(data, run) == before
+
+
+def test_file_name_not_utf8(copy, tmp_path):
+    """Such a case once trained, then evaluation failed writing *_per_case.csv."""
+    data, run = copy
+    stem = _split_case(run, "test")
+    bad = os.fsdecode(f"{stem}_\xff".encode("latin-1")) + ".nii.gz"
+    for folder in ("imagesTr", "labelsTr"):
+        os.rename(data / folder / f"{stem}.nii.gz", data / folder / bad)
+    meta = json.loads((data / "dataset.json").read_text())
+    for entry in meta["training"]:
+        for key in ("image", "label"):
+            entry[key] = entry[key].replace(f"{stem}.nii.gz", bad)
+    (data / "dataset.json").write_text(json.dumps(meta))
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={tmp_path / 'new'}", overrides={"data.root": data}))
+    assert line.startswith("medseg_jax: error: b'") and f"/imagesTr/{stem}_\\xff.nii.gz': file " \
+        "name is not valid UTF-8 text; rename it" in line
+    assert snapshot(data, run) == before
+
+
+DEEP = '{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"file_ending": ""}, "field 'file_ending' must be a file name ending such as '.nii.gz', "
+                          "got ''"),
+    ({"labels": {"0": "background", "1": "lesion", "-0": "air"}},
+     "field 'labels' key '-0' is not a non-negative integer"),
+    (DEEP, "arrays or objects nested deeper than 100 levels"),
+    (b'{"name": "caf\xe9"}', "not UTF-8 text (byte 13)"),
+], ids=["empty-file-ending", "label-key-minus-zero", "nested", "not-utf8"])
+def test_dataset_json_faults(copy, tmp_path, change, expected):
+    """Each once gave a wrong result or a traceback (main and check_data)."""
+    data, run = copy
+    path = data / "dataset.json"
+    if isinstance(change, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    elif isinstance(change, bytes):
+        path.write_bytes(change)
+    else:
+        path.write_text(change)
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={tmp_path / 'new'}", overrides={"data.root": data}))
+    assert line.startswith(f"medseg_jax: error: {path}: ") and expected in line
+    if change is DEEP:
+        checked = subprocess.run([sys.executable, "-m", "medseg_jax.tools.check_data",
+                                  f"--root={data}"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120)
+        assert checked.returncode == 1 and "Traceback" not in checked.stderr
+        assert f"{path}: {expected}" in checked.stdout
+    assert snapshot(data, run) == before
+
+
+def test_fifo_as_splits_file_and_as_config_json(copy, tmp_path):
+    """A FIFO once hung the run forever: it is refused, never opened for reading."""
+    data, run = copy
+    fifo = tmp_path / "splits.json"
+    os.mkfifo(fifo)
+    line = error_line(cli(f"--workdir={tmp_path / 'new'}", timeout=120,
+                          overrides={"data.root": data, "data.splits_file": fifo}))
+    assert line == f"medseg_jax: error: {fifo}: cannot read (config.data.splits_file): not a " \
+        "regular file (a FIFO); fix the file"
+    (run / "config.json").unlink()
+    os.mkfifo(run / "config.json")
+    before = snapshot(data, run)
+    line = error_line(cli("--mode=eval", f"--workdir={run}", timeout=120,
+                          overrides={"data.root": data}))
+    assert line.startswith(f"medseg_jax: error: {run / 'config.json'}: cannot read (the run's "
+                           "config): not a regular file (a FIFO)")
+    assert snapshot(data, run) == before
 
 
 # --------------------------------------------------------------------------- #

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,113 @@ def test_in_plane_resampling_gives_one_pixel_size_in_mm():
         areas.append(lab.sum() * 0.2 * 0.2)
     expected = np.pi * 6.0 ** 2
     np.testing.assert_allclose(areas, expected, rtol=0.05)
+
+
+# --------------------------------------------------------------------------
+# Finite values and memory known before a case is read
+
+
+def test_zscore_of_huge_intensities_is_the_same():
+    """Intensities scaled by 1e20 once normalised to all zeros (float32 std overflowed)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(5.0, 2.0, (2, 8, 8, 4)).astype(np.float32)
+    plan = [{"scheme": "zscore"}] * 2
+    reference = preprocess.normalize(image, plan)
+    for scale in (1e20, 1e-3):
+        np.testing.assert_allclose(preprocess.normalize(image * np.float32(scale), plan),
+                                   reference, atol=1e-5)
+    # A range wider than float32 holds (-3e38 .. 3e38) still normalises, finite.
+    wide = np.array([-3e38, -3e38, -3e38, 3e38], np.float32).reshape(1, 4)
+    out = preprocess.normalize(wide, [{"scheme": "zscore"}])
+    np.testing.assert_allclose(out[0], [-1 / np.sqrt(3)] * 3 + [np.sqrt(3)], rtol=1e-5)
+    # A constant image stays at 0, however large.
+    assert not preprocess.normalize(np.full((1, 4), 3e31, np.float32), plan[:1]).any()
+
+
+def test_ct_statistics_of_huge_intensities():
+    rng = np.random.default_rng(1)
+    ct = rng.uniform(-1e20, 1e20, (1, 8, 8, 4)).astype(np.float32)
+    label = np.ones((8, 8, 4), np.uint8)
+    (plan,) = preprocess.intensity_plan(("CT",), [ct], [label])
+    assert np.isfinite(plan["std"]) and plan["std"] > 1e19
+    out = preprocess.normalize(ct, [plan])
+    assert np.isfinite(out).all() and 0.5 < out.std() < 2
+
+
+def test_non_finite_normalisation_names_the_file():
+    """A plan (from a damaged file) that float32 cannot apply: one line, not NaN inputs."""
+    plan = [{"scheme": "ct", "lo": -3e38, "hi": 3e38, "mean": -3e38, "std": 1e-8}]
+    with pytest.raises(ValueError, match=r"^imagesTr/x\.nii\.gz: channel 0: normalisation "
+                       r"gives non-finite values \(intensities 1 \.\. 1, mean -3e\+38"):
+        preprocess.normalize(np.ones((1, 4, 4), np.float32), plan, "imagesTr/x.nii.gz")
+
+
+def _case_on_disk(tmp_path, spacing, shape=(16, 16, 4)):
+    import nibabel as nib
+
+    from medseg_jax.data import decathlon
+
+    root = tmp_path / "T"
+    (root / "imagesTr").mkdir(parents=True)
+    path = root / "imagesTr" / "c.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.diag([*spacing, 1.0])), str(path))
+    info = decathlon.DatasetInfo(str(root), "T", {0: "bg", 1: "a"}, ("MRI",), 3, [])
+    return decathlon.CaseRef("c", (str(path),), None, "T"), info
+
+
+def test_case_memory_from_the_header(tmp_path, monkeypatch):
+    """A header whose voxel size is 50 mm once made the 3D path allocate 29 GiB."""
+    from conftest import tiny_config
+
+    config = tiny_config(**{"model.spatial_dims": 3, "data.image_size": (16, 16, 4)})
+    ref, info = _case_on_disk(tmp_path, (50.0, 50.0, 50.0))
+    need, facts = preprocess.case_bytes(ref, info, config, (1.0, 1.0, 1.0))
+    assert facts["resampled"] == (800, 800, 200)
+    voxels, resampled = 16 * 16 * 4, 800 * 800 * 200
+    assert need == 4 * 2 * voxels + 4 * 2 * resampled + voxels + resampled
+    config.data.max_case_gib = 0.5
+    with pytest.raises(ValueError, match=(
+            f"^{ref.image_paths[0]}: case T/c of shape 16x16x4 at 50x50x50 mm needs about "
+            r"1\.1 GiB \(resampled to 1x1x1 mm gives 800x800x200 voxels\), more than the "
+            r"0\.5 GiB allowed per case; check the header's voxel size, or raise "
+            r"config\.data\.max_case_gib")):
+        preprocess.check_case_memory(ref, info, config, (1.0, 1.0, 1.0))
+    config.data.max_case_gib = 1.5
+    preprocess.check_case_memory(ref, info, config, (1.0, 1.0, 1.0))
+    # Evaluation also holds the class probabilities on both grids.
+    with pytest.raises(ValueError, match="needs about 2.0 GiB"):
+        preprocess.check_case_memory(ref, info, config, (1.0, 1.0, 1.0), num_classes=2)
+    # 0: half of the machine's memory.
+    config.data.max_case_gib = 0
+    monkeypatch.setattr(preprocess, "physical_memory", lambda: 2 << 30)
+    assert preprocess.case_limit_bytes(config) == 1 << 30
+    with pytest.raises(ValueError, match=r"more than the 1\.0 GiB allowed"):
+        preprocess.check_case_memory(ref, info, config, (1.0, 1.0, 1.0))
+    config.data.max_case_gib = -1
+    with pytest.raises(ValueError, match=r"^config\.data\.max_case_gib: -1\.0 must be"):
+        preprocess.case_limit_bytes(config)
+
+
+def test_case_memory_of_resized_slices(tmp_path):
+    from conftest import tiny_config
+
+    config = tiny_config(**{"data.image_size": (1024, 1024), "data.max_case_gib": 0.01})
+    ref, info = _case_on_disk(tmp_path, (1.0, 1.0, 1.0), shape=(16, 16, 4))
+    need, facts = preprocess.case_bytes(ref, info, config, None)
+    assert facts["resized"] == (4, 1024, 1024)
+    with pytest.raises(ValueError, match=r"resized gives 4x1024x1024 pixels"):
+        preprocess.check_case_memory(ref, info, config, None)
+    assert preprocess.physical_memory() > 1 << 30
+
+
+def test_max_case_gib_may_change_within_a_run():
+    """Raising the limit, as its message says, is no change of the run's data or model."""
+    from medseg_jax import config as config_lib
+    from medseg_jax import workdir
+
+    before = workdir.config_json(config_lib.default_config())
+    after = json.loads(json.dumps(before))
+    after["data"]["max_case_gib"] = 40.0
+    assert workdir.config_differences(before, after) == []
+    after["data"]["slice_axis"] = 1
+    assert workdir.config_differences(before, after) == ["data.slice_axis: 2 -> 1"]

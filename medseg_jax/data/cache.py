@@ -1,7 +1,8 @@
 """Preprocessing, once per data and settings: the cache a training run reads.
 
 ``prepare(config, workdir)`` fits the intensity normalisation and the target spacing
-on the training cases only, preprocesses the training and validation cases (resized
+on the training cases only, checks from the headers that no training or validation
+case needs more memory than ``config.data.max_case_gib``, preprocesses the training and validation cases (resized
 slices, or cases resampled to the target spacing for patch-based runs) and stores them
 as ``.npy`` files in a folder keyed by a fingerprint of the files and the settings, so
 an epoch reads memory-mapped arrays and never decodes NIfTI. The folder is built under
@@ -168,9 +169,11 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
     if damaged or not os.path.exists(directory):
         logging.info("Preprocessing %d training and %d validation cases into %s",
                      len(dataset.splits["train"]), len(dataset.splits["val"]), directory)
+        spacing = target_spacing(config, dataset) if volumetric else None
+        for key in (*dataset.splits["train"], *dataset.splits["val"]):  # headers only
+            preprocess.check_case_memory(*dataset.refs[key], config, spacing)
         loaded: dict = {}  # cases already read for the CT statistics, used once more below
-        plans = {"intensity": intensity_plans(dataset, loaded),
-                 "target_spacing": target_spacing(config, dataset) if volumetric else None}
+        plans = {"intensity": intensity_plans(dataset, loaded), "target_spacing": spacing}
         os.makedirs(cache_root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
         try:

@@ -9,16 +9,20 @@ naming schemes are understood:
   channel, and ``labelsTr/x.nii.gz``.
 
 ``read_dataset`` lists the cases without reading any image (``data/nifti.py``
-reads them).
+reads them). ``dataset.json`` is read with ``fileio.read_json`` (a regular file, size
+and nesting bounded); its label keys must be distinct non-negative integers as
+written, its ``file_ending`` a real ending; a file name that is not valid UTF-8 is
+refused (case ids become CSV rows and JSON keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any
+
+from medseg_jax import fileio
 
 DATASET_JSON = "dataset.json"
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -74,13 +78,23 @@ def _parse_labels(raw: Any, json_path: str) -> dict[int, str]:
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{json_path}: field 'labels' must be a non-empty mapping, got {raw!r}")
     labels: dict[int, str] = {}
-    if all(isinstance(k, str) and k.strip().lstrip("-").isdigit() for k in raw):
+    if all(isinstance(k, str) and k.strip().lstrip("-+").isdigit() for k in raw):
+        written: dict[int, str] = {}
         for key, name in raw.items():
             if not isinstance(name, str):
                 raise ValueError(
                     f"{json_path}: field 'labels' entry {key!r} must name the class, got {name!r}"
                 )
-            labels[int(key)] = name
+            if not key.strip().isdigit():
+                raise ValueError(f"{json_path}: field 'labels' key {key!r} is not a "
+                                 "non-negative integer; write label values as 0, 1, 2, ...")
+            value = int(key)
+            if value in written:  # "1" and "01": one value, two classes
+                raise ValueError(
+                    f"{json_path}: field 'labels' keys {written[value]!r} and {key!r} are "
+                    f"the same label value {value} ({labels[value]!r} and {name!r}); give "
+                    "each class its own value")
+            written[value], labels[value] = key, name
     else:
         for name, value in raw.items():
             if isinstance(value, (list, tuple)):
@@ -163,6 +177,8 @@ def _channel_index(folder: str, file_ending: str) -> dict[str, dict[int, str]]:
         return index
     for name in os.listdir(folder):
         stem = _strip_ending(name, file_ending)
+        if stem:
+            text_name(os.path.join(folder, name))
         match = CHANNEL_RE.match(stem) if stem and not _is_hidden(name) else None
         if match:
             channel = int(match.group("channel"))
@@ -191,10 +207,10 @@ def _cases_from_training_list(
             raise ValueError(
                 f"{json_path}: 'training' entry {i} must be a mapping with an 'image' path"
             )
-        image = _resolve(root, str(entry["image"]))
+        image = text_name(_resolve(root, str(entry["image"])))
         if _is_hidden(os.path.basename(image)):
             continue
-        label = _resolve(root, str(entry["label"])) if entry.get("label") else None
+        label = text_name(_resolve(root, str(entry["label"]))) if entry.get("label") else None
         if os.path.isfile(image):
             image_paths: tuple[str, ...] = (image,)
         else:
@@ -255,7 +271,9 @@ def list_folder(folder: str, file_ending: str) -> dict[str, str]:
     return {
         stem: os.path.join(folder, f)
         for f in sorted(os.listdir(folder))
-        if not _is_hidden(f) and (stem := _strip_ending(f, file_ending)) is not None
+        if not _is_hidden(f)
+        and (stem := _strip_ending(f, file_ending)) is not None
+        and text_name(os.path.join(folder, f))
     }
 
 
@@ -324,17 +342,11 @@ def read_header(root: str) -> tuple[dict[str, Any], DatasetInfo]:
     """Parse ``root/dataset.json`` without listing cases: (raw JSON, info with no cases)."""
     root = os.path.abspath(os.path.expanduser(root))
     json_path = os.path.join(root, DATASET_JSON)
-    if not os.path.isfile(json_path):
+    if not os.path.exists(json_path):
         raise FileNotFoundError(
             f"{json_path}: missing dataset.json (is {root} a Decathlon/nnU-Net data folder?)"
         )
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: invalid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{json_path}: must hold a JSON object, got {type(meta).__name__}")
+    meta = fileio.read_json(json_path, "the data set's description")
     if "labels" not in meta:
         raise ValueError(f"{json_path}: missing field 'labels'")
     info = DatasetInfo(
@@ -344,9 +356,32 @@ def read_header(root: str) -> tuple[dict[str, Any], DatasetInfo]:
         modalities=_parse_modalities(meta, json_path),
         tensor_dims=_parse_tensor_dims(meta, json_path),
         cases=[],
-        file_ending=str(meta.get("file_ending", ".nii.gz")),
+        file_ending=_parse_file_ending(meta, json_path),
     )
     return meta, info
+
+
+def _parse_file_ending(meta: dict[str, Any], json_path: str) -> str:
+    """``file_ending``: the ending every image file has (".nii.gz", ".nii"), which is
+    cut off to give the case id; an empty one would make every case id ""."""
+    ending = meta.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or len(ending) < 2 or not ending.startswith(".") \
+            or "/" in ending:
+        raise ValueError(f"{json_path}: field 'file_ending' must be a file name ending such "
+                         f"as '.nii.gz', got {ending!r}")
+    return ending
+
+
+def text_name(path: str) -> str:
+    """``path`` itself when it is valid text; a file name that is not valid UTF-8 (its
+    undecodable bytes become surrogates in Python) is refused, since case ids become
+    CSV rows, JSON keys and file names of results: a ValueError naming it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{os.fsencode(path)!r}: file name is not valid UTF-8 text; rename "
+                         "it (case ids are written to CSV and JSON results)") from None
+    return path
 
 
 def read_dataset(root: str) -> DatasetInfo:

@@ -2,7 +2,10 @@
 
 ``load_case`` reads the image channels and the label of a ``decathlon.CaseRef``,
 reoriented to the closest canonical (RAS+) orientation, and checks them thoroughly
-(geometry, finiteness, label values): every problem is a ValueError naming the file.
+(geometry, finiteness in float32, label values): every problem is a ValueError naming
+the file. ``load_header`` refuses, before any data is read, a header whose affine is
+not finite or not invertible and a file too small for the data its header declares;
+``header_geometry`` gives a case's shape and voxel size from the header alone.
 ``write_nifti`` writes the converters' and the synthetic generator's files.
 ``to_original_orientation`` maps a label map back onto the voxel grid of the file it
 came from (predictions are written in the input's geometry).
@@ -40,11 +43,18 @@ class Case:
     original_affine: np.ndarray
     original_shape: tuple[int, ...]
     modalities: tuple[str, ...]
+    image_path: str = ""  # the (first) image file, named by later errors
+
+
+# Deflate compresses at most about 1032:1, so a .nii.gz cannot hold more than this many
+# times its own size: a header declaring more is refused before anything is allocated.
+GZIP_MAX_RATIO = 1032
 
 
 def load_header(path: str) -> nib.Nifti1Image:
     """The NIfTI image at ``path``, header read, data not yet (a ValueError naming the file
-    if it is missing, unreadable or not NIfTI)."""
+    if it is missing, unreadable or not NIfTI, if its affine is not finite or not
+    invertible, or if the file is too small to hold the data its header declares)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file does not exist")
     try:
@@ -53,7 +63,48 @@ def load_header(path: str) -> nib.Nifti1Image:
         raise ValueError(f"{path}: cannot read NIfTI header ({_reason(e)})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    _check_affine(img, path)
+    _check_declared_size(img, path)
     return img
+
+
+def _check_affine(img: nib.Nifti1Image, path: str, axes: int | None = None) -> None:
+    """The voxel-to-world affine must be finite, and invertible on the image's ``axes``
+    (default: the two in-plane ones of an image of one slice, else three): else grids
+    cannot be compared or reoriented."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    rows = np.array2string(affine[:3], separator=", ", max_line_width=10_000).replace("\n", "")
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the header's affine (sform/qform) holds NaN or inf: "
+                         f"{rows}; fix the file's geometry")
+    shape = img.shape
+    axes = axes or (2 if len(shape) == 2 or shape[2] == 1 else 3)
+    sv = np.linalg.svd(affine[:3, :axes], compute_uv=False)
+    if not sv[-1] > 1e-6 * sv[0]:
+        raise ValueError(f"{path}: the header's affine (sform/qform) is not invertible "
+                         f"(voxel axes of zero length or parallel): {rows}; fix the file's "
+                         "geometry")
+
+
+def declared_bytes(img: nib.Nifti1Image) -> int:
+    """The bytes of data the header declares (shape x bytes per voxel)."""
+    return int(np.prod(img.shape, dtype=np.float64)) * img.get_data_dtype().itemsize
+
+
+def _check_declared_size(img: nib.Nifti1Image, path: str) -> None:
+    """A file smaller than the data its header declares is refused before any array is
+    allocated (a .nii holds vox_offset + data bytes; a .nii.gz at most GZIP_MAX_RATIO
+    times its size)."""
+    need = declared_bytes(img) + int(getattr(img.dataobj, "offset", 0))
+    size = os.path.getsize(path)
+    gz = path.endswith(".gz")
+    if need <= (size * GZIP_MAX_RATIO if gz else size) or not path.endswith((".gz", ".nii")):
+        return
+    holds = (f"a {size}-byte gzip file holds at most {size * GZIP_MAX_RATIO / 2**30:.3g} GiB"
+             if gz else f"the file has {size} bytes")
+    raise ValueError(f"{path}: header declares shape {tuple(img.shape)} of "
+                     f"{img.get_data_dtype()} ({need / 2**30:.3g} GiB) but {holds}: the "
+                     "header or the file is damaged; replace the file")
 
 
 def _read_array(img: nib.Nifti1Image, path: str) -> np.ndarray:
@@ -139,7 +190,7 @@ def _check_same_grid(
         )
     tol = 1e-3 * max(_voxel_sizes(aff_a, 3))
     diff = float(np.max(np.abs(aff_a - aff_b)))
-    if diff > tol:
+    if not diff <= tol:  # NaN differs too
         raise ValueError(
             f"{what} affines differ by {diff:.4g} (> {tol:.3g}): {path_a} has "
             f"{np.round(aff_a[:3], 4).tolist()}, {path_b} has {np.round(aff_b[:3], 4).tolist()}"
@@ -191,6 +242,8 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
     for path in ref.image_paths:
         img = load_header(path)
         is_2d = _file_is_2d(img, info)
+        if not is_2d:  # one slice of a 3D data set: reoriented in 3D
+            _check_affine(img, path, axes=3)
         data = _spatial(_read_array(img, path), path, is_2d, channels=True)
         if len(ref.image_paths) > 1 and data.shape[-1] != 1:
             raise ValueError(f"{path}: channel file holds {data.shape[-1]} channels, expected 1")
@@ -202,6 +255,12 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
                 )
         elif not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
             raise ValueError(f"{path}: unsupported image dtype {data.dtype}")
+        wide = np.issubdtype(data.dtype, np.floating) and data.dtype.itemsize > 4
+        largest = max(float(data.max()), -float(data.min())) if wide and data.size else 0.0
+        if largest > float(np.finfo(np.float32).max):
+            raise ValueError(f"{path}: intensities up to {largest:.3g} ({data.dtype}) exceed "
+                             "the float32 range (3.4e38) the pipeline computes in; rescale "
+                             "the image")
         data = data.astype(np.float32, copy=False)
         if original_affine is None:
             original_affine = img.affine.copy()
@@ -231,6 +290,8 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
         lpath = ref.label_path
         lshape = limg.shape
         lis_2d = ref_is_2d and (len(lshape) == 2 or (len(lshape) == 3 and lshape[2] == 1))
+        if not lis_2d:
+            _check_affine(limg, lpath, axes=3)
         ldata = _spatial(_read_array(limg, lpath), lpath, lis_2d, channels=False)
         ldata = _to_uint8_label(ldata, lpath, info.labels)
         laffine = limg.affine
@@ -251,6 +312,7 @@ def load_case(ref: CaseRef, info: DatasetInfo, canonical: bool = True) -> Case:
         original_affine=np.asarray(original_affine, dtype=np.float64),
         original_shape=original_shape,
         modalities=info.modalities,
+        image_path=ref.image_paths[0],
     )
 
 
@@ -283,6 +345,23 @@ def canonical_spacing(path: str) -> tuple[float, ...]:
     for axis, (target, _) in enumerate(ornt[: len(zooms)]):
         spacing[int(target)] = float(zooms[axis])
     return tuple(spacing)
+
+
+def header_geometry(path: str, info: DatasetInfo) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(spatial shape, voxel size in mm) of an image file as ``load_case`` returns its
+    arrays (reoriented), from the header only: nothing is read or allocated."""
+    img = load_header(path)
+    is_2d = _file_is_2d(img, info)
+    ndim = 2 if is_2d else 3
+    if len(img.shape) < ndim:
+        raise ValueError(f"{path}: shape {img.shape} is not a {ndim}D image")
+    ornt = _in_plane_ornt(img.affine) if is_2d else orientations.io_orientation(img.affine)
+    sizes = _voxel_sizes(img.affine, ndim)
+    shape, spacing = [0] * ndim, [0.0] * ndim
+    for axis in range(ndim):
+        target = int(ornt[axis, 0]) if np.isfinite(ornt[axis, 0]) else axis
+        shape[target], spacing[target] = int(img.shape[axis]), sizes[axis]
+    return tuple(shape), tuple(spacing)
 
 
 def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, descrip: bytes,

@@ -16,16 +16,24 @@ Normalisation follows nnU-Net's conventions, chosen by the channel's modality:
   training set, then z-score with the mean / std of those clipped intensities
   (data-set statistics, so Hounsfield units keep their meaning across cases);
 - anything else (MRI, ultrasound, ...): z-score per case and channel.
+Statistics are computed in float64, so any intensities float32 holds normalise; a
+result that is not finite is refused, naming the case's file.
+
+``check_case_memory`` estimates from a case's header alone what preprocessing (and
+evaluating) it takes, and refuses a case over ``config.data.max_case_gib`` (0: half of
+the machine's memory) before any of it is read.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 if TYPE_CHECKING:
+    from medseg_jax.data.decathlon import CaseRef, DatasetInfo
     from medseg_jax.data.nifti import Case
 
 
@@ -48,9 +56,31 @@ def ct_statistics(images: list[np.ndarray], labels: list[np.ndarray], channel: i
     if values.size == 0:  # no foreground anywhere: fall back to all voxels
         values = np.concatenate([im[channel].ravel() for im in images])
     lo, hi = np.percentile(values, [0.5, 99.5])
-    clipped = np.clip(values, lo, hi)
+    clipped = np.clip(values, lo, hi).astype(np.float64)  # float32 squares overflow
     return {"scheme": "ct", "lo": float(lo), "hi": float(hi),
             "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-8))}
+
+
+_CHUNK = 1 << 20  # voxels per float64 block of the statistics
+
+
+def _moments(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of ``x``. The mean is summed in float64; the std in
+    float32 (fast) unless its sum of squares overflows (intensities from about 1e19 on),
+    then in float64 a block at a time."""
+    flat = x.reshape(-1)
+    if not flat.size:
+        return 0.0, 0.0
+    mean = float(flat.mean(dtype=np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        std = float(flat.std())
+    if np.isfinite(std):
+        return mean, std
+    squares = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        d = flat[start:start + _CHUNK].astype(np.float64) - mean
+        squares += float(np.dot(d, d))
+    return mean, float(np.sqrt(squares / flat.size))
 
 
 def intensity_plan(modalities: tuple[str, ...], images: list[np.ndarray],
@@ -60,19 +90,50 @@ def intensity_plan(modalities: tuple[str, ...], images: list[np.ndarray],
             for c, m in enumerate(modalities)]
 
 
-def normalize(image: np.ndarray, plan: list[dict]) -> np.ndarray:
-    """(C, *spatial) raw intensities -> float32 normalised, per the channel plan."""
+def normalize(image: np.ndarray, plan: list[dict], where: str = "image") -> np.ndarray:
+    """(C, *spatial) raw intensities -> float32 normalised, per the channel plan.
+
+    Statistics are computed in float64, so any float32 intensities work; a result that
+    float32 cannot hold (non-finite), or a non-constant channel flattened to one value,
+    is a ValueError naming ``where`` (the case's file)."""
     if len(plan) != image.shape[0]:
         raise ValueError(f"image has {image.shape[0]} channels, the plan {len(plan)}")
     out = np.empty(image.shape, np.float32)
     for c, entry in enumerate(plan):
-        x = image[c].astype(np.float32)
+        x = out[c]
+        raw_lo, raw_hi = (float(image[c].min()), float(image[c].max())) if x.size else (0, 0)
         if entry["scheme"] == "ct":
-            x = (np.clip(x, entry["lo"], entry["hi"]) - entry["mean"]) / entry["std"]
+            np.clip(image[c], entry["lo"], entry["hi"], out=x, casting="unsafe")
+            mean, std = float(entry["mean"]), float(entry["std"])
         else:
-            x = (x - x.mean()) / max(float(x.std()), 1e-8)
-        out[c] = x
+            x[...] = image[c]
+            mean, std = _moments(x)
+        scale = 1.0 / max(std, 1e-8)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if raw_hi - raw_lo < np.finfo(np.float32).max:  # x - mean fits float32
+                x -= np.float32(mean)
+                x *= np.float32(scale)
+            else:  # a range wider than float32 holds: the std is as wide, scale first
+                x *= np.float32(scale)
+                x -= np.float32(mean * scale)
+        _check_normalised(x, (raw_lo, raw_hi), (mean, std), f"{where}: channel {c}",
+                          zscore=entry["scheme"] != "ct")
     return out
+
+
+def _check_normalised(x: np.ndarray, raw: tuple[float, float], stats: tuple[float, float],
+                      where: str, zscore: bool) -> None:
+    if not x.size:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    what = (f"intensities {raw[0]:.3g} .. {raw[1]:.3g}, mean {stats[0]:.3g}, "
+            f"std {stats[1]:.3g}")
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{where}: normalisation gives non-finite values ({what}); rescale "
+                         "the image")
+    if zscore and lo == hi and raw[0] < raw[1]:
+        raise ValueError(f"{where}: normalisation flattens a non-constant image to one "
+                         f"value ({what}); rescale the image")
 
 
 def rescale_01(image: np.ndarray) -> np.ndarray:
@@ -268,7 +329,8 @@ def centre_channel(num_channels: int, config) -> int:
 def normalized(case: Case, plans, config) -> np.ndarray:
     """The case's image normalised as its task's plan says (+ optional [0, 1] rescale),
     with ``data.context_slices`` neighbouring slices as extra channels."""
-    image = normalize(case.image, plans["intensity"][case.task])
+    image = normalize(case.image, plans["intensity"][case.task],
+                      case.image_path or f"case {case.task}/{case.case_id}")
     image = rescale_01(image) if config.data.rescale_01 else image
     context = int(config.data.get("context_slices", 0))
     if context and image.ndim != 4:
@@ -317,3 +379,74 @@ def network_tiles(volume: np.ndarray, label: np.ndarray, config):
     patch = volume_patch(size, label.ndim, config.data.slice_axis)
     imgs, labs = tiles(volume, label, patch)
     return (imgs.reshape(len(imgs), *size, imgs.shape[-1]), labs.reshape(len(labs), *size))
+
+
+# --------------------------------------------------------------------------
+# Memory: known from the headers before a case is read.
+
+
+def physical_memory() -> int:
+    """This machine's physical memory in bytes (16 GiB where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 16 << 30
+
+
+def case_limit_bytes(config) -> int:
+    """The most memory one case may take while it is preprocessed (and evaluated):
+    ``config.data.max_case_gib``, or (0) half of this machine's physical memory, the
+    other half left to the rest of the run (the model, the split's samples, workers)."""
+    gib = config.data.get("max_case_gib", 0)
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib >= 0:
+        raise ValueError(f"config.data.max_case_gib: {gib!r} must be a number of GiB >= 0 "
+                         "(0: half of this machine's memory)")
+    return int(gib * 2**30) if gib else physical_memory() // 2
+
+
+def case_bytes(ref: CaseRef, info: DatasetInfo, config, target_spacing,
+               num_classes: int = 0) -> tuple[int, dict]:
+    """(bytes, what they come from) that preprocessing one case takes at its peak,
+    estimated from its image header alone: the float32 image as read and normalised
+    (with its context-slice channels), twice its resampled (or resized) copy (the
+    resampled image and one smoothing / zoom intermediate), the label maps, and with
+    ``num_classes`` (evaluation, prediction) the class probabilities on both grids."""
+    from medseg_jax.data import nifti  # noqa: PLC0415 (nibabel, only where cases are read)
+
+    shape, spacing = nifti.header_geometry(ref.image_paths[0], info)
+    channels = len(info.modalities)
+    wide = channels * (2 * int(config.data.get("context_slices", 0)) + 1)
+    voxels = float(np.prod(shape, dtype=np.float64))
+    facts = {"shape": shape, "spacing": spacing, "target": None}
+    if uses_patches(config) and target_spacing is not None:
+        target = case_target_spacing(spacing, tuple(target_spacing), config.data.slice_axis)
+        resampled = resampled_shape(shape, spacing, target)
+        facts.update(target=target, resampled=resampled)
+        network = float(np.prod(resampled, dtype=np.float64))
+    else:  # slices resized to image_size
+        size = tuple(config.data.image_size)
+        slices = shape[config.data.slice_axis] if len(shape) > len(size) else 1
+        facts.update(resized=(slices, *size))
+        network = slices * float(np.prod(size, dtype=np.float64))
+    total = (4 * (channels + wide) * voxels + 4 * 2 * wide * network + voxels + network
+             + 4 * num_classes * (voxels + network))
+    return int(total), facts
+
+
+def check_case_memory(ref: CaseRef, info: DatasetInfo, config, target_spacing,
+                      num_classes: int = 0) -> None:
+    """Refuses (ValueError naming the case's file) a case whose preprocessing would
+    take more than ``case_limit_bytes``, before any of it is read."""
+    limit = case_limit_bytes(config)
+    need, facts = case_bytes(ref, info, config, target_spacing, num_classes)
+    if need <= limit:
+        return
+    mm = lambda v: "x".join(f"{x:.4g}" for x in v)  # noqa: E731
+    grid = (f"resampled to {mm(facts['target'])} mm gives {mm(facts['resampled'])} voxels"
+            if facts["target"] is not None else
+            f"resized gives {mm(facts['resized'])} pixels")
+    raise ValueError(
+        f"{ref.image_paths[0]}: case {ref.task}/{ref.case_id} of shape {mm(facts['shape'])} "
+        f"at {mm(facts['spacing'])} mm needs about {need / 2**30:.1f} GiB ({grid}), more "
+        f"than the {limit / 2**30:.1f} GiB allowed per case; check the header's voxel size, "
+        "or raise config.data.max_case_gib")

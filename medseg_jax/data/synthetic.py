@@ -411,13 +411,11 @@ def _marker(task: str, seed: int, num_cases: int, size: int, depth: int) -> dict
 
 
 def _is_complete(folder: str, marker: dict) -> bool:
-    try:
-        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
-            if json.load(f) != marker:
-                return False
-        with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+    try:  # a FIFO or a damaged file in its place: not complete (rebuilt)
+        if fileio.read_json(os.path.join(folder, MARKER)) != marker:
+            return False
+        meta = fileio.read_json(os.path.join(folder, "dataset.json"))
+    except ValueError:
         return False
     return all(
         os.path.isfile(os.path.join(folder, entry[key][2:]))
