@@ -80,15 +80,43 @@ def make_run_config(request):
     return tiny_config if request.param == "study" else tiny_recipe_config
 
 
-@pytest.fixture(scope="session")
-def shared_data_dir():
-    """The real data of ../shared/data (or $MEDSEG_DATA); skips if absent."""
+def require_data(path, marker: str = ""):
+    """``path`` (a real data set, or ``path/marker`` when given) as a Path; the test is
+    skipped when it is absent, and fails instead when MEDSEG_REQUIRE_DATA is set (CI: the
+    data must be there, a missing set is not a pass)."""
     from pathlib import Path
 
-    path = Path(os.environ.get("MEDSEG_DATA",
-                               Path(__file__).resolve().parents[2] / "shared" / "data"))
-    if not path.is_dir():
-        if os.environ.get("MEDSEG_REQUIRE_DATA"):  # CI: the data must be there
-            pytest.fail(f"real data not found at {path} and MEDSEG_REQUIRE_DATA is set")
-        pytest.skip(f"real data not found at {path}")
+    path = Path(path)
+    if not (path / marker if marker else path).exists():
+        what = f"real data not found at {path / marker if marker else path}"
+        if os.environ.get("MEDSEG_REQUIRE_DATA"):
+            pytest.fail(f"{what} and MEDSEG_REQUIRE_DATA is set")
+        pytest.skip(what)
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    """The real data of ../shared/data (or $MEDSEG_DATA); ``require_data``."""
+    from pathlib import Path
+
+    return require_data(os.environ.get(
+        "MEDSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def hippocampus_dir(shared_data_dir):
+    """Task04_Hippocampus (Medical Segmentation Decathlon) of the real data."""
+    return require_data(shared_data_dir / "Task04_Hippocampus", "dataset.json")
+
+
+@pytest.fixture(scope="session")
+def hc18_dir(shared_data_dir):
+    """HC18 (fetal head ultrasound) as published: training_set/ beside its CSV."""
+    return require_data(shared_data_dir / "HC18", "training_set_pixel_size_and_HC.csv")
+
+
+@pytest.fixture(scope="session")
+def openkbp_dir(shared_data_dir):
+    """OpenKBP (head-and-neck CT) as published: train-pats/, validation-pats/."""
+    return require_data(shared_data_dir / "OpenKBP", "train-pats")

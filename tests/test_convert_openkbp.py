@@ -273,10 +273,8 @@ def _world_centroid(case, value: int) -> np.ndarray:
     return case.affine[:3, :3] @ ijk + case.affine[:3, 3]
 
 
-def test_real_openkbp(shared_data_dir, tmp_path):
-    src = shared_data_dir / "OpenKBP"
-    if not src.is_dir():
-        pytest.skip(f"{src} not found")
+def test_real_openkbp(openkbp_dir, tmp_path):
+    src = openkbp_dir
     # pt_1: five organs; pt_100: all seven, CT values above 4095; pt_236 (validation):
     # all seven, Esophagus and Larynx overlap.
     only = ["pt_1", "pt_100", "pt_236"]

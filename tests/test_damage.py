@@ -654,10 +654,16 @@ def cli_runs(tmp_path_factory):
         procs.append((spec, subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "damage_runner.py"), str(spec)], cwd=ROOT,
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-    for spec, proc in procs:
+    codes = {}  # "<case>.<mode>" -> the job's exit status, from the runner's JOBS.json.rc
+    for (spec, proc), jobs in zip(procs, groups):
         out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
-    return {"base": base, "run": run, "best": best, "latest": latest, "cli": cli}
+        rc = json.loads(Path(f"{spec}.rc").read_text())
+        assert len(rc) == len(jobs), (spec, rc)
+        codes.update({Path(j["stderr"]).name.removesuffix(".stderr"): c
+                      for j, c in zip(jobs, rc)})
+    return {"base": base, "run": run, "best": best, "latest": latest, "cli": cli,
+            "codes": codes}
 
 
 def _read_predictions(folder) -> dict:
@@ -672,6 +678,7 @@ def test_command_line_on_a_damaged_workdir(cli_runs, kind, damage):
     base, best, latest = cli_runs["base"], cli_runs["best"], cli_runs["latest"]
     copy = base / "cases" / _slug(kind, damage)
     reference = json.loads((cli_runs["run"] / "test_metrics.json").read_text())
+    assert cli_runs["codes"]["baseline.predict"] == 0
     predicted = _read_predictions(base / "out" / "baseline.predict.pred")
     for mode, (outcome, pattern) in _expected(kind, damage, best, latest).items():
         out = base / "out" / f"{_slug(kind, damage)}.{mode}"
@@ -679,12 +686,15 @@ def test_command_line_on_a_damaged_workdir(cli_runs, kind, damage):
         where = f"{kind}, {damage}, --mode={mode}:\n{err[-3000:]}"
         assert "Traceback" not in err and "Event loop is closed" not in err, where
         errors = [line for line in err.splitlines() if line.startswith(ERROR)]
+        code = cli_runs["codes"][out.name]
         if outcome == FAIL:
+            assert code == 1, where
             assert len(errors) == 1, where
             assert errors[0].startswith(f"{ERROR}{copy}/"), where  # names the file
             assert pattern in errors[0], where
-            assert not err.rstrip().endswith(errors[0]) or True
+            assert err.rstrip().splitlines()[-1] == errors[0], where  # nothing after it
             continue
+        assert code == 0, where
         assert errors == [], where
         if outcome == WARN:
             assert re.search(pattern, err), where

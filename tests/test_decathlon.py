@@ -608,15 +608,8 @@ def test_dataset_json_fifo_is_refused(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def _data_root() -> Path:
-    return Path(os.environ.get("MEDSEG_DATA") or Path(__file__).parents[2] / "shared" / "data")
-
-
-def test_real_hippocampus():
-    root = _data_root() / "Task04_Hippocampus"
-    if not (root / "dataset.json").is_file():
-        pytest.skip(f"{root} not present")
-    info = read_dataset(str(root))
+def test_real_hippocampus(hippocampus_dir):
+    info = read_dataset(str(hippocampus_dir))
     assert len(info.cases) == 200
     assert info.labels == {0: "background", 1: "Anterior", 2: "Posterior"}
     assert info.modalities == ("MRI",)

@@ -1,5 +1,6 @@
 """TensorBoard event files: framing, protocol buffers, and what a run writes."""
 
+import json
 import os
 import struct
 
@@ -85,6 +86,9 @@ def test_overlay_draws_both_outlines():
 
 
 def test_a_run_writes_events_beside_metrics_jsonl(tmp_path, make_tiny_config):
+    """Every scalar of the event file is a value of metrics.jsonl at its step, and every
+    finite value of metrics.jsonl is in the event file (train/ per log step, epoch/ per
+    epoch, lists per class)."""
     accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator")
     from medseg_jax import train
@@ -101,3 +105,29 @@ def test_a_run_writes_events_beside_metrics_jsonl(tmp_path, make_tiny_config):
             "epoch/val_dice_per_class/lesion"} <= set(tags["scalars"])
     assert [e.step for e in acc.Images("epoch/val_overlay")] == [2, 4]
     assert len(acc.Scalars("epoch/val_dice")) == config.train.num_epochs
+
+    expected = {}  # tag -> [(step, value)] from metrics.jsonl
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    # Steps 2..4 (the first, with the compilation, is not timed) and the two epochs.
+    assert [(r["step"], "val_loss" in r) for r in rows] == [
+        (2, False), (2, True), (3, False), (4, False), (4, True)]
+    for row in rows:
+        section = "epoch" if "val_loss" in row else "train"
+        for key, value in row.items():
+            if key in ("step", "epoch"):
+                continue
+            named = ({f"{key}/lesion": value[0]} if isinstance(value, list)
+                     else {key: value})
+            assert not isinstance(value, list) or len(value) == 1  # one class: lesion
+            for name, v in named.items():
+                if np.isfinite(v):
+                    expected.setdefault(f"{section}/{name}", []).append((row["step"], v))
+    assert {"train/loss", "train/grad_norm", "train/images_per_second", "epoch/train_loss",
+            "epoch/val_loss", "epoch/val_dice", "epoch/epoch_seconds"} <= set(expected)
+    assert set(tags["scalars"]) == set(expected)
+    for tag, points in expected.items():
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [step for step, _ in points], tag
+        np.testing.assert_array_equal(np.float32([e.value for e in events]),
+                                      np.float32([v for _, v in points]), err_msg=tag)

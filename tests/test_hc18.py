@@ -192,10 +192,8 @@ def test_command_line(src, tmp_path):
     assert done.returncode == 1 and "missing HC18 CSV" in done.stderr
 
 
-def test_real_hc18(shared_data_dir, tmp_path):
-    src = shared_data_dir / "HC18"
-    if not src.is_dir():
-        pytest.skip(f"HC18 not found at {src}")
+def test_real_hc18(hc18_dir, tmp_path):
+    src = hc18_dir
     # 139_HC is 786x542 (most are 800x540); 186_HC's outline is cut by the bottom edge.
     only = ["000_HC", "010_HC", "010_2HC", "014_3HC", "139_HC", "186_HC"]
     summary = convert(str(src), str(tmp_path / "HC18"), only=only)

@@ -1,3 +1,5 @@
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +39,50 @@ def test_2d_windows_over_a_volume_equal_the_whole_volume():
     assert seen[0] == (8, 8, 8, 1)  # 2D inputs
     assert n == 3 * 2 * 5  # windows in plane x slices
     np.testing.assert_allclose(probs, np.asarray(_voxelwise(None, volume)), rtol=1e-5, atol=1e-6)
+
+
+def _gaussian_by_hand(patch):
+    """nnU-Net's importance map: exp(-d^2 / 2) with d the distance from the patch centre
+    in units of sigma = patch / 8 per axis, divided by its maximum (centre 1), at least
+    1e-3 (no voxel without weight)."""
+    grid = np.meshgrid(*[np.arange(p, dtype=np.float64) for p in patch], indexing="ij")
+    d2 = sum(((g - (p - 1) / 2) / (p / 8)) ** 2 for g, p in zip(grid, patch))
+    w = np.exp(-0.5 * d2)
+    return np.maximum(w / w.max(), 1e-3)
+
+
+def test_sliding_window_weights_are_the_gaussian_importance_map():
+    from medseg_jax.data import preprocess
+
+    for patch in [(9, 9), (8, 6), (7, 5, 3), (16, 16, 8)]:
+        weight = preprocess.gaussian_importance(patch)
+        assert weight.shape == patch and weight.dtype == np.float32
+        np.testing.assert_allclose(weight, _gaussian_by_hand(patch), rtol=1e-6, atol=0)
+    assert preprocess.gaussian_importance((16, 16)).min() == np.float32(1e-3)  # corners
+
+    # A network that predicts one value per window (from the window's mean): each voxel
+    # gets the Gaussian-weighted mean of the windows that cover it.
+    def per_window(state, x):
+        p = jax.nn.sigmoid(jnp.mean(x, axis=(1, 2, 3), keepdims=True))
+        p = jnp.broadcast_to(p, x.shape[:-1] + (1,))
+        return jnp.concatenate([1 - p, p], axis=-1)
+
+    mesh = sharding.make_mesh()
+    volume = np.random.default_rng(2).normal(size=(13, 9, 6, 1)).astype(np.float32)
+    patch = (8, 6, 4)
+    probs, n = inference.sliding_window(jax.jit(per_window), None, volume, patch, 0.5, 8,
+                                        mesh)
+    weight = _gaussian_by_hand(patch)
+    acc, norm = np.zeros(volume.shape[:-1]), np.zeros(volume.shape[:-1])
+    starts = [preprocess.window_starts(s, p, 0.5) for s, p in zip(volume.shape, patch)]
+    assert n == len(starts[0]) * len(starts[1]) * len(starts[2]) == 3 * 2 * 2
+    for i, j, k in itertools.product(*starts):
+        box = (slice(i, i + 8), slice(j, j + 6), slice(k, k + 4))
+        value = 1 / (1 + np.exp(-volume[box].mean()))
+        acc[box] += value * weight
+        norm[box] += weight
+    np.testing.assert_allclose(probs[..., 1], acc / norm, rtol=1e-5, atol=1e-6)
+    assert np.ptp(acc / norm) > 0.01  # the windows' values differ: the weights matter
 
 
 def test_largest_component_post_processing():

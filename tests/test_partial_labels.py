@@ -164,3 +164,60 @@ def test_a_partially_labelled_run_trains_and_scores_annotated_classes_only(
     with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
         rows = [json.loads(r) for r in f]
     assert any("val_dice" in r for r in rows)
+
+
+def test_train_step_gives_an_unannotated_class_no_signal_of_its_own(make_tiny_config):
+    """The jitted train step on a network whose output is its input plus its parameters
+    (zero), so the logits are the batch's image and the step's update is minus the
+    gradient w.r.t. the logits. Sample 0 has organ B not annotated: the step cannot tell
+    B from background there; its gradient moves the two only together, in proportion to
+    their probabilities, and swapping the two channels of sample 0 swaps its gradient and
+    leaves the loss as it was. Where B is annotated the same swap changes the loss."""
+    import jax
+    import optax
+
+    from medseg_jax import sharding, train
+    from medseg_jax import state as state_lib
+
+    config = make_tiny_config(**{"augment.enabled": False})
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    train_fn, _ = train.jit_steps(config, mesh, 3)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    labels = np.zeros((2, 8, 8), np.int32)
+    labels[:, 1:4, 1:4] = 1
+    labels[1, 5:7, 5:7] = 2  # sample 0: B's voxels are 0 in its map, as not contoured
+    partial = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+    full = np.ones((2, 3), np.float32)
+
+    def step(z, annotated):
+        """(loss, gradient w.r.t. the logits ``z``) of one SGD step at learning rate 1."""
+        state = state_lib.TrainState.create(
+            apply_fn=lambda variables, x, **_: (x + variables["params"]["bias"],
+                                                {"batch_stats": {}}),
+            params={"bias": jnp.zeros(z.shape)}, tx=optax.sgd(1.0), batch_stats={})
+        batch = {"image": z, "label": labels, "annotated": annotated}
+        new, out = train_fn(state, sharding.to_global(batch, mesh))
+        return float(out["loss"]), -np.asarray(new.params["bias"])
+
+    def swap(z, sample):
+        z = z.copy()
+        z[sample] = z[sample][..., [2, 1, 0]]
+        return z
+
+    def apart(grad, sample):
+        """Per voxel, the gradient along the direction that moves probability between B
+        and background: grad_bg p_B - grad_B p_bg."""
+        p = np.exp(logits[sample]) / np.exp(logits[sample]).sum(-1, keepdims=True)
+        return grad[sample, ..., 0] * p[..., 2] - grad[sample, ..., 2] * p[..., 0]
+
+    loss, grad = step(logits, partial)
+    swapped_loss, swapped_grad = step(swap(logits, 0), partial)
+    np.testing.assert_allclose(swapped_loss, loss, rtol=1e-6)
+    np.testing.assert_allclose(swapped_grad, swap(grad, 0), rtol=1e-5, atol=1e-9)
+    _, full_grad = step(logits, full)
+    assert np.abs(apart(full_grad, 0)).max() > 1e-4  # annotated: B and background apart
+    assert np.abs(apart(grad, 0)).max() < 1e-4 * np.abs(apart(full_grad, 0)).max()
+    assert np.abs(grad[0, ..., 2]).max() > 1e-4  # B still moves, with background
+    assert abs(step(swap(logits, 1), partial)[0] - loss) > 1e-3  # sample 1: B annotated
+    assert abs(step(swap(logits, 0), full)[0] - step(logits, full)[0]) > 1e-3

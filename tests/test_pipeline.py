@@ -186,6 +186,44 @@ def test_cache_key_follows_what_dataset_json_decides(tmp_path):
     assert cache._fingerprint(config, dataclasses.replace(dataset, refs=partial)) != key
 
 
+def test_cache_key_follows_the_data_files(tmp_path):
+    """Unchanged data: the same cache entry, not rebuilt. One voxel of one training image
+    changed (the file keeps its size): another entry, preprocessed from the new data."""
+    import nibabel as nib
+
+    from conftest import tiny_config
+
+    from medseg_jax.data import synthetic
+
+    roots = synthetic.make_synthetic(str(tmp_path / "data"), seed=0, num_cases=4, size=16,
+                                     depth=4)
+    config, workdir = tiny_config(**{"data.root": ",".join(roots)}), str(tmp_path / "run")
+    dataset, _, samples = cache.prepare(config, workdir)
+    first = samples["train"].directory
+    images = os.path.join(first, "train_images.npy")
+    before, mtime = np.load(images), os.path.getmtime(images)
+    _, _, again = cache.prepare(config, workdir)  # the data as they were
+    assert again["train"].directory == first and os.path.getmtime(images) == mtime
+
+    ref, _ = dataset.refs[dataset.splits["train"][0]]
+    path = ref.image_paths[0]
+    size, image = os.path.getsize(path), nib.load(path)
+    original = np.asarray(image.dataobj)
+    for i in range(original.size):  # a voxel whose change keeps the gzip size
+        data = original.copy()
+        data.flat[i] += 1
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+        if os.path.getsize(path) == size:
+            break
+    assert os.path.getsize(path) == size
+    _, _, changed = cache.prepare(config, workdir)
+    second = changed["train"].directory
+    assert second != first and sorted(os.listdir(os.path.dirname(first))) == sorted(
+        os.path.basename(d) for d in (first, second))
+    assert not np.array_equal(np.load(os.path.join(second, "train_images.npy")), before)
+    np.testing.assert_array_equal(np.load(images), before)  # the old entry untouched
+
+
 def test_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
     import shutil
 

@@ -317,10 +317,8 @@ def _nifti_record(image_path, label_path):
     return P.case_record(spacing, shape, label=np.asarray(label.dataobj), modalities=("MRI",))
 
 
-def test_real_hippocampus_plan(shared_data_dir):
-    root = shared_data_dir / "Task04_Hippocampus"
-    if not root.is_dir():
-        pytest.skip(f"{root} not found")
+def test_real_hippocampus_plan(hippocampus_dir):
+    root = hippocampus_dir
     names = sorted(p.name for p in (root / "imagesTr").glob("hippocampus_*.nii.gz"))
     records = [_nifti_record(root / "imagesTr" / n, root / "labelsTr" / n) for n in names]
     fp = P.fingerprint(records, name="Task04_Hippocampus")

@@ -88,6 +88,58 @@ def test_a_reoriented_input_gets_the_same_prediction_in_world_space(trained, tmp
     assert np.asarray(plain.dataobj).any()  # a non-trivial map was compared
 
 
+def test_2d_inputs_get_their_own_geometry_back(trained, tmp_path):
+    """2D NIfTI inputs (the ultrasound task): as stored; with the axes swapped and the
+    first flipped (the same image in the world), a registered sform and a scanner qform
+    that differ; as (H, W, 1) with a scanner-only qform. Each prediction has its input's shape,
+    affine, sform and qform with their codes, zooms and units; the same world image
+    gets the same labels."""
+    config, workdir = trained
+    inputs = _inputs(workdir, "SynthUS")
+    name = sorted(os.listdir(inputs))[0]
+    src = nib.load(inputs / name)
+    data = np.asarray(src.dataobj)
+    assert data.ndim == 2
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(inputs / name, folder / "plain.nii.gz")
+    swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    flip = np.diag([-1.0, 1, 1, 1])
+    flip[0, 3] = data.shape[1] - 1
+    moved = nib.Nifti1Image(np.flip(data.T, axis=0), src.affine @ swap @ flip)
+    scanner = moved.affine.copy()
+    scanner[:3, 3] += (1.0, 2.0, 3.0)  # the scanner's qform, the registered sform
+    moved.set_sform(moved.affine, 2)
+    moved.set_qform(scanner, 1)
+    moved.header.set_xyzt_units("mm", "sec")
+    nib.save(moved, folder / "moved.nii.gz")
+    shifted = src.affine.copy()
+    shifted[:3, 3] += (5.0, -3.0, 2.0)
+    single = nib.Nifti1Image(data[..., None], shifted)
+    single.set_sform(None, 0)
+    single.set_qform(shifted, 1)
+    nib.save(single, folder / "single.nii.gz")
+    out = tmp_path / "out"
+    predict.predict(config, str(workdir), str(folder), str(out), task="SynthUS")
+    for stem in ("plain", "moved", "single"):
+        src, dst = nib.load(folder / f"{stem}.nii.gz"), nib.load(out / f"{stem}.nii.gz")
+        assert dst.shape == src.shape, stem
+        np.testing.assert_array_equal(dst.affine, src.affine, err_msg=stem)
+        for got, want in ((dst.header.get_sform(coded=True), src.header.get_sform(coded=True)),
+                          (dst.header.get_qform(coded=True), src.header.get_qform(coded=True))):
+            assert got[1] == want[1], stem
+            np.testing.assert_array_equal(got[0], want[0], err_msg=stem)
+        np.testing.assert_array_equal(dst.header.get_zooms(), src.header.get_zooms())
+        assert dst.header.get_xyzt_units() == src.header.get_xyzt_units(), stem
+        assert dst.get_data_dtype() == np.uint8
+    plain = np.asarray(nib.load(out / "plain.nii.gz").dataobj)
+    np.testing.assert_array_equal(np.flip(np.asarray(nib.load(out / "moved.nii.gz").dataobj),
+                                          axis=0).T, plain)
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "single.nii.gz").dataobj)[..., 0],
+                                  plain)
+    assert plain.any() and not plain.all()  # a non-trivial map was compared
+
+
 def test_unreadable_inputs_are_named_and_skipped(trained, tmp_path, caplog):
     config, workdir = trained
     names = sorted(os.listdir(_inputs(workdir)))[:2]

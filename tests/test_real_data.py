@@ -8,8 +8,8 @@ import numpy as np
 from medseg_jax import predict, train
 
 
-def test_hippocampus_trains_and_evaluates_in_mm(make_tiny_config, shared_data_dir, tmp_path):
-    root = shared_data_dir / "Task04_Hippocampus"
+def test_hippocampus_trains_and_evaluates_in_mm(make_tiny_config, hippocampus_dir, tmp_path):
+    root = hippocampus_dir
     cases = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006",
              "hippocampus_007", "hippocampus_243"]  # 003 and 243 store float32 labels
     keys = [f"Hippocampus/{c}" for c in cases]

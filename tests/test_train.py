@@ -330,3 +330,83 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
     for c in range(1, dataset.num_classes):
         expected = metrics.dice(pred[idx] == c, gt[idx] == c)
         np.testing.assert_allclose(sub["val_dice_per_class"][c - 1], expected, rtol=1e-6)
+
+
+def _scripted_validation(monkeypatch, val_loss, val_dice):
+    """``train.validate`` returns the given values, epoch after epoch (what the early
+    stopping and the checkpoints' bookkeeping see)."""
+    rows = iter(zip(val_loss, val_dice))
+
+    def validate(*args):
+        loss, dice = next(rows)
+        return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
+
+    monkeypatch.setattr(train, "validate", validate)
+
+
+def _val_epochs(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [row["epoch"] for row in map(json.loads, f) if "val_loss" in row]
+
+
+def test_early_stopping_after_patience_epochs_keeps_the_best_before(make_tiny_config,
+                                                                  tmp_path, monkeypatch):
+    """patience=2, min_delta=0.001: epoch 3 is lower by less than min_delta (no
+    improvement), epoch 4 higher: the run stops after epoch 4 of 6 (never seeing epoch
+    5's improvement), its best checkpoint that of epoch 2; run again, it stays stopped."""
+    config = make_tiny_config(**{"train.num_epochs": 6, "train.steps_per_epoch": 1,
+                                 "train.patience": 2, "train.min_delta": 0.001,
+                                 "eval.figures": False, "train.tensorboard": False})
+    _scripted_validation(monkeypatch, [1.0, 0.5, 0.4995, 0.6, 0.3, 0.2],
+                         [0.2, 0.6, 0.5, 0.4, 0.9, 0.9])
+    workdir = str(tmp_path / "run")
+    meta = train.train(config, workdir)
+    assert meta["stopped"] and meta["epoch"] == 3 and meta["bad_epochs"] == 2
+    assert meta["best_epoch"] == 2 and meta["best_val_dice"] == 0.6
+    assert _val_epochs(workdir) == [1, 2, 3, 4]
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    assert ck.latest_step() == 4 and ck.best_step() == 2  # one step per epoch
+    assert ck.resolve("best") == 2
+    ck.close()
+    again = train.train(config, workdir)  # a stopped run is finished
+    assert again["epoch"] == 3 and _val_epochs(workdir) == [1, 2, 3, 4]
+
+
+def test_keep_every_minutes_keeps_a_checkpoint_per_interval(make_tiny_config, tmp_path,
+                                                            monkeypatch):
+    """train.keep_every_minutes=1 with a clock at 40 s per step: of the checkpoints at
+    40, 80, 120 and 160 s, those of 40 s and 120 s (80 s after it) are kept besides the
+    latest (160 s) and the best (40 s); 80 s is not."""
+    import datetime
+    import sys
+    import types
+
+    manager_module = sys.modules[ckpt_lib.ocp.CheckpointManager.__module__]
+    seconds = [0]
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc) + \
+                datetime.timedelta(seconds=seconds[0])
+
+    monkeypatch.setattr(manager_module, "datetime", types.SimpleNamespace(
+        datetime=Clock, timezone=datetime.timezone, timedelta=datetime.timedelta))
+    real_save = ckpt_lib.Checkpointer.save
+
+    def save(self, step, *args):
+        seconds[0] = 40 * step
+        real_save(self, step, *args)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
+    config = make_tiny_config(**{"train.num_epochs": 4, "train.steps_per_epoch": 1,
+                                 "train.patience": 0, "train.checkpoint_max_to_keep": 1,
+                                 "train.keep_every_minutes": 1.0, "eval.figures": False,
+                                 "train.tensorboard": False})
+    _scripted_validation(monkeypatch, [1.0] * 4, [0.9, 0.8, 0.7, 0.6])
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    assert ck.best_step() == 1 and ck.latest_step() == 4
+    assert sorted(ck.all_steps()) == [1, 3, 4]  # without the setting: [1, 4]
+    ck.close()
