@@ -270,9 +270,9 @@ def check_config(config, workdir: str, fields=None,
     if differ:
         where = "evaluate it with" if fields is not None else "resume it with"
         raise ValueError(
-            f"{path}: the run in {workdir} was made with other settings ({'; '.join(differ)}); "
-            f"they change what it computes: use a new --workdir, or {where} the recorded "
-            f"values (--config=configs/run.py:{workdir})")
+            f"{workdir} holds a run with a different config ({'; '.join(differ)}; recorded "
+            f"in {path}); these change what it computes: use a new --workdir, or {where} the "
+            f"recorded values (--config=configs/run.py:{workdir})")
     return changes
 
 

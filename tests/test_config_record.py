@@ -156,8 +156,9 @@ def test_a_result_changing_field_is_refused_and_nothing_written(make_tiny_config
     with pytest.raises(ValueError) as error:
         workdir_lib.write_config(make_tiny_config(**{field: value, **safe}), str(tmp_path))
     message = str(error.value)
-    assert f"{tmp_path}/config.json: the run in {tmp_path} was made with other settings (" \
-           f"{shown})" in message
+    assert message.startswith(f"{tmp_path} holds a run with a different config ({shown}; "
+                              f"recorded in {tmp_path}/config.json); these change what it "
+                              "computes: "), message
     assert "use a new --workdir, or resume it with the recorded values " \
            f"(--config=configs/run.py:{tmp_path})" in message
     assert "num_epochs" not in message  # safe: not listed

@@ -104,8 +104,8 @@ def _resume_refused(copy, overrides, shown):
     data, run = copy
     before = snapshot(data, run)
     line = error_line(cli(f"--workdir={run}", overrides={"data.root": data, **overrides}))
-    assert line.startswith(f"medseg_jax: error: {run}/config.json: the run in {run} was made "
-                           "with other settings ("), line
+    assert line.startswith(f"medseg_jax: error: {run} holds a run with a different config ("), line
+    assert f"; recorded in {run}/config.json); these change what it computes: " in line
     for text in shown:
         assert text in line, line
     assert f"use a new --workdir, or resume it with the recorded values " \
@@ -117,14 +117,14 @@ def test_resume_with_settings_that_change_the_result_is_refused(copy):
     _resume_refused(copy, {"train.batch_size": 4, "train.learning_rate": 0.5,
                            "train.ce_weight": 0.0, "seed": 5, "augment.p_flip": 0.0,
                            "train.num_epochs": 3},
-                    ["augment.p_flip: 0.5 -> 0.0; seed: 0 -> 5; train.batch_size: 8 -> 4; "
-                     "train.ce_weight: 1.0 -> 0.0; train.learning_rate: 0.001 -> 0.5)"])
+                    ["(augment.p_flip: 0.5 -> 0.0; seed: 0 -> 5; train.batch_size: 8 -> 4; "
+                     "train.ce_weight: 1.0 -> 0.0; train.learning_rate: 0.001 -> 0.5;"])
 
 
 def test_resume_with_another_schedule_is_refused_before_the_checkpoint_is_read(copy):
     """(It used to fail on the checkpoint's structure after config.json was rewritten.)"""
     _resume_refused(copy, {"train.lr_schedule": "cosine"},
-                    ["(train.lr_schedule: 'constant' -> 'cosine')"])
+                    ["(train.lr_schedule: 'constant' -> 'cosine';"])
 
 
 def test_resume_with_more_epochs_trains_on_and_records_the_change(copy):
