@@ -231,3 +231,20 @@ def test_evaluation_compares_what_it_needs(make_tiny_config, tmp_path):
     with pytest.raises(ValueError, match="model.depth: 3 -> 4"):
         workdir_lib.check_config(make_tiny_config(**{"model.depth": 4}), str(tmp_path),
                                  workdir_lib.EVAL_FIELDS)
+
+
+def test_config_json_is_written_only_after_the_checkpoint_is_restored(make_tiny_config,
+                                                                      tmp_path):
+    """Without a config.json to compare with, a checkpoint of another model is refused by
+    its structure, and config.json is not written with the refused settings."""
+    from medseg_jax import train
+
+    workdir = tmp_path / "run"
+    train.train(make_tiny_config(**{"train.num_epochs": 1}), str(workdir))
+    (workdir / "config.json").unlink()
+    with pytest.raises(ValueError, match="checkpoint does not match this config's model"):
+        train.train(make_tiny_config(**{"train.num_epochs": 2, "model.base_features": 8}),
+                    str(workdir))
+    assert not (workdir / "config.json").exists()
+    train.train(make_tiny_config(**{"train.num_epochs": 1}), str(workdir))  # the run's own
+    assert json.loads((workdir / "config.json").read_text())["model"]["base_features"] == 4
