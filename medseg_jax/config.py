@@ -450,6 +450,16 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
                 problem = f"must be a pair (lo, hi) with lo <= hi, got {tuple(value)!r}"
         if problem:
             raise ValueError(f"config.{dotted}: {problem}")
+    sweep = config.get("benchmark", {}).get("sweep", {})
+    for name, field, cast in SWEEP_FIELDS:  # each swept value, as its train field's
+        for entry in str(sweep.get(name, "")).split(","):
+            try:
+                problem = NUMBERS[f"train.{field}"].problem(cast(entry.strip()))
+            except ValueError:  # not a number: named by the study (study.sweep_grid)
+                continue
+            if problem:
+                raise ValueError(f"config.benchmark.sweep.{name}: entry {entry.strip()!r} "
+                                 f"(train.{field}): {problem}")
     train = config.get("train", {})
     if "dice_weight" in train and not (train.dice_weight > 0 or train.ce_weight > 0):
         raise ValueError("config.train.dice_weight / ce_weight: both 0 leave no loss to "

@@ -248,3 +248,16 @@ def test_config_json_is_written_only_after_the_checkpoint_is_restored(make_tiny_
     assert not (workdir / "config.json").exists()
     train.train(make_tiny_config(**{"train.num_epochs": 1}), str(workdir))  # the run's own
     assert json.loads((workdir / "config.json").read_text())["model"]["base_features"] == 4
+
+
+def test_a_swept_value_is_checked_as_its_train_field():
+    config = _full_config()
+    config.benchmark.sweep.learning_rates = "1e-3,-3e-4"
+    with pytest.raises(ValueError, match=r"^config.benchmark.sweep.learning_rates: entry "
+                                         r"'-3e-4' \(train.learning_rate\): must be > 0"):
+        check_numbers(config)
+    config.benchmark.sweep.learning_rates, config.benchmark.sweep.patience = "1e-3", "8,-1"
+    with pytest.raises(ValueError, match=r"sweep.patience: entry '-1' \(train.patience\)"):
+        check_numbers(config)
+    config.benchmark.sweep.patience = "8,fast"  # not a number: the study names it
+    check_numbers(config)
