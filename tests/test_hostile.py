@@ -146,6 +146,20 @@ def test_resume_with_more_epochs_trains_on_and_records_the_change(copy):
     assert snapshot(data) == inputs
 
 
+def test_eval_names_a_schedule_that_restores_another_optimizer_state(copy):
+    """Evaluation compares the network and its input, and the optimizer state it restores
+    (it used to be a checkpoint structure mismatch naming no field)."""
+    data, run = copy
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={run}", "--mode=eval",
+                          overrides={"data.root": data, "train.lr_schedule": "cosine",
+                                     "eval.tta": True}))
+    assert f"{run} holds a run with a different config (train.lr_schedule: 'constant' -> " \
+           f"'cosine'; recorded in {run}/config.json)" in line, line
+    assert f"evaluate it with the recorded values (--config=configs/run.py:{run})" in line
+    assert snapshot(data, run) == before
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("train.steps_per_epoch", -5, "config.train.steps_per_epoch: must be >= 0 (0: one pass), "
                                   "got -5"),
