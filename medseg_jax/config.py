@@ -5,7 +5,11 @@ directory; ``configs/*.py`` start from it.
 
 Every field can be overridden on the command line, e.g.
 ``--config.train.learning_rate=3e-4`` or ``--config.data.root=/data/Task04_Hippocampus``.
+Every numeric field has a constraint in ``NUMBERS`` (``check_numbers``: no JAX, no files,
+run before a run touches its workdir); ``validate`` checks the rest.
 """
+
+import math
 
 import ml_collections
 
@@ -302,8 +306,180 @@ def _get(config, dotted: str):
     return value
 
 
+
+# --------------------------------------------------------------------------- #
+# Numbers: every numeric field and the values it takes
+# --------------------------------------------------------------------------- #
+
+
+class Number:
+    """A numeric field's constraint: ``int`` or ``float``, ``lo`` / ``hi`` bounds
+    (``open_lo`` / ``open_hi``: excluded), ``note`` for the message (what 0 means)."""
+
+    def __init__(self, kind=float, lo=None, hi=None, open_lo=False, open_hi=False,
+                 note="", planned=False):
+        self.kind, self.lo, self.hi = kind, lo, hi
+        self.open_lo, self.open_hi, self.note = open_lo, open_hi, note
+        self.planned = planned  # 0 is "to the plan" while data.plan="auto"
+
+    def bound(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return (f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}"
+                    f"{')' if self.open_hi else ']'}")
+        if self.lo is not None:
+            return f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        return f"{'<' if self.open_hi else '<='} {self.hi:g}"
+
+    def problem(self, value) -> str | None:
+        """What is wrong with ``value`` (None: nothing)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        if self.kind is int and value != int(value):
+            return f"must be a whole number, got {value!r}"
+        low = self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo)
+        high = self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi)
+        if low or high:
+            note = f" ({self.note})" if self.note else ""
+            return f"must be {self.bound()}{note}, got {value!r}"
+        return None
+
+
+_COUNT, _NONNEG, _PROB = Number(int, 1), Number(int, 0), Number(float, 0, 1)
+_PLANNED = Number(int, 1, planned=True)  # 0 only while data.plan="auto" fills it
+
+# Every numeric field of a config (default_config, the augment section, the models'
+# own fields, study_section's "benchmark.*") and what it must be. A field given as a
+# tuple of numbers is checked entry by entry ("entries"); "range" is an ordered pair
+# (lo <= hi); "angle" a range or one number d >= 0 for [-d, d].
+NUMBERS = {
+    "seed": Number(int, 0),
+    "data.synthetic_seed": Number(int, 0),
+    "data.synthetic_cases": _COUNT,
+    "data.synthetic_size": _COUNT,
+    "data.synthetic_depth": _COUNT,
+    "data.image_size": ("entries", _PLANNED),
+    "data.slice_axis": Number(int, 0, 2),
+    "data.context_slices": Number(int, 0),
+    "data.target_spacing": ("entries", Number(float, 0, open_lo=True)),
+    "data.split_fractions": ("entries", _PROB),
+    "data.foreground_fraction": _PROB,
+    "data.max_case_gib": Number(float, 0, note="0: half of physical memory"),
+    "data.num_workers": Number(int, 0, note="0: read in the main process"),
+    "model.spatial_dims": Number(int, 2, 3),
+    "model.base_features": _PLANNED,
+    "model.depth": _PLANNED,
+    "model.max_features": Number(int, 0, note="0: no cap"),
+    "model.pool_sizes": ("entries", _COUNT),
+    "model.kernel_sizes": ("entries", _COUNT),
+    "model.dropout_rate": Number(float, 0, 1, open_hi=True),
+    "train.batch_size": _PLANNED,
+    "train.learning_rate": Number(float, 0, open_lo=True),
+    "train.momentum": Number(float, 0, 1, open_hi=True),
+    "train.weight_decay": Number(float, 0),
+    "train.grad_clip_norm": Number(float, 0, note="0: no clipping"),
+    "train.num_epochs": _COUNT,
+    "train.steps_per_epoch": Number(int, 0, note="0: one pass"),
+    "train.budget_minutes": Number(float, 0, note="0: off"),
+    "train.val_max_samples": Number(int, 0, note="0: all"),
+    "train.patience": Number(int, 0, note="0: no early stopping"),
+    "train.min_delta": Number(float, 0),
+    "train.freeze_encoder_epochs": Number(int, 0),
+    "train.dice_weight": Number(float, 0),
+    "train.ce_weight": Number(float, 0),
+    "train.log_every_steps": _COUNT,
+    "train.prefetch": _COUNT,
+    "train.checkpoint_max_to_keep": _COUNT,
+    "train.keep_every_minutes": Number(float, 0, note="0: off"),
+    "augment.rotate_degrees": ("angle", Number(float, -360, 360)),
+    "augment.scale_range": ("range", Number(float, 0, open_lo=True)),
+    "augment.flip_axes": ("entries", Number(int, 0, 2)),
+    "augment.brightness_range": ("range", Number(float, 0)),
+    "augment.contrast_range": ("range", Number(float, 0)),
+    "augment.gamma_range": ("range", Number(float, 0, open_lo=True)),
+    "augment.noise_std": Number(float, 0),
+    "augment.scale_axes": ("entries", Number(int, 0, 2)),
+    "augment.blur_sigma": ("range", Number(float, 0, open_lo=True)),
+    "augment.lowres_range": ("range", Number(float, 0, 1, open_lo=True)),
+    "augment.lowres_axes": ("entries", Number(int, 0, 2)),
+    "eval.batch_size": _COUNT,
+    "eval.sw_overlap": Number(float, 0, 1, open_hi=True),
+    "eval.nsd_tolerance_mm": Number(float, 0),
+    "eval.bootstrap_samples": _COUNT,
+    "benchmark.budget_minutes": Number(float, 0, note="0: off"),
+    "benchmark.image_size_3d": ("entries", _COUNT),
+    "benchmark.batch_size_3d": Number(int, 0, note="0: from the plan"),
+    "benchmark.freeze_encoder_epochs": Number(int, 0),
+}
+# The augmentation probabilities: augment.p_* (every one, also those added later).
+PROBABILITY_PREFIX = "augment.p_"
+
+
+def _numbers_of(config) -> dict:
+    """``{dotted: value}`` of the config's fields that NUMBERS or the probability rule
+    constrain (the fields it has)."""
+    out = {}
+    for dotted in NUMBERS:
+        try:
+            out[dotted] = _get(config, dotted)
+        except (KeyError, AttributeError):
+            continue
+    if "augment" in config:
+        for key in config.augment:
+            if f"augment.{key}".startswith(PROBABILITY_PREFIX):
+                out[f"augment.{key}"] = config.augment[key]
+    return out
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Checks every numeric field against NUMBERS (augment.p_*: in [0, 1]); no JAX, no
+    files: run before anything else. Raises ValueError naming the first bad field."""
+    planned = str(config.get("data", {}).get("plan", "")) == "auto"
+    for dotted, value in _numbers_of(config).items():
+        rule = NUMBERS.get(dotted, _PROB)
+        shape, rule = rule if isinstance(rule, tuple) else ("number", rule)
+        if rule.planned and planned and value in (0, ()):
+            continue  # filled from the data
+        if shape == "number":
+            problem = rule.problem(value)
+        elif not isinstance(value, (tuple, list)):
+            if shape == "angle":  # one number d: [-d, d]
+                problem = rule.problem(value) or (None if value >= 0 else
+                                                  f"must be >= 0 (for [-d, d]), got {value!r}")
+            else:
+                problem = f"must be a tuple of numbers, got {value!r}"
+        elif shape == "entries":
+            flat = [v for entry in value
+                    for v in (entry if isinstance(entry, (tuple, list)) else (entry,))]
+            problem = next((f"entry {v!r}: {p}" for v in flat
+                            if (p := rule.problem(v)) is not None), None)
+        else:  # an ordered pair
+            problem = next((p for v in value if (p := rule.problem(v)) is not None), None)
+            if problem is None and (len(value) != 2 or value[0] > value[1]):
+                problem = f"must be a pair (lo, hi) with lo <= hi, got {tuple(value)!r}"
+        if problem:
+            raise ValueError(f"config.{dotted}: {problem}")
+    sweep = config.get("benchmark", {}).get("sweep", {})
+    for name, field, cast in SWEEP_FIELDS:  # each swept value, as its train field's
+        for entry in str(sweep.get(name, "")).split(","):
+            try:
+                problem = NUMBERS[f"train.{field}"].problem(cast(entry.strip()))
+            except ValueError:  # not a number: named by the study (study.sweep_grid)
+                continue
+            if problem:
+                raise ValueError(f"config.benchmark.sweep.{name}: entry {entry.strip()!r} "
+                                 f"(train.{field}): {problem}")
+    train = config.get("train", {})
+    if "dice_weight" in train and not (train.dice_weight > 0 or train.ce_weight > 0):
+        raise ValueError("config.train.dice_weight / ce_weight: both 0 leave no loss to "
+                         "train on; give one a weight > 0")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the fields that a run depends on; raises ValueError naming the field."""
+    """Checks the fields that a run depends on (every number: ``check_numbers``); raises
+    ValueError naming the field."""
+    check_numbers(config)
     from medseg_jax import postprocess  # noqa: PLC0415
     from medseg_jax.models import MODELS, model_fields  # noqa: PLC0415 (jax)
 
@@ -336,8 +512,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"the total pooling {divisor} of config.model.pool_sizes")
         raise ValueError(
             f"config.data.image_size: {size} must be positive multiples of {what}")
-    for field in ("train.batch_size", "eval.batch_size", "train.num_epochs",
-                  "model.base_features", "train.prefetch"):
+    for field in ("train.batch_size", "model.base_features"):  # 0 before the plan
         if int(_get(config, field)) <= 0:
             raise ValueError(f"config.{field}: must be positive, got {_get(config, field)}")
     fractions = tuple(config.data.split_fractions)
@@ -345,29 +520,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.split_fractions: {fractions} must be three non-negative "
             "numbers (train, val, test) that sum to 1")
-    if not 0.0 <= config.data.foreground_fraction <= 1.0:
-        raise ValueError(
-            f"config.data.foreground_fraction: {config.data.foreground_fraction} "
-            "is not in [0, 1]")
     context = int(config.data.get("context_slices", 0))
     if context < 0 or (context and dims != 2):
         raise ValueError(f"config.data.context_slices: {context}: neighbouring slices as "
                          "channels need model.spatial_dims=2 and a count >= 0")
-    if int(config.train.get("val_max_samples", 0)) < 0:
-        raise ValueError("config.train.val_max_samples: must be >= 0 (0: all), got "
-                         f"{config.train.val_max_samples}")
-    if int(config.train.freeze_encoder_epochs) < 0:
-        raise ValueError("config.train.freeze_encoder_epochs: must be >= 0, got "
-                         f"{config.train.freeze_encoder_epochs}")
-    if not config.eval.nsd_tolerance_mm >= 0:
-        raise ValueError(
-            f"config.eval.nsd_tolerance_mm: {config.eval.nsd_tolerance_mm} must be >= 0 (mm)")
-    if int(config.eval.bootstrap_samples) < 1:
-        raise ValueError(
-            f"config.eval.bootstrap_samples: must be positive, got {config.eval.bootstrap_samples}")
-    if not 0.0 <= config.eval.sw_overlap < 1.0:
-        raise ValueError(
-            f"config.eval.sw_overlap: {config.eval.sw_overlap} is not in [0, 1)")
     postprocess.check_spec(config.eval.get("postprocess", ""))
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():

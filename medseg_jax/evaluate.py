@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medseg_jax import config as config_lib
 from medseg_jax import fileio, inference, metrics, models, postprocess, report
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
@@ -53,6 +54,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
     choice (the validation results themselves when the split is "val").
     Holds the workdir's lock: a training run using the workdir makes it refuse.
     """
+    config_lib.check_numbers(config)  # before the workdir is touched
     split = split or config.eval.split
     with workdir_lib.run_lock(workdir):
         run = state_lib.restore_run(config, workdir, checkpoint)

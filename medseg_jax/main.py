@@ -110,6 +110,7 @@ def main(argv):
         _usage_error("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
     # After flag parsing; the distributed runtime before any other JAX call.
     from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
+    from medseg_jax import config as config_lib  # noqa: PLC0415
 
     sharding.set_cpu_flags(FLAGS.config)  # XLA flags from the config, before the backend starts
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -121,6 +122,7 @@ def main(argv):
     logging.get_absl_logger().addFilter(_quiet_libraries)  # absl.logging calls (orbax)
     config = FLAGS.config
     try:
+        config_lib.check_numbers(config)  # every number (a study's too), before any workdir
         if "benchmark" in config:
             if FLAGS.mode == "predict":
                 raise ValueError("--mode=predict needs one run's config and workdir, e.g. "

@@ -196,6 +196,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
                 checkpoint: str | None = None) -> Run:
     """Restores the ``checkpoint`` (best, latest or a step) of the run in ``workdir``;
     ``Run.config`` is the run's config with its plan applied (``data.plan``)."""
+    config_lib.check_numbers(config)
     # Before anything that could write (planning opens the data set): a workdir without a
     # run is refused as it is, not filled with a split or synthetic data first.
     if not os.path.exists(os.path.join(workdir, "splits.json")):

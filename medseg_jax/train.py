@@ -6,7 +6,8 @@ what they share).
 checkpoint in ``workdir`` if there is one), then evaluates the best checkpoint
 on the test split. What it writes to ``workdir``:
 
-- ``config.json``        the resolved config of the run
+- ``config.json``        the resolved config of the run (a resume: checked against it,
+                         safe changes recorded with their step; workdir.py)
 - ``splits.json``        the case split, reused by later runs and evaluation
 - ``preprocess.json``    the intensity normalisation plan per task
 - ``plans.json``         with ``data.plan="auto"``: the plan from the data and what it set
@@ -179,6 +180,7 @@ def _sigterm_sets(flag: threading.Event):
 def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool = False):
     """Trains (or resumes); returns the final early-stopping/meta record (and, with
     ``return_state``, the final TrainState as ``(meta, state)``)."""
+    config_lib.check_numbers(config)  # before the workdir is touched
     plan = None
     if planning.wanted(config):  # the fields left to the plan, from the data
         with workdir_lib.run_lock(workdir):
@@ -192,8 +194,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, return_state: bool
         return _train(config, workdir, mesh, plan, return_state)
 
 
+def _budget_epochs(config, workdir: str):
+    """With ``train.budget_minutes``: ``config`` with the run's recorded num_epochs (the
+    budget's; a resume with the same budget keeps it), else ``config`` itself."""
+    path = os.path.join(workdir, "config.json")
+    if not config.train.get("budget_minutes", 0) or not os.path.exists(path):
+        return config
+    previous = fileio.read_json(path, "the run's config", workdir_lib.CONFIG_RECOVER)
+    epochs = previous.get("train", {}).get("num_epochs") if isinstance(previous, dict) else None
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        return config
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.train.num_epochs = epochs
+    return out
+
+
 def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = False):
-    workdir_lib.check_config(config, workdir)
+    # Before anything is read or written: a run of other settings is refused as it is
+    # (the epochs a budget sets are compared once fitted, when config.json is written).
+    workdir_lib.check_config(_budget_epochs(config, workdir), workdir)
     dataset, _, samples = cache.prepare(config, workdir)
     pairs = laterality.parse_pairs(config.data.get("lateral_pairs", "auto"), dataset.labels)
     swap = laterality.permutation(pairs, dataset.num_classes)
@@ -212,9 +231,6 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
     if config.train.get("budget_minutes", 0):
         config = _fit_budget(config, workdir, mesh, dataset, train_samples, val_samples,
                              steps_per_epoch, swap)
-    # Once the data are read: a failed start changes nothing.
-    workdir_lib.write_config(config, workdir)
-    planning.write(plan, workdir)
     total_steps = steps_per_epoch * config.train.num_epochs
     n_val = _val_indices(val_samples, config)
     logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples "
@@ -242,6 +258,9 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
     restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state,
                                                                   sharding.replicated(mesh)))
     latest = restored[0] if restored else None
+    # Once the data are read and the checkpoint restored: a failed start changes nothing.
+    workdir_lib.write_config(config, workdir, latest or 0)
+    planning.write(plan, workdir)
     if latest is not None:
         _, state, meta = restored
         progress = meta.pop("epoch_progress", None)
@@ -271,6 +290,9 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
                          val_samples, steps_per_epoch, stop, *_overlay_setup(config, mesh,
                                                                              val_samples))
             state = loop.run(state, meta, start_epoch, progress)
+        except FloatingPointError as e:  # the next resume may lower the rate or clip
+            workdir_lib.record_divergence(workdir, getattr(e, "step", -1))
+            raise
         finally:  # also on Ctrl-C or SIGTERM: let a pending checkpoint save finish
             checkpointer.close()
     logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
@@ -485,11 +507,13 @@ class _Loop:
         kept = (f"the last good checkpoint (step {last}) is kept in "
                 f"{self.checkpointer.directory}; a new run resumes from it" if last is not None
                 else "no checkpoint had been saved yet; a new run starts from scratch")
-        raise FloatingPointError(
+        error = FloatingPointError(
             f"training diverged: non-finite {'loss' if not np.isfinite(loss) else 'gradient'} "
             f"at step {step} (loss {loss}, gradient norm {grad_norm}); stopped without "
             f"saving it: {kept}. Lower config.train.learning_rate or set "
             "config.train.grad_clip_norm, then run the same command again")
+        error.step = step
+        raise error
 
     def save_progress(self, state, meta, epoch: int, steps_done: int, losses, pending):
         """SIGTERM mid-epoch: checkpoints the steps done (never best), then Preempted."""
@@ -543,6 +567,7 @@ class _Loop:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if possible), then evaluates the best checkpoint."""
+    config_lib.check_numbers(config)  # before the workdir is touched
     with workdir_lib.run_lock(workdir):
         postprocess.require_choice(config.eval.get("postprocess", ""), workdir,
                                    config.eval.get("sw_window", "patch"))  # before the plan

@@ -8,8 +8,12 @@ never blocks the next one. The file holds the holder's pid and host, for the
 message a second run gets.
 
 ``config.json`` records the resolved config of the run and the versions of the
-libraries that decide its numbers; a later run (or evaluation) with a config that
-differs in the model or the data is refused, naming the fields (``check_config``).
+libraries that decide its numbers; it is the run's record. A resumed run whose config
+differs from it in a field that changes what it computes (anything but ``SAFE_FIELDS``;
+``RECOVERY_FIELDS`` only after the run diverged) is refused, naming each field old ->
+new, before anything is written (``check_config``); changes of safe fields are recorded
+in its ``changes`` list with the step they took effect at (``write_config``). Evaluation
+compares only what it needs (``EVAL_FIELDS``).
 Paths are compared as the files they name (``PATH_FIELDS``: real paths, also recorded
 in config.json under ``paths``); a damaged config.json is named in one line.
 ``read_run_config`` turns a run's config.json back into a config (``configs/run.py``).
@@ -110,9 +114,24 @@ def run_lock(workdir: str):
 # config.json: the same run, or refused
 # --------------------------------------------------------------------------- #
 
-# Fields that may change between runs in one workdir (they change neither the
-# model, the data nor the checkpoint's structure).
-_FREE_FIELDS = ("data.num_workers", "data.cache_dir", "data.max_case_gib")
+# Fields that may change when a run resumes (a section name: all its fields): when it
+# stops (num_epochs, budget_minutes, early stopping; val_max_samples picks the samples
+# that choose the best checkpoint), what it logs and keeps, how fast it runs and where it
+# caches (model.remat and layer_impl: the same numbers, XLA flags: the last bits, as on
+# another machine), and evaluation. None changes the weights the steps compute. Each
+# change is recorded in config.json ("changes", with the step it took effect at).
+SAFE_FIELDS = ("train.num_epochs", "train.budget_minutes", "train.patience",
+               "train.min_delta", "train.val_max_samples", "train.log_every_steps",
+               "train.tensorboard", "train.prefetch", "train.transfer_guard",
+               "train.checkpoint_max_to_keep", "train.keep_every_minutes",
+               "train.compilation_cache_dir", "train.xla_cpu_ynn", "data.num_workers",
+               "data.cache_dir", "data.max_case_gib", "model.remat", "model.layer_impl",
+               "eval")
+# The recovery a divergence's message names: they may change on the next resume of a run
+# whose config.json records that it diverged ("diverged", written by that run).
+RECOVERY_FIELDS = ("train.learning_rate", "train.grad_clip_norm")
+# config.json entries that are records, not config fields.
+RECORD_KEYS = ("versions", "paths", "changes", "diverged")
 # What evaluation compares: what the network is and what it is fed.
 EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.context_slices",
                "data.rescale_01",
@@ -148,36 +167,69 @@ def resolved_paths(config_dict: dict) -> dict[str, str]:
     return out
 
 
-def config_differences(previous: dict, current: dict,
-                       fields=("model", "data")) -> list[str]:
-    """``section.field: old -> new`` for each of ``fields`` (sections or section.field)
-    that differs between two config.json contents. Path fields are compared as the
-    files they name (``previous["paths"]``, recorded when it was written, else resolved
-    from here; ``current`` resolved from here)."""
-    differ = []
+def is_safe(dotted: str) -> bool:
+    """Whether ``dotted`` may change when a run resumes (``SAFE_FIELDS``)."""
+    return dotted in SAFE_FIELDS or dotted.partition(".")[0] in SAFE_FIELDS
+
+
+def field_changes(previous: dict, current: dict) -> list[tuple[str, object, object]]:
+    """``(section.field, old, new)`` for every field in which two config.json contents
+    differ (top-level fields such as ``seed`` by their own name). Path fields are compared
+    as the files they name (``previous["paths"]``, recorded when it was written, else
+    resolved from here; ``current`` resolved from here); a field added since ``previous``
+    was written, at its default, is no difference; a field ``current`` lacks is none."""
     defaults = config_json(config_lib.default_config())
     recorded = previous.get("paths") if isinstance(previous.get("paths"), dict) else {}
-    for name in fields:
-        section, _, only = name.partition(".")
-        for k, v in current[section].items():
-            if k not in previous.get(section, {}) and defaults.get(section, {}).get(k) == v:
-                continue  # a field added since that run, at its default: same behaviour
-            old = previous.get(section, {}).get(k)
-            dotted = f"{section}.{k}"
-            if dotted in PATH_FIELDS and old != v:
-                same = (recorded.get(dotted, resolve_path_field(dotted, old))
-                        == resolve_path_field(dotted, v))
-                if same:
-                    continue
-            if (not only or k == only) and dotted not in _FREE_FIELDS and old != v:
-                differ.append(f"{dotted}: {old!r} -> {v!r}")
-    before, now = previous.get("train", {}), current.get("train", {})
+    out = []
+    for key in sorted(k for k in current if k not in RECORD_KEYS):
+        if isinstance(current[key], dict):
+            before, default = previous.get(key, {}), defaults.get(key, {})
+            pairs = [(f"{key}.{k}", k in before, before.get(k), v, default.get(k))
+                     for k, v in current[key].items()]
+        else:
+            pairs = [(key, key in previous, previous.get(key), current[key],
+                      defaults.get(key))]
+        for dotted, known, old, new, default in pairs:
+            if old == new or (not known and new == default):
+                continue  # unchanged, or a field added since that run, at its default
+            if dotted in PATH_FIELDS and (recorded.get(dotted, resolve_path_field(dotted, old))
+                                          == resolve_path_field(dotted, new)):
+                continue
+            out.append((dotted, old, new))
+    return out
+
+
+def config_differences(previous: dict, current: dict, fields=("model", "data"),
+                       recover: bool = False) -> list[str]:
+    """``section.field: old -> new`` for each field of ``fields`` (sections or
+    section.field; None: every field) that differs between two config.json contents and
+    may not change in one run (not ``SAFE_FIELDS``; ``recover``: nor ``RECOVERY_FIELDS``),
+    and the optimizer switches (another optimizer state to restore) whatever ``fields``."""
+    def wanted(dotted):
+        return fields is None or any(dotted == f or dotted.startswith(f + ".") for f in fields)
+
+    now = current.get("train", {})
+    schedule = now.get("lr_schedule", "constant")
+    differ = []
+    for dotted, old, new in field_changes(previous, current):
+        note = ""
+        if dotted in ("train.num_epochs", "train.budget_minutes") and schedule != "constant":
+            note = f" (the length of the {schedule} learning-rate schedule)"
+        elif is_safe(dotted) or (recover and dotted in RECOVERY_FIELDS):
+            continue
+        if wanted(dotted):
+            differ.append(f"{dotted}: {old!r} -> {new!r}{note}")
+    before = previous.get("train", {})
     optimizer = now.get("optimizer", "adam")
-    if before.get("optimizer", "adam") != optimizer:  # another optimizer state to restore
+    if before.get("optimizer", "adam") != optimizer and not wanted("train.optimizer"):
         differ.append(f"train.optimizer: {before.get('optimizer', 'adam')!r} -> {optimizer!r}")
     old, new = before.get("weight_decay", 0.0), now.get("weight_decay", 0.0)
     if optimizer == "adam" and (old > 0) != (new > 0):  # Adam <-> AdamW: another state
+        differ = [d for d in differ if not d.startswith("train.weight_decay:")]
         differ.append(f"train.weight_decay: {old!r} -> {new!r} (switches Adam/AdamW)")
+    old = before.get("lr_schedule", "constant")
+    if (old == "constant") != (schedule == "constant") and not wanted("train.lr_schedule"):
+        differ.append(f"train.lr_schedule: {old!r} -> {schedule!r}")  # another state too
     return differ
 
 
@@ -186,25 +238,43 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def check_config(config, workdir: str, fields=("model", "data"), warn: bool = True) -> None:
-    """Raises ValueError naming each field in which ``config`` differs from the workdir's run."""
+def _recorded(workdir: str, warn: bool) -> dict | None:
+    """The run's config.json content (None: there is none)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         if warn and os.path.isdir(os.path.join(workdir, "checkpoints")):
             logging.warning("%s: missing (the run's config): the settings cannot be compared "
                             "with the run's (its checkpoints are still checked against the "
                             "model); training writes it again", path)
-        return
-    previous = fileio.read_json(path, "the run's config", CONFIG_RECOVER)
+        return None
+    return fileio.read_json(path, "the run's config", CONFIG_RECOVER)
+
+
+def check_config(config, workdir: str, fields=None,
+                 warn: bool = True) -> list[tuple[str, object, object]]:
+    """Raises ValueError naming each field of ``fields`` (None: all, as training resumes)
+    in which ``config`` differs from the workdir's run and which may not change (not
+    ``SAFE_FIELDS``; ``RECOVERY_FIELDS`` only after a divergence). Returns the changes
+    of safe fields, ``(section.field, old, new)``, for ``write_config`` to record."""
+    path = os.path.join(workdir, "config.json")
+    previous = _recorded(workdir, warn)
+    if previous is None:
+        return []
+    current = config_json(config)
     try:
-        differ = config_differences(previous, config_json(config), fields)
+        differ = config_differences(previous, current, fields,
+                                    recover=isinstance(previous.get("diverged"), dict))
+        changes = field_changes(previous, current) if fields is None else []
     except (AttributeError, TypeError, KeyError) as e:  # valid JSON, not a config
         raise ValueError(f"{path}: not a config record ({type(e).__name__}: {e}); "
                          f"{CONFIG_RECOVER}") from None
     if differ:
+        where = "evaluate it with" if fields is not None else "resume it with"
         raise ValueError(
             f"{workdir} holds a run with a different config ({'; '.join(differ)}; recorded "
-            f"in {path}); use another --workdir or the same settings")
+            f"in {path}); these change what it computes: use a new --workdir, or {where} the "
+            f"recorded values (--config=configs/run.py:{workdir})")
+    return changes
 
 
 CONFIG_RECOVER = ("restore it from a copy, or delete it: the next training run writes it "
@@ -243,7 +313,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not isinstance(recorded.get("model"), dict):
         raise ValueError(f"{path}: not a config record (no model section); {CONFIG_RECOVER}")
     paths = recorded.pop("paths", {}) or {}
-    recorded.pop("versions", None)
+    for key in ("versions", "changes", "diverged"):
+        recorded.pop(key, None)
     sections = config_lib.default_config().to_dict()
     wrong = [k for k, v in recorded.items() if isinstance(sections.get(k), dict)
              and not isinstance(v, dict)]
@@ -260,16 +331,48 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
-def write_config(config, workdir: str) -> None:
-    """Writes config.json (with versions); refuses a workdir made with another model/data."""
+def write_config(config, workdir: str, step: int = 0) -> None:
+    """Writes config.json (with versions and real paths) after ``check_config``: a
+    workdir holding a run of other settings is refused. A resumed run's changes of safe
+    fields are appended to its ``changes`` (``{"step", "field", "old", "new"}``: the step
+    of the checkpoint it resumed from), so the values it started with stay readable."""
     import jax  # noqa: PLC0415
 
-    check_config(config, workdir, warn=False)  # (warned at the start of the run)
+    path = os.path.join(workdir, "config.json")
+    changes = check_config(config, workdir, warn=False)  # (warned at the start of the run)
+    previous = _recorded(workdir, False) or {}
     current = config_json(config)
     current["versions"] = versions()
     current["paths"] = resolved_paths(current)
+    history = previous.get("changes") if isinstance(previous.get("changes"), list) else []
+    for field, old, new in changes:
+        logging.warning("%s: config.%s changed from %r to %r at step %d (recorded in "
+                        "config.json \"changes\")", workdir, field, old, new, step)
+    diverged = previous.get("diverged") if isinstance(previous.get("diverged"), dict) else {}
+    for field, old, new in changes:
+        entry = {"step": int(step), "field": field, "old": old, "new": new}
+        if field in RECOVERY_FIELDS:
+            entry["reason"] = f"diverged at step {diverged.get('step')}"
+        history = history + [entry]
+    if history:
+        current["changes"] = history
     if jax.process_index() == 0:
-        fileio.write_json_atomic(os.path.join(workdir, "config.json"), current)
+        fileio.write_json_atomic(path, current)
+
+
+def record_divergence(workdir: str, step: int) -> None:
+    """Notes in the run's config.json that it diverged at ``step`` (the next resume may
+    then change ``RECOVERY_FIELDS``); nothing if there is no readable config.json."""
+    import jax  # noqa: PLC0415
+
+    path = os.path.join(workdir, "config.json")
+    try:
+        recorded = _recorded(workdir, False)
+    except ValueError:
+        return
+    if recorded is not None and jax.process_index() == 0:
+        recorded["diverged"] = {"step": int(step)}
+        fileio.write_json_atomic(path, recorded)
 
 
 def cpu_model() -> str:

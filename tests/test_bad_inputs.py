@@ -156,7 +156,7 @@ def _in_plane(data, run):
 
 
 def _overlap(data, run):
-    return {"eval.sw_overlap": 1.0}, ["config.eval.sw_overlap", "1.0 is not in [0, 1)"]
+    return {"eval.sw_overlap": 1.0}, ["config.eval.sw_overlap", "must be in [0, 1), got 1.0"]
 
 
 def _window(data, run):

@@ -42,7 +42,7 @@ def test_a_2d_image_has_no_neighbours(make_tiny_config):
 def test_context_field_is_checked(make_tiny_config):
     from medseg_jax.config import validate
 
-    with pytest.raises(ValueError, match="config.data.context_slices: -1"):
+    with pytest.raises(ValueError, match="config.data.context_slices: must be >= 0, got -1"):
         validate(make_tiny_config(**{"data.context_slices": -1}))
     with pytest.raises(ValueError, match="config.data.context_slices: 1: .* model.spatial_dims=2"):
         validate(make_tiny_config(**{"data.context_slices": 1, "model.spatial_dims": 3,

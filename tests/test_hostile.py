@@ -211,6 +211,85 @@ def test_predict_skips_bad_cases_and_writes_the_others(copy, tmp_path):
 # --------------------------------------------------------------------------- #
 
 
+def _resume_refused(copy, overrides, shown):
+    """A resume of the trained copy with ``overrides`` is refused in one line naming
+    ``shown`` (old -> new); config.json, checkpoints and data stay byte-identical."""
+    data, run = copy
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={run}", overrides={"data.root": data, **overrides}))
+    assert line.startswith(f"medseg_jax: error: {run} holds a run with a different config ("), line
+    assert f"; recorded in {run}/config.json); these change what it computes: " in line
+    for text in shown:
+        assert text in line, line
+    assert f"use a new --workdir, or resume it with the recorded values " \
+           f"(--config=configs/run.py:{run})" in line
+    assert snapshot(data, run) == before
+
+
+def test_resume_with_settings_that_change_the_result_is_refused(copy):
+    _resume_refused(copy, {"train.batch_size": 4, "train.learning_rate": 0.5,
+                           "train.ce_weight": 0.0, "seed": 5, "augment.p_flip": 0.0,
+                           "train.num_epochs": 3},
+                    ["(augment.p_flip: 0.5 -> 0.0; seed: 0 -> 5; train.batch_size: 8 -> 4; "
+                     "train.ce_weight: 1.0 -> 0.0; train.learning_rate: 0.001 -> 0.5;"])
+
+
+def test_resume_with_another_schedule_is_refused_before_the_checkpoint_is_read(copy):
+    """(It used to fail on the checkpoint's structure after config.json was rewritten.)"""
+    _resume_refused(copy, {"train.lr_schedule": "cosine"},
+                    ["(train.lr_schedule: 'constant' -> 'cosine';"])
+
+
+def test_resume_with_more_epochs_trains_on_and_records_the_change(copy):
+    data, run = copy
+    inputs, checkpoints = snapshot(data), sorted(os.listdir(run / "checkpoints"))
+    result = cli(f"--workdir={run}", overrides={"data.root": data, "train.num_epochs": 2,
+                                                "eval.figures": False})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "config.train.num_epochs changed from 1 to 2 at step 2" in result.stderr
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["train"]["num_epochs"] == 2
+    assert recorded["changes"] == [
+        {"step": 2, "field": "eval.figures", "old": True, "new": False},
+        {"step": 2, "field": "train.num_epochs", "old": 1, "new": 2}]
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val_loss" in r] == [1, 2]  # trained on
+    assert "4" in os.listdir(run / "checkpoints") and checkpoints != sorted(
+        os.listdir(run / "checkpoints"))
+    assert snapshot(data) == inputs
+
+
+def test_eval_names_a_schedule_that_restores_another_optimizer_state(copy):
+    """Evaluation compares the network and its input, and the optimizer state it restores
+    (it used to be a checkpoint structure mismatch naming no field)."""
+    data, run = copy
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={run}", "--mode=eval",
+                          overrides={"data.root": data, "train.lr_schedule": "cosine",
+                                     "eval.tta": True}))
+    assert f"{run} holds a run with a different config (train.lr_schedule: 'constant' -> " \
+           f"'cosine'; recorded in {run}/config.json)" in line, line
+    assert f"evaluate it with the recorded values (--config=configs/run.py:{run})" in line
+    assert snapshot(data, run) == before
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.steps_per_epoch", -5, "config.train.steps_per_epoch: must be >= 0 (0: one pass), "
+                                  "got -5"),
+    ("train.learning_rate", -1, "config.train.learning_rate: must be > 0, got -1.0"),
+    ("train.patience", -1, "config.train.patience: must be >= 0 (0: no early stopping), "
+                           "got -1"),
+    ("train.log_every_steps", 0, "config.train.log_every_steps: must be >= 1, got 0"),
+    ("seed", -1, "config.seed: must be >= 0, got -1"),
+])
+def test_a_number_out_of_range_is_named_before_the_workdir_is_made(tmp_path, field, value,
+                                                                   message):
+    workdir = tmp_path / "run"
+    line = error_line(cli(f"--workdir={workdir}", overrides={field: value}), 1)
+    assert line == f"medseg_jax: error: {message}"
+    assert not workdir.exists()
+
+
 # --------------------------------------------------------------------------- #
 # Data files: memory, finite values, headers, names and JSON
 # --------------------------------------------------------------------------- #

@@ -169,8 +169,10 @@ def test_workdir_of_another_model_is_refused(make_tiny_config, tmp_path):
         workdir_lib.write_config(make_tiny_config(**{"model.name": "fcn"}), str(tmp_path))
     with pytest.raises(ValueError, match=r"train.weight_decay: 0.0 -> 0.01 \(switches Adam/AdamW"):
         workdir_lib.write_config(make_tiny_config(**{"train.weight_decay": 0.01}), str(tmp_path))
-    workdir_lib.write_config(make_tiny_config(**{"train.learning_rate": 1e-4, "data.num_workers": 2,
-                                           "train.grad_clip_norm": 1.0}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"\(train.learning_rate: 0.001 -> 0.0001; recorded in"):
+        workdir_lib.write_config(make_tiny_config(**{"train.learning_rate": 1e-4,
+                                                     "data.num_workers": 2}), str(tmp_path))
+    workdir_lib.write_config(make_tiny_config(**{"data.num_workers": 2}), str(tmp_path))
 
 
 def test_eval_without_training_is_a_clear_error(make_tiny_config, tmp_path):
