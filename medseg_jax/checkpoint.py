@@ -89,10 +89,11 @@ def disk_full_message(path: str, directory: str, what: str = "") -> str:
     if steps:
         intact = (f"the complete checkpoints are intact (steps {steps} in {directory}); "
                   "free space and run the same command to resume from the latest")
-    else:
-        intact = ("no complete checkpoint is on the disk" + (f" (in {directory})"
-                  if os.path.isdir(directory) else "") + "; free space and run the same "
-                  "command (it starts from the beginning)")
+    elif os.path.isdir(directory):
+        intact = (f"no complete checkpoint is on the disk (in {directory}); free space and "
+                  "run the same command (training starts from the beginning)")
+    else:  # no training run here (or not yet at its first save)
+        intact = "free space and run the same command"
     return (f"{path}: no space left on device{what}; files written before are intact "
             f"(each is replaced whole); {intact}")
 

@@ -156,6 +156,19 @@ def test_disk_full_at_config_json_names_it_and_keeps_the_old_one(copy):
     assert {k: after.get(k) for k in before} == before
 
 
+def test_disk_full_at_the_start_of_a_new_run_names_the_file_and_leaves_nothing(trained,
+                                                                                tmp_path):
+    data, _ = trained
+    before = snapshot(data)
+    run = tmp_path / "new_run"
+    line = _last_line(_faulty_cli("file:splits.json", f"--workdir={run}",
+                                  overrides={"data.root": data}))
+    assert line == (f"medseg_jax: error: {run}/splits.json: no space left on device; files "
+                    "written before are intact (each is replaced whole); free space and run "
+                    "the same command")
+    assert not run.exists() and snapshot(data) == before
+
+
 @pytest.mark.parametrize("fault", ["checkpoint", "tensorstore"])
 def test_disk_full_at_a_checkpoint_save_says_what_is_intact(copy, fault):
     """A full disk while saving step 4 (an OSError, or TensorStore's ValueError): one last
