@@ -90,7 +90,26 @@ def _holder(workdir: str) -> str:
             text = f.read(200).decode(errors="replace").strip()
     except OSError:
         text = ""
-    return text or f"holder unknown: its {LOCK_NAME} was removed"
+    if text:
+        return text
+    pid = _flock_holder(workdir)
+    where = f"pid {pid} on this host" if pid else "holder unknown"
+    return f"{where}: its {LOCK_NAME} was removed"
+
+
+def _flock_holder(workdir: str) -> str | None:
+    """The pid holding a flock on the folder, from Linux's /proc/locks (local locks)."""
+    try:
+        st = os.stat(workdir)
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 29810 fe:00:2146441 0 EOF"
+                fields = line.split()
+                if "->" not in fields and fields[1:2] == ["FLOCK"] and fields[5:6] == [inode]:
+                    return fields[4]
+    except (OSError, IndexError):
+        pass
+    return None
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -139,6 +139,8 @@ def test_lock_file_deleted_a_second_run_is_still_refused(copy):
         result = cli(f"--workdir={run}", overrides={"data.root": data, "train.num_epochs": 2})
         line = error_line(result)
         assert line.startswith(f"medseg_jax: error: --workdir {run} is in use by another run")
+        if os.path.exists("/proc/locks"):  # the holder named although its .lock is gone
+            assert f"(pid {os.getpid()} on this host: its .lock was removed;" in line
         assert "wait for it to end or use another --workdir" in line
         assert snapshot(data, run) == before and not (run / ".lock").exists()
 
