@@ -94,8 +94,7 @@ def disk_full_message(path: str, directory: str, what: str = "") -> str:
                   "run the same command (training starts from the beginning)")
     else:  # no training run here (or not yet at its first save)
         intact = "free space and run the same command"
-    return (f"{path}: no space left on device{what}; files written before are intact "
-            f"(each is replaced whole); {intact}")
+    return f"{path}: no space left on device{what}; files written before are intact; {intact}"
 
 
 # TensorStore reports failed I/O as a ValueError whose text starts with its status.
@@ -141,12 +140,11 @@ def _file_digest(path: str, algorithm: str) -> str:
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
-def write_digest(folder: str, sync: bool = True) -> None:
+def write_digest(folder: str) -> None:
     """Records the size and digest of every file of the checkpoint ``folder``, after
-    syncing its files, itself and its parent to the disk (``sync``)."""
-    if sync:
-        fileio.sync_tree(folder)
-        fileio.sync_folder(os.path.dirname(os.path.abspath(folder)))
+    syncing its files, itself and its parent to the disk."""
+    fileio.sync_tree(folder)
+    fileio.sync_folder(os.path.dirname(os.path.abspath(folder)))
     algorithm = DIGEST_ALGORITHM
     files = {rel: {"bytes": os.path.getsize(os.path.join(folder, rel)),
                    algorithm: _file_digest(os.path.join(folder, rel), algorithm)}

@@ -166,8 +166,7 @@ def test_disk_full_at_the_start_of_a_new_run_names_the_file_and_leaves_nothing(t
     line = _last_line(_faulty_cli("file:splits.json", f"--workdir={run}",
                                   overrides={"data.root": data}))
     assert line == (f"medseg_jax: error: {run}/splits.json: no space left on device; files "
-                    "written before are intact (each is replaced whole); free space and run "
-                    "the same command")
+                    "written before are intact; free space and run the same command")
     assert not run.exists() and snapshot(data) == before
 
 
@@ -182,8 +181,8 @@ def test_disk_full_at_a_checkpoint_save_says_what_is_intact(copy, fault):
     overrides = {"data.root": data, "train.num_epochs": 2}
     line = _last_line(_faulty_cli(f"{fault}:4", *args, overrides=overrides))
     assert line == (f"medseg_jax: error: {run}/checkpoints/4: no space left on device "
-                    "(checkpoint save failed); files written before are intact (each is "
-                    f"replaced whole); the complete checkpoints are intact (steps [2] in "
+                    "(checkpoint save failed); files written before are intact; the "
+                    f"complete checkpoints are intact (steps [2] in "
                     f"{run}/checkpoints); free space and run the same command to resume "
                     "from the latest")
     assert snapshot(data, run / "checkpoints" / "2") == before
