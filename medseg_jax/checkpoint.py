@@ -236,8 +236,9 @@ def _quiet_failed_read_leftovers() -> None:
     then completes the others and calls ``loop.call_soon_threadsafe`` on the closed
     loop from its threads (``RuntimeError: Event loop is closed``, printed through
     ``sys.unraisablehook``), and the failed sibling tasks are collected unretrieved
-    (``Task exception was never retrieved``, logged by ``asyncio``). Both would print
-    tracebacks after the one-line error; every other report still gets through."""
+    (``Task exception was never retrieved``, logged by ``asyncio``; the same for the
+    writes of a save that failed). Both would print tracebacks after the one-line
+    error; every other report still gets through."""
     previous = sys.unraisablehook
     if not getattr(previous, "_medseg_closed_loop_filter", False):
 
@@ -255,12 +256,14 @@ def _quiet_failed_read_leftovers() -> None:
 
 
 class _UnretrievedTaskFilter(std_logging.Filter):
-    """Drops asyncio's reports of a task or future whose error nobody retrieved (the
-    siblings of a failed Orbax read or write: the first error is raised and reported)."""
+    """Drops asyncio's reports of a task or future whose error nobody retrieved: the
+    siblings of a failed Orbax read or write, whose first error is raised and reported.
+    (Orbax writes each array through its own ``asyncio.gather`` of fragment writes;
+    when one array fails on a full disk the others' gathers fail too, unretrieved:
+    ``_GatheringFuture exception was never retrieved``, one traceback per array.)"""
 
     def filter(self, record) -> bool:
-        return not str(record.msg).startswith(("Task exception was never retrieved",
-                                               "Future exception was never retrieved"))
+        return not str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
 
 
 # --------------------------------------------------------------------------- #

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import os
 import shutil
 import stat
@@ -163,3 +164,26 @@ def test_disk_full_in_an_atomic_write_names_the_target_and_keeps_the_old_file(
     assert error.value.errno == errno.ENOSPC and error.value.filename == str(path)
     assert fileio.is_disk_full(error.value)
     assert path.read_text() == '{"old": true}\n' and os.listdir(tmp_path) == ["config.json"]
+
+
+def test_unretrieved_errors_of_abandoned_writes_are_not_reported(tmp_path, caplog):
+    """Orbax abandons the per-array gathers of a save that failed; asyncio would report
+    each one (``_GatheringFuture exception was never retrieved``) after the run's line."""
+    import asyncio
+    import gc
+
+    ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).close()  # installs the filter
+
+    async def write():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def save():
+        abandoned = asyncio.gather(write())
+        await asyncio.sleep(0.01)  # it failed; nobody retrieves its error
+        del abandoned
+
+    asyncio.run(save())
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    logging.getLogger("asyncio").error("Unrelated failure")  # other reports get through
+    assert [r.getMessage() for r in caplog.records] == ["Unrelated failure"]
