@@ -28,9 +28,11 @@ a run killed between the commit and the digest) is restored unverified.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging as std_logging
 import os
+import re
 import sys
 import weakref
 
@@ -57,6 +59,47 @@ class CheckpointDamaged(ValueError):
     def __init__(self, path: str, problem: str):
         self.path, self.problem = path, problem
         super().__init__(f"{path}: damaged checkpoint: {problem}")
+
+
+class SaveFailed(OSError):
+    """A checkpoint save that could not be written: the message is the whole line (the
+    checkpoint, the reason, the complete checkpoints on disk, how to resume)."""
+
+    def __init__(self, message: str, error_number: int):
+        super().__init__(message)
+        self.errno = error_number
+
+
+def steps_on_disk(directory: str) -> list[int]:
+    """The complete checkpoints in ``directory`` as the disk holds them now: step
+    folders Orbax renamed into place (a save in progress has another name)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def disk_full_message(path: str, directory: str, what: str = "") -> str:
+    """The one line for a full disk: ``path`` (what could not be written), what is
+    intact (files written before, the checkpoints in ``directory`` on disk now) and how
+    to resume."""
+    steps = steps_on_disk(directory)
+    if steps:
+        intact = (f"the complete checkpoints are intact (steps {steps} in {directory}); "
+                  "free space and run the same command to resume from the latest")
+    elif os.path.isdir(directory):
+        intact = (f"no complete checkpoint is on the disk (in {directory}); free space and "
+                  "run the same command (training starts from the beginning)")
+    else:  # no training run here (or not yet at its first save)
+        intact = "free space and run the same command"
+    return f"{path}: no space left on device{what}; files written before are intact; {intact}"
+
+
+# TensorStore reports failed I/O as a ValueError whose text starts with its status.
+_STORAGE_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|NOT_FOUND|PERMISSION_DENIED|DATA_LOSS|"
+                             r"UNAVAILABLE|UNKNOWN|INTERNAL|FAILED_PRECONDITION|ABORTED): ")
 
 
 def _first_line(e: BaseException, limit: int = 240) -> str:
@@ -98,7 +141,10 @@ def _file_digest(path: str, algorithm: str) -> str:
 
 
 def write_digest(folder: str) -> None:
-    """Records the size and digest of every file of the checkpoint ``folder``."""
+    """Records the size and digest of every file of the checkpoint ``folder``, after
+    syncing its files, itself and its parent to the disk."""
+    fileio.sync_tree(folder)
+    fileio.sync_folder(os.path.dirname(os.path.abspath(folder)))
     algorithm = DIGEST_ALGORITHM
     files = {rel: {"bytes": os.path.getsize(os.path.join(folder, rel)),
                    algorithm: _file_digest(os.path.join(folder, rel), algorithm)}
@@ -190,8 +236,9 @@ def _quiet_failed_read_leftovers() -> None:
     then completes the others and calls ``loop.call_soon_threadsafe`` on the closed
     loop from its threads (``RuntimeError: Event loop is closed``, printed through
     ``sys.unraisablehook``), and the failed sibling tasks are collected unretrieved
-    (``Task exception was never retrieved``, logged by ``asyncio``). Both would print
-    tracebacks after the one-line error; every other report still gets through."""
+    (``Task exception was never retrieved``, logged by ``asyncio``; the same for the
+    writes of a save that failed). Both would print tracebacks after the one-line
+    error; every other report still gets through."""
     previous = sys.unraisablehook
     if not getattr(previous, "_medseg_closed_loop_filter", False):
 
@@ -209,8 +256,14 @@ def _quiet_failed_read_leftovers() -> None:
 
 
 class _UnretrievedTaskFilter(std_logging.Filter):
+    """Drops asyncio's reports of a task or future whose error nobody retrieved: the
+    siblings of a failed Orbax read or write, whose first error is raised and reported.
+    (Orbax writes each array through its own ``asyncio.gather`` of fragment writes;
+    when one array fails on a full disk the others' gathers fail too, unretrieved:
+    ``_GatheringFuture exception was never retrieved``, one traceback per array.)"""
+
     def filter(self, record) -> bool:
-        return not str(record.msg).startswith("Task exception was never retrieved")
+        return not str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
 
 
 # --------------------------------------------------------------------------- #
@@ -301,6 +354,7 @@ class Checkpointer:
         with self._save_errors():
             self._manager.wait_until_finished()
             self._write_digests()
+        with self._save_errors(step):
             self._manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -343,24 +397,29 @@ class Checkpointer:
             self._manager.close()
 
     @contextlib.contextmanager
-    def _save_errors(self):
-        """A failed write (disk full, I/O error) -> one OSError naming the directory and
-        the checkpoints left intact (Orbax only renames complete ones into place)."""
+    def _save_errors(self, step: int | None = None):
+        """A failed write (disk full, I/O error, a folder deleted meanwhile) ->
+        ``SaveFailed``, one line naming the checkpoint and the complete checkpoints on
+        the disk now (Orbax only renames complete ones into place)."""
         try:
             yield
-        except OSError as e:
-            try:
-                self._manager.reload()
-                complete = sorted(self._manager.all_steps())
-            except Exception:  # noqa: BLE001 (the listing is for the message only)
-                complete = "unknown"
-            where = f" ({e.filename})" if e.filename else ""
-            raise OSError(
-                e.errno,
-                f"checkpoint save in {self.directory} failed: {e.strerror or e}{where}; the "
-                "complete checkpoints are intact (steps "
-                f"{complete}); free space and run the same command to resume from the "
-                "latest") from e
+        except Exception as e:  # noqa: BLE001 (only storage errors are turned into a line)
+            storage = isinstance(e, OSError) or _STORAGE_STATUS.match(_first_line(e))
+            if isinstance(e, SaveFailed) or not storage:
+                raise
+            if step is None:
+                step = self._pending[-1] if self._pending else None
+            path = self.directory if step is None else self.step_path(step)
+            if fileio.is_disk_full(e):
+                raise SaveFailed(disk_full_message(path, self.directory,
+                                                   " (checkpoint save failed)"),
+                                 errno.ENOSPC) from e
+            steps = steps_on_disk(self.directory)
+            raise SaveFailed(
+                f"{path}: checkpoint save failed: {_first_line(e)}; the complete "
+                f"checkpoints are intact (steps {steps} in {self.directory}); run the same "
+                "command to resume from the latest", getattr(e, "errno", None) or errno.EIO
+            ) from e
 
     # ---------------------------------------------------------------- listing
 
@@ -507,14 +566,32 @@ class Checkpointer:
             self._manager.reload()
 
 
-def close_all() -> None:
+def close_all(timeout: float = 300.0) -> None:
     """Closes every Checkpointer still open (a run stopped by an error): waits for
-    pending saves and stops Orbax's background threads before the process exits."""
+    pending saves, then for Orbax's background writes (those of the other items of a
+    save that failed go on after its error; the process must not end under them:
+    their threads would report errors after the run's last line)."""
     for checkpointer in list(_open_checkpointers):
         try:
             checkpointer.close()
         except Exception as e:  # noqa: BLE001 (the run is already failing)
             logging.warning("closing %s: %s", checkpointer.directory, _first_line(e))
+    _join_background_writes(timeout)
+
+
+def _join_background_writes(timeout: float) -> None:
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future  # noqa: PLC0415
+        thread_class = orbax_future._SignalingThread
+    except (ImportError, AttributeError):  # another Orbax version: nothing to wait for
+        return
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    end = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if isinstance(thread, thread_class) and thread is not threading.current_thread():
+            threading.Thread.join(thread, max(0.0, end - time.monotonic()))
 
 
 def abstract_like(state, sharding):

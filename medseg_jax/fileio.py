@@ -4,7 +4,10 @@ The one place for writing results, reports, caches, checkpoints' side files and
 converted data sets: a file is written under a temporary name beside its target
 and renamed onto it (``atomic_path``, ``write_text_atomic``, ``write_json_atomic``);
 a folder is built beside its target and swapped into place (``build_folder``).
-A kill at any moment leaves the old version or the new one, never a mix.
+A kill at any moment leaves the old version or the new one, never a mix. The
+new content is synced to the disk (``fsync``) before the rename and the folder
+after it, so a power cut too leaves the old version or the whole new one. A write
+that fails (a full disk) raises an OSError naming the target (``filename``).
 
 ``read_json`` reads a JSON file and turns every failure (missing, not a regular
 file, too big, not UTF-8, not JSON, nested too deeply, the wrong type) into one
@@ -24,6 +27,7 @@ Imports nothing of the package: data, reports and checkpoints all import it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -37,21 +41,89 @@ from typing import Any, Iterator
 STALE_SECONDS = 3600.0
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# How a full disk reads in the text of errors that are not OSErrors (TensorStore's).
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) says the disk is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return True
+        if any(text in str(e) for text in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def reason(e: OSError) -> str:
+    """An OSError's reason without the ``[Errno N]`` prefix."""
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _named(e: OSError, path: str) -> OSError:
+    """``e`` naming ``path`` (the target, rather than a temporary name or nothing)."""
+    if e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror or os.strerror(e.errno), path)
+
+
+def _fsync(path: str, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(path: str) -> None:
+    """Syncs a folder's entries (after a rename into it) to the disk; file systems that
+    cannot sync a folder are skipped."""
+    try:
+        _fsync(path, folder=True)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES,
+                           errno.EPERM):
+            raise
+
+
+def sync_tree(folder: str) -> None:
+    """Syncs every file and folder under ``folder`` (before it is renamed into place)."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                _fsync(path)
+        sync_folder(parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary path beside ``path`` (same name ending, so writers that pick the
-    format from it still work) and renames it onto ``path`` when the block succeeds; on
-    failure the temporary file is removed and ``path`` keeps its old content."""
+    format from it still work) and, when the block succeeds, syncs it to the disk, renames
+    it onto ``path`` and syncs the folder; on failure the temporary file is removed and
+    ``path`` keeps its old content. An OSError names ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp_{os.getpid()}_", suffix=f"_{name}")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp_{os.getpid()}_",
+                                   suffix=f"_{name}")
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        sync_folder(directory)
+    except OSError as e:
+        if e.filename in (None, tmp) or is_disk_full(e):
+            raise _named(e, path) from e
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -278,12 +350,19 @@ def manifest_problem(folder: str) -> str | None:
 
 
 def publish_folder(tmp: str, target: str, problem=None) -> bool:
-    """Renames the complete folder ``tmp`` onto ``target``. When ``target`` exists (another
-    process published it meanwhile, or it is damaged) it is kept if ``problem(target)``
-    is None (``tmp`` is removed), else swapped for ``tmp``. Returns whether ``tmp`` went
-    into place. Readers see the old folder or the new one, never a mix."""
+    """Renames the complete folder ``tmp`` onto ``target`` (its files synced to the disk
+    first, the parent folder after). When ``target`` exists (another process published it
+    meanwhile, or it is damaged) it is kept if ``problem(target)`` is None (``tmp`` is
+    removed), else swapped for ``tmp``. Returns whether ``tmp`` went into place. Readers
+    see the old folder or the new one, never a mix."""
+    parent = os.path.dirname(os.path.abspath(target))
+    try:
+        sync_tree(tmp)
+    except OSError as e:
+        raise _named(e, target) from e
     try:
         os.replace(tmp, target)
+        sync_folder(parent)
         return True
     except OSError:
         if not os.path.exists(target):
@@ -292,6 +371,7 @@ def publish_folder(tmp: str, target: str, problem=None) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
         return False
     _swap_in(tmp, target)
+    sync_folder(parent)
     return True
 
 
@@ -324,10 +404,11 @@ def _remove_stale(parent: str, prefixes: tuple[str, ...]) -> None:
 
 @contextlib.contextmanager
 def build_folder(target: str) -> Iterator[str]:
-    """Yields an empty temporary folder beside ``target``; when the block succeeds it
-    replaces ``target`` (an existing one is moved aside first, then deleted), so
-    ``target`` is always absent, the old folder or the complete new one. On failure
-    the temporary folder is removed and ``target`` is left as it was.
+    """Yields an empty temporary folder beside ``target``; when the block succeeds its
+    files are synced to the disk and it replaces ``target`` (an existing one is moved
+    aside first, then deleted; the parent folder synced after), so ``target`` is always
+    absent, the old folder or the complete new one. On failure the temporary folder is
+    removed and ``target`` is left as it was.
 
     Temporary folders older than an hour, left by a killed build of the same
     target, are removed first.
@@ -340,10 +421,15 @@ def build_folder(target: str) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        try:
+            sync_tree(tmp)
+        except OSError as e:
+            raise _named(e, target) from e
         if os.path.exists(target):
             _swap_in(tmp, target)
         else:
             os.replace(tmp, target)
+        sync_folder(parent)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

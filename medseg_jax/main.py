@@ -142,13 +142,26 @@ def main(argv):
     except USER_ERRORS as e:
         if FLAGS.traceback:
             raise
-        print(f"medseg_jax: error: {_one_line(e)}", file=sys.stderr)
+        checkpoint.close_all()  # what closing reports comes before the line, not after
+        print(f"medseg_jax: error: {_one_line(_disk_full(e, checkpoint) or e)}",
+              file=sys.stderr)
         sys.exit(1)
     finally:  # a run stopped by an error: no Orbax thread left to report after the line
         checkpoint.close_all()
 
 
-def _one_line(e: BaseException) -> str:
+def _disk_full(e: BaseException, checkpoint) -> str | None:
+    """A full disk met outside a checkpoint save (which says it itself): the path, what
+    is intact and how to resume."""
+    from medseg_jax import fileio  # noqa: PLC0415
+
+    if isinstance(e, checkpoint.SaveFailed) or not fileio.is_disk_full(e):
+        return None
+    path = getattr(e, "filename", None) or FLAGS.workdir
+    return checkpoint.disk_full_message(path, os.path.join(FLAGS.workdir, "checkpoints"))
+
+
+def _one_line(e: BaseException | str) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 1000 else text[:997] + "..."
 

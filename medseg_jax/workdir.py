@@ -1,11 +1,13 @@
 """The run's folder: created, checked writable, locked while a run uses it, and
 checked to hold a run of the same config.
 
-The lock is an ``fcntl.flock`` on ``<workdir>/.lock``, held by the run's
-process (process 0 on several hosts). The kernel drops it when that process
-ends, however it ends (SIGKILL included), so a lock file left by a dead run
-never blocks the next one. The file holds the holder's pid and host, for the
-message a second run gets.
+The lock is an ``fcntl.flock`` on the workdir folder itself, held by the run's
+process (process 0 on several hosts): deleting or replacing a file in it cannot
+undo it. The kernel drops it when that process ends, however it ends (SIGKILL
+included), so a run that died never blocks the next one. ``<workdir>/.lock``
+holds the holder's pid and host, for the message a second run gets. A workdir
+that the run created and in which nothing but ``.lock`` was written (a start
+that failed) is removed again when the lock is released.
 
 ``config.json`` records the resolved config of the run and the versions of the
 libraries that decide its numbers; it is the run's record. A resumed run whose config
@@ -22,6 +24,7 @@ in config.json under ``paths``); a damaged config.json is named in one line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -38,31 +41,158 @@ from medseg_jax import fileio
 LOCK_NAME = ".lock"
 
 _held: dict[str, int] = {}  # real path -> depth: re-entrant within one process
+_created: set[str] = set()  # real paths of the workdirs this process created
 
 
 class WorkdirInUse(RuntimeError):
     """Another live process holds the workdir's lock."""
 
 
-def _open_lock_file(workdir: str) -> int:
+def _error(e: OSError, message: str, path: str) -> OSError:
+    """``e`` as one line naming the workdir; a full disk as an OSError naming ``path``
+    (the command line adds what is intact and how to resume)."""
+    if fileio.is_disk_full(e):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), e.filename or path)
+    out = type(e)(message)
+    out.errno = e.errno
+    return out
+
+
+def _create(workdir: str) -> None:
+    """Creates ``workdir`` (and its parents) if missing, remembering that it did."""
+    if os.path.isdir(workdir):
+        return
     try:
-        os.makedirs(workdir, exist_ok=True)
+        os.makedirs(workdir)
+        _created.add(os.path.realpath(workdir))
+    except FileExistsError:
+        if not os.path.isdir(workdir):
+            raise FileExistsError(f"--workdir {workdir}: exists and is not a folder; use "
+                                  "another --workdir") from None
     except OSError as e:
-        raise type(e)(f"--workdir {workdir}: cannot create it ({e.strerror})") from e
-    path = os.path.join(workdir, LOCK_NAME)
+        raise _error(e, f"--workdir {workdir}: cannot create it ({fileio.reason(e)})",
+                     workdir) from e
+
+
+def _open_lock_file(workdir: str) -> int:
+    """Creates ``workdir`` and checks that it can be written; a descriptor of the folder."""
+    _create(workdir)
     try:
         fd, probe = tempfile.mkstemp(dir=workdir, prefix=".probe_")  # can we write here?
         os.close(fd)
         os.unlink(probe)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        raise type(e)(f"--workdir {workdir}: not writable ({e.strerror}{where})") from e
+        raise _error(e, f"--workdir {workdir}: not writable ({fileio.reason(e)}{where})",
+                     workdir) from e
 
 
-def _holder(fd: int) -> str:
-    text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    return text or "holder unknown"
+def _holder(workdir: str) -> str:
+    try:
+        with open(os.path.join(workdir, LOCK_NAME), "rb") as f:
+            text = f.read(200).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    if text:
+        return text
+    pid = _flock_holder(workdir)
+    where = f"pid {pid} on this host" if pid else "holder unknown"
+    return f"{where}: its {LOCK_NAME} was removed"
+
+
+def _flock_holder(workdir: str) -> str | None:
+    """The pid holding a flock on the folder, from Linux's /proc/locks (local locks)."""
+    try:
+        st = os.stat(workdir)
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 29810 fe:00:2146441 0 EOF"
+                fields = line.split()
+                if "->" not in fields and fields[1:2] == ["FLOCK"] and fields[5:6] == [inode]:
+                    return fields[4]
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names what ``fd`` has open (not removed, or removed and
+    created again, meanwhile)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _flock(fd: int, workdir: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WorkdirInUse(
+            f"--workdir {workdir} is in use by another run ({_holder(workdir)}; lock held "
+            f"on the folder, holder in {os.path.join(workdir, LOCK_NAME)}); wait for it to "
+            "end or use another --workdir") from None
+    except OSError:
+        os.close(fd)
+        raise
+
+
+# flock on a folder fails on some network file systems (NFS emulates flock with
+# byte-range locks, which need a file open for writing): the lock file is locked there.
+_NO_FOLDER_LOCK = (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _acquire(workdir: str) -> tuple[int, bool]:
+    """``(fd, on_folder)``: a descriptor holding the workdir's flock (of the folder, or
+    of ``.lock`` where a folder cannot be locked); WorkdirInUse if another run has it."""
+    path = os.path.join(workdir, LOCK_NAME)
+    for _ in range(10):
+        fd = _open_lock_file(workdir)
+        try:
+            _flock(fd, workdir)
+        except OSError as e:
+            if isinstance(e, WorkdirInUse) or e.errno not in _NO_FOLDER_LOCK:
+                raise
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            _flock(fd, workdir)
+            if _same_file(fd, path):
+                return fd, False
+        else:
+            if _same_file(fd, workdir):
+                return fd, True
+        os.close(fd)  # removed by the run before (a failed start): take the new one
+    raise BlockingIOError(f"--workdir {workdir}: removed and created again while taking "
+                          "its lock; run the same command again")
+
+
+def _write_holder(fd: int) -> None:
+    """Writes the holder's pid and host into ``.lock`` (open as ``fd``)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    os.fsync(fd)
+
+
+def _remove_if_unused(workdir: str, key: str, lock_file: tuple[int, int] | None) -> None:
+    """Removes a workdir this process created when it holds only the ``.lock`` this
+    process wrote (a start that failed): never a file it did not write."""
+    if key not in _created:
+        return
+    path = os.path.join(workdir, LOCK_NAME)
+    try:
+        names = os.listdir(workdir)
+        if names == [LOCK_NAME] and lock_file is not None:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == lock_file:
+                os.unlink(path)
+                names = []
+        if not names:
+            os.rmdir(workdir)  # fails, harmlessly, if anything appeared meanwhile
+            _created.discard(key)
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
@@ -83,24 +213,32 @@ def lock(workdir: str, enabled: bool = True) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    fd = _open_lock_file(workdir)
+    fd, on_folder = _acquire(workdir)
+    lock_file = None
     try:
+        path = os.path.join(workdir, LOCK_NAME)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise WorkdirInUse(
-                f"--workdir {workdir} is in use by another run ({_holder(fd)}; lock file "
-                f"{os.path.join(workdir, LOCK_NAME)}); wait for it to end or use another "
-                "--workdir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if on_folder else fd
+            st = os.fstat(holder)
+            lock_file = (st.st_dev, st.st_ino)  # removed with the workdir if nothing else
+            try:
+                _write_holder(holder)
+            finally:
+                if holder != fd:
+                    os.close(holder)
+        except OSError as e:
+            raise _error(e, f"--workdir {workdir}: cannot write {path} ({fileio.reason(e)})",
+                         path) from e
         _held[key] = 1
         try:
             yield
         finally:
             del _held[key]
     finally:
-        os.close(fd)  # releases the flock; the file stays (another run may have it open)
+        try:
+            _remove_if_unused(workdir, key, lock_file)
+        finally:
+            os.close(fd)  # releases the flock
 
 
 def run_lock(workdir: str):

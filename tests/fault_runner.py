@@ -4,18 +4,22 @@
 checkpoint of step S (the arrays written, its JSON items not yet);
 ``MEDSEG_KILL_IN_SAVE=rename:S`` SIGKILLs it once that checkpoint is complete
 but before Orbax renames it into place. ``MEDSEG_SIGNAL_AT_STEP=15:S`` sends the
-process a real SIGTERM (15) when the loop takes the batch of step S. The package
-itself has no such hooks.
+process a real SIGTERM (15) when the loop takes the batch of step S.
+``MEDSEG_DISK_FULL=file:NAME`` makes syncing the atomic write of any file called NAME
+fail with ENOSPC; ``MEDSEG_DISK_FULL=checkpoint:S`` makes writing the checkpoint of
+step S fail with ENOSPC (an OSError), ``MEDSEG_DISK_FULL=tensorstore:S`` with the
+ValueError TensorStore raises on a full disk. The package itself has no such hooks.
 """
 
 import collections
+import errno
 import os
 import signal
 
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from orbax.checkpoint._src.path import atomicity
 
-from medseg_jax import main, sharding
+from medseg_jax import fileio, main, sharding
 from medseg_jax.data import loader
 
 SUFFIX = ".orbax-checkpoint-tmp"
@@ -79,7 +83,36 @@ def _signal_at_step(signum: str, step: str) -> None:
     sharding.prefetch_to_device = prefetch_to_device
 
 
+def _disk_full(kind: str, where: str) -> None:
+    no_space = os.strerror(errno.ENOSPC)
+    if kind == "file":
+        original_fsync = fileio._fsync
+
+        def fsync(path, folder=False):
+            if not folder and os.path.basename(path).endswith(f"_{where}"):  # its temp file
+                raise OSError(errno.ENOSPC, no_space)
+            return original_fsync(path, folder)
+
+        fileio._fsync = fsync
+        return
+    step_dir = f"/{where}{SUFFIX}/"
+    original_save = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def save_fn(self, item, directory):
+        if step_dir in str(directory):
+            if kind == "checkpoint":
+                raise OSError(errno.ENOSPC, no_space, str(directory / "metadata"))
+            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{directory}/'
+                             f'metadata": Failed to write 512 bytes to file 5: {no_space} '
+                             "[os_error_code='28']")
+        return await original_save(self, item, directory)
+
+    json_checkpoint_handler.JsonCheckpointHandler._save_fn = save_fn
+
+
 if __name__ == "__main__":
+    if os.environ.get("MEDSEG_DISK_FULL"):
+        _disk_full(*os.environ["MEDSEG_DISK_FULL"].split(":", 1))
     if os.environ.get("MEDSEG_KILL_IN_SAVE"):
         _install(*os.environ["MEDSEG_KILL_IN_SAVE"].split(":"))
     if os.environ.get("MEDSEG_SIGNAL_AT_STEP"):

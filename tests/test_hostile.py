@@ -474,6 +474,106 @@ def test_fifo_as_splits_file_and_as_config_json(copy, tmp_path):
 # --------------------------------------------------------------------------- #
 
 
+def _faulty_cli(fault: str, *args, overrides: dict | None = None):
+    """``cli`` through tests/fault_runner.py with ``MEDSEG_DISK_FULL=fault``."""
+    fields = {**TINY_ARGS, "train.compilation_cache_dir": os.environ["JAX_COMPILATION_CACHE_DIR"],
+              **(overrides or {})}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(MEDSEG_DISK_FULL=fault, PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "tests" / "fault_runner.py"),
+               f"--config={ROOT / 'configs/unet.py'}", *map(str, args),
+               *(f"--config.{k}={v}" for k, v in fields.items())]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _last_line(result) -> str:
+    """The error line, checked to be the last thing the run printed."""
+    line = error_line(result)
+    assert result.stderr.strip().splitlines()[-1] == line, result.stderr[-3000:]
+    assert "never retrieved" not in result.stderr, result.stderr[-3000:]
+    return line
+
+
+def test_lock_file_deleted_a_second_run_is_still_refused(copy):
+    from medseg_jax import workdir
+
+    data, run = copy
+    with workdir.lock(str(run)):  # the first run, alive
+        os.unlink(run / ".lock")
+        before = snapshot(data, run)
+        result = cli(f"--workdir={run}", overrides={"data.root": data, "train.num_epochs": 2})
+        line = error_line(result)
+        assert line.startswith(f"medseg_jax: error: --workdir {run} is in use by another run")
+        if os.path.exists("/proc/locks"):  # the holder named although its .lock is gone
+            assert f"(pid {os.getpid()} on this host: its .lock was removed;" in line
+        assert "wait for it to end or use another --workdir" in line
+        assert snapshot(data, run) == before and not (run / ".lock").exists()
+
+
+def test_disk_full_at_config_json_names_it_and_keeps_the_old_one(copy):
+    data, run = copy
+    before = snapshot(data, run)
+    result = _faulty_cli("file:config.json", f"--workdir={run}",
+                         overrides={"data.root": data, "train.num_epochs": 2})
+    line = _last_line(result)
+    assert line.startswith(f"medseg_jax: error: {run}/config.json: no space left on device; ")
+    assert (f"the complete checkpoints are intact (steps [2] in {run}/checkpoints); free "
+            "space and run the same command to resume from the latest") in line
+    after = snapshot(data, run)  # (a new cache entry for the copied data aside)
+    assert {k: after.get(k) for k in before} == before
+
+
+def test_disk_full_at_the_start_of_a_new_run_names_the_file_and_leaves_nothing(trained,
+                                                                                tmp_path):
+    data, _ = trained
+    before = snapshot(data)
+    run = tmp_path / "new_run"
+    line = _last_line(_faulty_cli("file:splits.json", f"--workdir={run}",
+                                  overrides={"data.root": data}))
+    assert line == (f"medseg_jax: error: {run}/splits.json: no space left on device; files "
+                    "written before are intact; free space and run the same command")
+    assert not run.exists() and snapshot(data) == before
+
+
+@pytest.mark.parametrize("fault", ["checkpoint", "tensorstore"])
+def test_disk_full_at_a_checkpoint_save_says_what_is_intact(copy, fault):
+    """A full disk while saving step 4 (an OSError, or TensorStore's ValueError): one last
+    line naming the checkpoint, the steps on disk and how to resume; earlier outputs
+    unchanged; the same command resumes once there is space."""
+    data, run = copy
+    before = snapshot(data, run / "checkpoints" / "2")
+    args = (f"--workdir={run}",)
+    overrides = {"data.root": data, "train.num_epochs": 2}
+    line = _last_line(_faulty_cli(f"{fault}:4", *args, overrides=overrides))
+    assert line == (f"medseg_jax: error: {run}/checkpoints/4: no space left on device "
+                    "(checkpoint save failed); files written before are intact; the "
+                    f"complete checkpoints are intact (steps [2] in "
+                    f"{run}/checkpoints); free space and run the same command to resume "
+                    "from the latest")
+    assert snapshot(data, run / "checkpoints" / "2") == before
+    if fault == "checkpoint":
+        result = cli(*args, overrides=overrides)  # space freed
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+
+
+def test_a_failed_start_leaves_no_workdir_behind(trained, tmp_path):
+    data, _ = trained
+    before = snapshot(data)
+    kept = tmp_path / "kept"
+    kept.mkdir()  # made by the user: stays
+    for overrides, status, field in (
+            ({"data.root": tmp_path / "no_data"}, 1, "config.data.root"),
+            ({"data.root": data, "model.name": "unet3"}, 1, "config.model.name")):
+        for folder in (tmp_path / "new", kept):
+            line = error_line(cli(f"--workdir={folder}", overrides=overrides), status)
+            assert line.startswith(f"medseg_jax: error: {field}: ")
+        assert not (tmp_path / "new").exists()
+        assert kept.is_dir()
+    assert snapshot(data) == before
+
+
 # --------------------------------------------------------------------------- #
 # The command line: flags, overrides, usage errors
 # --------------------------------------------------------------------------- #
