@@ -1,4 +1,4 @@
-"""Saved state that survives damage (issue 16).
+"""Saved state that survives damage.
 
 A trained workdir is copied and one file of it is cut short, has bytes flipped or is
 deleted; then the real command line (``python -m medseg_jax.main``) runs eval, predict
