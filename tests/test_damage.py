@@ -670,7 +670,7 @@ def _read_predictions(folder) -> dict:
     import nibabel as nib
 
     return {p.name: (np.asarray(nib.load(p).dataobj), nib.load(p).affine)
-            for p in sorted(Path(folder).iterdir())}
+            for p in sorted(Path(folder).glob("*.nii.gz"))}
 
 
 @pytest.mark.parametrize("kind, damage", CLI_CASES, ids=[_slug(*c) for c in CLI_CASES])
