@@ -173,3 +173,31 @@ def test_the_cache_records_each_cases_geometry(tmp_path, in_plane):
         assert len(entry["box"]) == case.image.ndim - 1
         assert ("separate_z" in entry) == (in_plane == "spacing")
     assert dataclasses.is_dataclass(case)
+
+
+def test_figure_maps_of_a_cropped_case_sit_in_its_box():
+    """A 2D model's own maps (attention gates) of a cropped case are put back where the
+    box lies on the slice, zero outside it."""
+    from types import SimpleNamespace
+
+    import jax
+
+    from medseg_jax import evaluate
+    from medseg_jax.models import create_model, init_model
+
+    model = create_model("attention_unet", num_classes=2, spatial_dims=2, base_features=4,
+                         depth=3)
+    variables = init_model(model, jax.random.key(0), (1, 16, 16, 1))
+    state = SimpleNamespace(params=variables["params"],
+                            batch_stats=variables.get("batch_stats", {}))
+    image = np.zeros((1, 20, 24, 6), np.float32)
+    image[0, 4:14, 6:18, 1:5] = np.random.default_rng(0).normal(5.0, 1.0, (10, 12, 4))
+    case = _case(image, np.zeros((20, 24, 6), np.uint8), (1.0, 1.0, 1.0))
+    run = SimpleNamespace(config=tiny_config(**{"data.crop_nonzero": True}), model=model,
+                          state=state, plans={"intensity": {"T": [{"scheme": "zscore"}]},
+                                              "target_spacing": None})
+    (values,) = evaluate._figure_maps(run, case, 3, (20, 24)).values()
+    assert values.shape == (20, 24)
+    inside = np.zeros((20, 24), bool)
+    inside[4:14, 6:18] = True
+    assert (values[~inside] == 0).all() and (values[inside] > 0).all()
