@@ -62,6 +62,14 @@ def default_config() -> ml_collections.ConfigDict:
     # take the two in-plane entries (a third, slice-axis entry is ignored: slices
     # keep their own thickness).
     data.target_spacing = ()
+    # How cases are resampled (3D models, in_plane="spacing") or resized (2D slices):
+    # "simple": images linear, labels nearest-neighbour, every axis alike; "nnunet":
+    # images cubic, labels per class linear then argmax, the coarse axis of anisotropic
+    # cases (spacing ratio > 3) separately with order 0 (data/resampling.py).
+    data.resampling = "simple"
+    # Cut each case to the bounding box of its non-zero voxels (any channel) before
+    # resampling, as nnU-Net does; predictions are background outside the box.
+    data.crop_nonzero = False
     # The most memory one case may take while it is preprocessed or evaluated, in GiB,
     # estimated from its header before it is read (a header whose voxel size is off
     # would resample it to a huge grid). 0: half of this machine's physical memory.
@@ -244,7 +252,8 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     architecture (the comparison stays fair): a plan from the data (patch, spacing,
     per-axis pooling, depth, batch: ``data.plan``), deep supervision, polynomial
     learning-rate decay over epochs of a fixed 250 iterations, per-class foreground
-    oversampling, nnU-Net's augmentation set, no early stopping (the best checkpoint by
+    oversampling, nnU-Net's resampling and crop to the non-zero region, nnU-Net's
+    augmentation set, no early stopping (the best checkpoint by
     validation Dice is kept), flip test-time augmentation. Adam stays the optimizer (the
     study's); ``train.optimizer="sgd"`` gives nnU-Net's SGD with Nesterov momentum
     (``learning_rate=1e-2``, ``weight_decay=3e-5``). Changes ``config`` in place."""
@@ -257,6 +266,8 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.max_features = 0
     config.model.deep_supervision = True
     config.data.oversample = "class"
+    config.data.resampling = "nnunet"
+    config.data.crop_nonzero = True
     config.train.lr_schedule = "poly"
     config.train.steps_per_epoch = 250
     config.train.patience = 0
@@ -270,6 +281,7 @@ _CHOICES = {
     "model.spatial_dims": (2, 3),
     "model.norm": ("batch", "instance", "none"),
     "data.in_plane": ("resize", "spacing"),
+    "data.resampling": ("simple", "nnunet"),
     "data.plan": ("", "auto"),
     "data.oversample": ("foreground", "class"),
     "data.plan_budget": ("auto", "cpu", "gpu"),

@@ -40,7 +40,7 @@ from medseg_jax import config as config_lib
 from medseg_jax import fileio, inference, metrics, models, postprocess, report
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
-from medseg_jax.data import nifti, preprocess
+from medseg_jax.data import nifti, preprocess, resampling
 from medseg_jax.models import layers
 from medseg_jax.state import Run
 
@@ -271,6 +271,11 @@ def _figure_maps(run: Run, case: nifti.Case, index: int | None,
     config = run.config
     if not type(run.model).FIGURE_MAPS:
         return {}
+    box = preprocess.case_geometry(case, run.plans, config)["box"]  # data.crop_nonzero
+    if len(box) == 3:  # a volume's slice: its index in the crop, the box in plane
+        lo, hi = box[config.data.slice_axis]
+        index = None if index is None else min(max(index - lo, 0), hi - lo - 1)
+        box = [b for a, b in enumerate(box) if a != config.data.slice_axis]
     shape = None
     if preprocess.uses_patches(config):
         volume, _ = preprocess.case_volume(dataclasses.replace(case, label=None), run.plans,
@@ -293,7 +298,8 @@ def _figure_maps(run: Run, case: nifti.Case, index: int | None,
         if shape is not None:  # back to the padded slice, then cut the padding off
             values = preprocess.resize(values, x.shape[1:-1], order=1)
             values = values[tuple(slice(0, n) for n in shape)]
-        out[title] = preprocess.resize(values, in_plane, order=1)[..., 0]
+        values = preprocess.resize(values, tuple(hi - lo for lo, hi in box), order=1)
+        out[title] = resampling.uncrop(values, box, in_plane, 0.0)[..., 0]
     return out
 
 

@@ -6,7 +6,8 @@ run a sliding window of ``data.image_size`` patches (one slice thick for 2D
 models; ``eval.sw_window="whole"``: one window over the whole case or slice), with
 overlap and Gaussian weighting, over the case resampled to the
 run's target spacing. Either way the class probabilities are resampled back to
-the case grid before the argmax.
+the case grid (as the case was resampled, ``data.resampling``; background outside a
+``data.crop_nonzero`` box) before the argmax.
 The network runs through a jitted ``predict_fn`` (``state.make_predict_fn``: with
 ``eval.tta`` the softmax is averaged over every flip of the spatial axes).
 """
@@ -95,17 +96,16 @@ def window(config, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int
 def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
                   mesh) -> tuple[np.ndarray, int]:
     """(class probabilities (*spatial, K) on the case grid, number of network inputs)."""
-    spatial = case.image.shape[1:]
     if preprocess.uses_patches(config):
         volume, _ = preprocess.case_volume(dataclasses.replace(case, label=None), plans, config)
         size, patch = window(config, volume.shape[:-1])
         probs, n = sliding_window(predict_fn, state, volume, patch, config.eval.sw_overlap,
                                   config.eval.batch_size, mesh, input_size=size,
                                   fit_batch=config.eval.get("sw_window", "patch") == "whole")
-        return preprocess.resize(probs, spatial, order=1), n
+        return preprocess.to_case_grid(probs, case, plans, config), n
     images, _ = preprocess.case_samples(case, plans, config)
     probs = predict_batches(predict_fn, state, images, config.eval.batch_size, mesh)
-    return preprocess.from_samples(probs, spatial, config.data.slice_axis), len(images)
+    return preprocess.to_case_grid(probs, case, plans, config), len(images)
 
 
 def ensemble_probs(case: nifti.Case, runs) -> tuple[np.ndarray, int]:

@@ -273,7 +273,8 @@ RECORD_KEYS = ("versions", "paths", "changes", "diverged")
 # What evaluation compares: what the network is and what it is fed.
 EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.context_slices",
                "data.rescale_01",
-               "data.target_spacing", "data.in_plane")
+               "data.target_spacing", "data.in_plane", "data.resampling",
+               "data.crop_nonzero")
 
 
 # Fields that name files or folders (data.root: comma-separated): compared as the files

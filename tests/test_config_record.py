@@ -231,6 +231,11 @@ def test_evaluation_compares_what_it_needs(make_tiny_config, tmp_path):
     with pytest.raises(ValueError, match="model.depth: 3 -> 4"):
         workdir_lib.check_config(make_tiny_config(**{"model.depth": 4}), str(tmp_path),
                                  workdir_lib.EVAL_FIELDS)
+    # How cases are resampled and cropped is what the network is fed.
+    for field, old, new in (("resampling", "'simple'", "nnunet"), ("crop_nonzero", False, True)):
+        with pytest.raises(ValueError, match=f"data.{field}: {old} -> '?{new}"):
+            workdir_lib.check_config(make_tiny_config(**{f"data.{field}": new}),
+                                     str(tmp_path), workdir_lib.EVAL_FIELDS)
 
 
 def test_config_json_is_written_only_after_the_checkpoint_is_restored(make_tiny_config,

@@ -139,6 +139,22 @@ def test_anisotropic_target_spacing_and_pooling():
     assert plan["features_per_level"] == [32, 64, 128, 256, 320, 320][:plan["depth"]]
 
 
+def test_the_plan_records_how_cases_are_resampled():
+    """Anisotropic data: the coarse axis is resampled separately (order 0), and the plan
+    says so with its reason; isotropic data: all axes together."""
+    resampling = PLANS["prostate_3d"]["resampling"]
+    ratio = np.median([s[2] for s in prostate_like()["spacings"]]) / 0.8
+    assert resampling["separate_z"] is True and resampling["lowres_axis"] == 2
+    assert resampling["reason"] == f"case spacing ratio {ratio:.2f} > 3"
+    assert (resampling["image_order"], resampling["label_order"],
+            resampling["axis_order"]) == (3, 1, 0)
+    why = PLANS["prostate_3d"]["reasons"]["resampling"]["why"]
+    assert "axis 2 separately with order 0" in why and resampling["reason"] in why
+    iso = PLANS["hippocampus_3d"]["resampling"]
+    assert iso["separate_z"] is False and iso["lowres_axis"] is None
+    assert "<= 3" in iso["reason"]
+
+
 def test_thick_slices_wait_for_in_plane_to_catch_up():
     # 0.5 mm in plane, 5 mm slices: in-plane must reach 2.5 mm (>5/2) before z is pooled.
     topo = P.unet_topology((0.5, 0.5, 5.0), (512, 512, 40), max_pools=7)

@@ -486,3 +486,35 @@ def test_run_config_is_the_runs_own_config_from_any_directory(trained, tmp_path,
         assert "\n" not in str(error.value) and str(tmp_path / folder) in str(error.value)
     with pytest.raises(ValueError, match="needs the run's workdir"):
         get_config()
+
+
+def test_a_cropped_case_is_predicted_in_its_full_geometry(tmp_path):
+    """data.crop_nonzero: the network sees the non-zero box; the written map has the
+    input's shape and affine, background outside the box, and inside it the prediction
+    of the same image without the zero border."""
+    config = tiny_config(**{"eval.figures": False, "data.crop_nonzero": True,
+                            "data.resampling": "nnunet"})
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    src = nib.load(sorted(_inputs(workdir).glob("*.nii.gz"))[0])
+    data = np.asarray(src.dataobj)
+    data = np.where(data == 0, 1, data).astype(data.dtype)  # non-zero: its box is the grid
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(data, src.affine, src.header), folder / "plain.nii.gz")
+    border = ((3, 2), (1, 4), (1, 1))
+    shift = src.affine.copy()
+    shift[:3, 3] -= src.affine[:3, :3] @ np.array([b[0] for b in border], float)
+    nib.save(nib.Nifti1Image(np.pad(data, border), shift, src.header),
+             folder / "padded.nii.gz")
+    out = tmp_path / "pred"
+    summary = predict.predict(config, str(workdir), str(folder), str(out), task="SynthMRI")
+    assert not summary["skipped"]
+    plain, padded = nib.load(out / "plain.nii.gz"), nib.load(out / "padded.nii.gz")
+    assert padded.shape == tuple(n + a + b for n, (a, b) in zip(data.shape, border))
+    np.testing.assert_array_equal(padded.affine, nib.load(folder / "padded.nii.gz").affine)
+    labels = np.asarray(padded.dataobj)
+    inner = tuple(slice(a, a + n) for n, (a, _) in zip(data.shape, border))
+    np.testing.assert_array_equal(labels[inner], np.asarray(plain.dataobj))
+    labels[inner] = 0
+    assert not labels.any()  # background outside the box

@@ -3,7 +3,8 @@
 ``prepare(config, workdir)`` fits the intensity normalisation and the target spacing
 on the training cases only, checks from the headers that no training or validation
 case needs more memory than ``config.data.max_case_gib``, preprocesses the training and validation cases (resized
-slices, or cases resampled to the target spacing for patch-based runs) and stores them
+slices, or cases resampled to the target spacing for patch-based runs; each case's crop
+box and resampling decision in ``geometry.json``) and stores them
 as ``.npy`` files in a folder keyed by a fingerprint of the files and the settings, so
 an epoch reads memory-mapped arrays and never decodes NIfTI. The folder is built under
 a temporary name and renamed when complete; its ``manifest.json`` (written last)
@@ -58,6 +59,10 @@ def _fingerprint(config, dataset: Dataset) -> str:
     }
     if int(config.data.get("context_slices", 0)):  # (not there before: old caches stay valid)
         settings["context_slices"] = int(config.data.context_slices)
+    if preprocess.resampling_method(config) != "simple":  # (likewise)
+        settings["resampling"] = preprocess.resampling_method(config)
+    if config.data.get("crop_nonzero", False):
+        settings["crop_nonzero"] = True
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -176,13 +181,15 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
         plans = {"intensity": intensity_plans(dataset, loaded), "target_spacing": spacing}
         os.makedirs(cache_root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp_")
+        geometry: dict = {}  # per case: crop box, target spacing, separate axis
         try:
             if volumetric:
-                _write_volumes(tmp, "train", dataset, plans, config, loaded)
+                _write_volumes(tmp, "train", dataset, plans, config, loaded, geometry)
             for split in ("val",) if volumetric else ("train", "val"):
                 images, labels, case_idx, annotated = [], [], [], []
                 for i, key in enumerate(dataset.splits[split]):
                     case = loaded.pop(key, None) or dataset.load(key)
+                    geometry[key] = preprocess.case_geometry(case, plans, config)
                     if volumetric:
                         volume = preprocess.case_volume(case, plans, config)
                         imgs, labs = preprocess.network_tiles(*volume, config)
@@ -202,6 +209,7 @@ def prepare(config, workdir: str, dataset: Dataset | None = None):
                 if dataset.partial:
                     np.save(base + "_annotated.npy", np.concatenate(annotated))
             fileio.write_json_atomic(os.path.join(tmp, "plan.json"), plans)
+            fileio.write_json_atomic(os.path.join(tmp, "geometry.json"), geometry)
             fileio.write_manifest(tmp)  # last: what the entry holds, checked on every use
             # Atomic: the cache folder is complete or absent. A sound one that another
             # process finished first is kept; a damaged one is replaced.
@@ -240,10 +248,11 @@ def class_coordinates(label: np.ndarray) -> np.ndarray:
 
 
 def _write_volumes(directory: str, split: str, dataset: Dataset, plans, config,
-                   loaded: dict) -> None:
+                   loaded: dict, geometry: dict) -> None:
     shapes, mins, annotated = [], [], []
     for i, key in enumerate(dataset.splits[split]):
         case = loaded.pop(key, None) or dataset.load(key)
+        geometry[key] = preprocess.case_geometry(case, plans, config)
         image, label = preprocess.case_volume(case, plans, config)
         mins.append(float(image.min()))
         fg = np.argwhere(label > 0).astype(np.int32)

@@ -11,6 +11,12 @@ Two ways from a case to network samples (``data.in_plane``):
 Predicted class probabilities are resampled back to the case's own grid before
 the argmax, so metrics are computed on whole volumes in the case geometry.
 
+How (``data.resampling``): "simple" resizes images linearly and labels with
+nearest-neighbour, the same on every axis; "nnunet" follows nnU-Net (``resampling.py``:
+cubic images, one-hot linear labels, the coarse axis of anisotropic cases separately
+with order 0). ``data.crop_nonzero`` first cuts each case to the bounding box of its
+non-zero voxels; predictions are put back into the full grid as background.
+
 Normalisation follows nnU-Net's conventions, chosen by the channel's modality:
 - CT: clip to the 0.5-99.5 percentiles of the foreground intensities of the
   training set, then z-score with the mean / std of those clipped intensities
@@ -26,11 +32,14 @@ the machine's memory) before any of it is read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+from medseg_jax.data import resampling
 
 if TYPE_CHECKING:
     from medseg_jax.data.decathlon import CaseRef, DatasetInfo
@@ -168,8 +177,30 @@ def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
     return out
 
 
+def _resize_image(array: np.ndarray, shape: tuple[int, ...], method: str,
+                  axis: int | None = None) -> np.ndarray:
+    """Channels-last ``array`` onto ``shape``: linear ("simple") or as nnU-Net."""
+    if method == "nnunet":
+        return resampling.resize_channels(array, shape, resampling.IMAGE_ORDER, axis)
+    return resize(array, shape, order=1)
+
+
+def _resize_label(label: np.ndarray, shape: tuple[int, ...], method: str,
+                  axis: int | None = None) -> np.ndarray:
+    if method == "nnunet":
+        return resampling.resize_label(label, shape, axis)
+    return resize(label, shape, order=0)
+
+
+def _resize_probs(probs: np.ndarray, shape: tuple[int, ...], method: str,
+                  axis: int | None = None) -> np.ndarray:
+    if method == "nnunet":
+        return resampling.resize_channels(probs, shape, resampling.PROBS_ORDER, axis)
+    return resize(probs, shape, order=1)
+
+
 def to_samples(image: np.ndarray, label: np.ndarray | None, image_size: tuple[int, ...],
-               slice_axis: int) -> tuple[np.ndarray, np.ndarray | None]:
+               slice_axis: int, method: str = "simple") -> tuple[np.ndarray, np.ndarray | None]:
     """Case arrays -> network samples.
 
     image (C, *spatial), label (*spatial) -> images (N, *image_size, C) float32,
@@ -180,23 +211,25 @@ def to_samples(image: np.ndarray, label: np.ndarray | None, image_size: tuple[in
     spatial = image.shape[1:]
     chan_last = np.moveaxis(image, 0, -1)
     if len(image_size) == len(spatial):
-        imgs = resize(chan_last, image_size, order=1)[None]
-        labs = None if label is None else resize(label, image_size, order=0)[None]
+        imgs = _resize_image(chan_last, image_size, method)[None]
+        labs = None if label is None else _resize_label(label, image_size, method)[None]
         return imgs.astype(np.float32), None if labs is None else labs.astype(np.uint8)
     if len(image_size) != 2 or len(spatial) != 3:
         raise ValueError(
             f"cannot make {len(image_size)}D samples of size {tuple(image_size)} from a "
             f"{len(spatial)}D image of shape {spatial}")
     slices = np.moveaxis(chan_last, slice_axis, 0)
-    imgs = np.stack([resize(s, image_size, order=1) for s in slices]).astype(np.float32)
+    imgs = np.stack([_resize_image(s, image_size, method) for s in slices]).astype(np.float32)
     labs = None
     if label is not None:
         lab_slices = np.moveaxis(label, slice_axis, 0)
-        labs = np.stack([resize(s, image_size, order=0) for s in lab_slices]).astype(np.uint8)
+        labs = np.stack([_resize_label(s, image_size, method)
+                         for s in lab_slices]).astype(np.uint8)
     return imgs, labs
 
 
-def from_samples(probs: np.ndarray, spatial_shape: tuple[int, ...], slice_axis: int) -> np.ndarray:
+def from_samples(probs: np.ndarray, spatial_shape: tuple[int, ...], slice_axis: int,
+                 method: str = "simple") -> np.ndarray:
     """Predicted probabilities (N, *image_size, K) -> probabilities (*spatial_shape, K).
 
     Each sample's probabilities are resized (linearly) back to the case grid;
@@ -204,9 +237,9 @@ def from_samples(probs: np.ndarray, spatial_shape: tuple[int, ...], slice_axis: 
     """
     n_img = probs.ndim - 2
     if n_img == len(spatial_shape):
-        return resize(probs[0], spatial_shape, order=1)
+        return _resize_probs(probs[0], spatial_shape, method)
     in_plane = tuple(s for a, s in enumerate(spatial_shape) if a != slice_axis)
-    return np.stack([resize(p, in_plane, order=1) for p in probs], axis=slice_axis)
+    return np.stack([_resize_probs(p, in_plane, method) for p in probs], axis=slice_axis)
 
 
 def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...],
@@ -216,14 +249,20 @@ def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...],
 
 
 def resample(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float, ...],
-             target_spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-    """(C, *spatial) image (linear) and label (nearest) onto a grid of ``target_spacing``.
+             target_spacing: tuple[float, ...], method: str = "simple"
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(C, *spatial) image and label onto a grid of ``target_spacing``: "simple" linear
+    and nearest-neighbour; "nnunet" as ``resampling.py`` (separate coarse axis where
+    ``resampling.separate_axis`` says).
 
     Returns the image channels-last, (*new_spatial, C), as the network takes it.
     """
     shape = resampled_shape(image.shape[1:], spacing, target_spacing)
-    out = resize(np.moveaxis(image, 0, -1), shape, order=1).astype(np.float32)
-    lab = None if label is None else resize(label, shape, order=0).astype(np.uint8)
+    axis = (resampling.separate_axis(spacing, target_spacing)["lowres_axis"]
+            if method == "nnunet" else None)
+    out = _resize_image(np.moveaxis(image, 0, -1), shape, method, axis).astype(np.float32)
+    lab = (None if label is None else
+           _resize_label(label, shape, method, axis).astype(np.uint8))
     return out, lab
 
 
@@ -355,21 +394,72 @@ def sw_window(config) -> str:
     return "patch"
 
 
+def resampling_method(config) -> str:
+    """``data.resampling`` ("simple" where a run's config predates the field)."""
+    return str(config.data.get("resampling", "simple"))
+
+
+def case_geometry(case: Case, plans, config) -> dict:
+    """How a case becomes the network's grid: {"box": the non-zero crop ((start, stop)
+    per axis; the whole case without ``data.crop_nonzero``), and for patch-based runs
+    "target" (mm) with nnU-Net's "separate_z", "lowres_axis" and "reason"}."""
+    box = (resampling.nonzero_box(case.image) if config.data.get("crop_nonzero", False)
+           else tuple((0, n) for n in case.image.shape[1:]))
+    out: dict = {"box": [list(b) for b in box]}
+    if uses_patches(config):
+        target = case_target_spacing(case.spacing, plans["target_spacing"],
+                                     config.data.slice_axis)
+        out["target"] = list(target)
+        if resampling_method(config) == "nnunet":
+            out.update(resampling.separate_axis(case.spacing, target))
+    return out
+
+
+def _cropped(case: Case, box) -> Case:
+    if all(lo == 0 and hi == n for (lo, hi), n in zip(box, case.image.shape[1:])):
+        return case
+    return dataclasses.replace(
+        case, image=resampling.crop(case.image, box, lead=1),
+        label=None if case.label is None else resampling.crop(case.label, box))
+
+
 def case_samples(case: Case, plans, config):
-    """2D models with ``data.in_plane='resize'``: the case's slices (or 2D image)
-    resized to network size."""
+    """2D models with ``data.in_plane='resize'``: the case's slices (or 2D image),
+    cropped (``data.crop_nonzero``) and resized to network size."""
+    case = _cropped(case, case_geometry(case, plans, config)["box"])
     image = normalized(case, plans, config)
     return to_samples(image, case.label, tuple(config.data.image_size),
-                                 config.data.slice_axis)
+                      config.data.slice_axis, resampling_method(config))
 
 
 def case_volume(case: Case, plans, config):
-    """Patch-based runs: the normalised case resampled to the target spacing (in plane
-    only for 2D models), channels-last: (image (*spatial, C), label (*spatial))."""
+    """Patch-based runs: the normalised case, cropped (``data.crop_nonzero``) and
+    resampled to the target spacing (in plane only for 2D models), channels-last:
+    (image (*spatial, C), label (*spatial))."""
+    case = _cropped(case, case_geometry(case, plans, config)["box"])
     image = normalized(case, plans, config)
     target = case_target_spacing(case.spacing, plans["target_spacing"],
-                                            config.data.slice_axis)
-    return resample(image, case.label, case.spacing, target)
+                                 config.data.slice_axis)
+    return resample(image, case.label, case.spacing, target, resampling_method(config))
+
+
+def to_case_grid(probs: np.ndarray, case: Case, plans, config) -> np.ndarray:
+    """Class probabilities on the network's grid -> (*case spatial, K): resized back
+    as the case was resampled (``case_volume``, per class; (N, *image_size, K) samples
+    of ``case_samples``), then put back into the full grid, background outside the
+    crop box."""
+    geometry = case_geometry(case, plans, config)
+    box = geometry["box"]
+    shape = tuple(hi - lo for lo, hi in box)
+    method = resampling_method(config)
+    if uses_patches(config):
+        out = _resize_probs(probs, shape, method, geometry.get("lowres_axis"))
+    else:
+        out = from_samples(probs, shape, config.data.slice_axis, method)
+    if shape == tuple(case.image.shape[1:]):
+        return out
+    background = np.eye(out.shape[-1], dtype=out.dtype)[0]
+    return resampling.uncrop(out, box, case.image.shape[1:], background)
 
 
 def network_tiles(volume: np.ndarray, label: np.ndarray, config):
@@ -409,7 +499,8 @@ def case_bytes(ref: CaseRef, info: DatasetInfo, config, target_spacing,
     """(bytes, what they come from) that preprocessing one case takes at its peak,
     estimated from its image header alone: the float32 image as read and normalised
     (with its context-slice channels), twice its resampled (or resized) copy (the
-    resampled image and one smoothing / zoom intermediate), the label maps, and with
+    resampled image and one smoothing / zoom intermediate), the label maps (and with
+    ``data.resampling="nnunet"`` two float masks of the new grid), and with
     ``num_classes`` (evaluation, prediction) the class probabilities on both grids."""
     from medseg_jax.data import nifti  # noqa: PLC0415 (nibabel, only where cases are read)
 
@@ -430,6 +521,8 @@ def case_bytes(ref: CaseRef, info: DatasetInfo, config, target_spacing,
         network = slices * float(np.prod(size, dtype=np.float64))
     total = (4 * (channels + wide) * voxels + 4 * 2 * wide * network + voxels + network
              + 4 * num_classes * (voxels + network))
+    if resampling_method(config) == "nnunet":  # a class's mask and the best one so far
+        total += 4 * 2 * network
     return int(total), facts
 
 

@@ -60,6 +60,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medseg_jax.data import resampling
 from medseg_jax.data.preprocess import is_ct, resampled_shape
 
 DEFAULT_BUDGET: dict[str, Any] = {
@@ -72,7 +73,7 @@ DEFAULT_BUDGET: dict[str, Any] = {
 
 # Plan keys that are decisions; each has an entry in plan["reasons"].
 DECISIONS = ("target_spacing", "median_shape", "pool_sizes", "kernel_sizes", "patch_size",
-             "features_per_level", "batch_size", "normalization", "cost")
+             "features_per_level", "batch_size", "normalization", "cost", "resampling")
 
 BYTES_PER_ACTIVATION = 4  # float32
 TENSORS_PER_CONV = 3  # conv output, normalised, activated: kept for the backward pass
@@ -259,6 +260,29 @@ def _plan(fp: dict, axes: list[int], budget: dict | None, configuration: str, sl
     reasons["target_spacing"] = {"why": why, "inputs": {
         **aniso, "spacing_percentiles": fp["spacing_percentiles"], "planned_axes": axes}}
 
+    # nnU-Net's resampling of a median case (data.resampling="nnunet"): the coarse axis
+    # separately (order 0) where the spacing ratio of the case or the target is > 3.
+    # Each case is decided by the same rule when it is preprocessed.
+    median_spacing = aniso["median_spacing"]
+    case_target = [median_spacing[a] if a not in axes else spacing_full[a]
+                   for a in range(len(spacing_full))]  # a 2D plan keeps the slice axis
+    separate = resampling.separate_axis(median_spacing, case_target)
+    resampling_plan = {**separate, "image_order": resampling.IMAGE_ORDER,
+                       "label_order": resampling.LABEL_ORDER, "label": "one-hot, argmax",
+                       "axis_order": resampling.AXIS_ORDER,
+                       "threshold": resampling.ANISO_THRESHOLD}
+    reasons["resampling"] = {
+        "why": (f"A median case ({_fmt(median_spacing)} mm to {_fmt(case_target)} mm): "
+                + (f"axis {separate['lowres_axis']} separately with order "
+                   f"{resampling.AXIS_ORDER} after the other axes ({separate['reason']})."
+                   if separate["separate_z"] else
+                   f"every axis together ({separate['reason']}).")
+                + f" Images order {resampling.IMAGE_ORDER}, labels one-hot order "
+                f"{resampling.LABEL_ORDER} and argmax (data.resampling=\"nnunet\"; each "
+                "case decided by the same rule)."),
+        "inputs": {"median_spacing": median_spacing, "target_spacing": case_target,
+                   "threshold": resampling.ANISO_THRESHOLD}}
+
     new_shapes = np.array([resampled_shape(tuple(sh), tuple(sp), tuple(spacing_full))
                            for sh, sp in zip(fp["shapes"], fp["spacings"])], np.float64)
     median_full = [max(1, int(round(v))) for v in np.median(new_shapes, axis=0)]
@@ -382,6 +406,7 @@ def _plan(fp: dict, axes: list[int], budget: dict | None, configuration: str, sl
         "num_channels": num_channels,
         "num_classes": num_classes,
         "target_spacing": spacing,
+        "resampling": resampling_plan,
         "median_shape": median,
         "patch_size": patch,
         "batch_size": batch,
