@@ -5,16 +5,18 @@ it holds past the restored checkpoint's step (``truncate``), so a resumed run's 
 as if it had never stopped. Only process 0 writes; the others get a writer that writes
 nothing.
 
-TensorBoard files are written with tensorboardX's protocol buffers and record framing (no
-TensorFlow, no torch); the viewer itself is the ``tensorboard`` extra.
+TensorBoard files hold tensorboardX's protocol buffers (no TensorFlow, no torch) in
+TFRecord frames; the viewer itself is the ``tensorboard`` extra.
 """
 
 from __future__ import annotations
 
 import abc
+import itertools
 import json
 import os
 import socket
+import struct
 import time
 from collections.abc import Mapping, Sequence
 
@@ -123,28 +125,32 @@ class TensorBoardWriter(MetricWriter):
         self.workdir = workdir
         self.class_names = list(class_names)
         self.path = None
-        self._records = None
+        self._file = None
         self._start_step = None
 
     def _open(self) -> None:
         os.makedirs(self.workdir, exist_ok=True)
-        # Absolute: tensorboardX would read a "gs:" or "s3:" prefix as a bucket.
-        base = os.path.join(os.path.abspath(self.workdir), "events.out.tfevents."
+        base = os.path.join(self.workdir, "events.out.tfevents."
                             f"{int(time.time())}.{socket.gethostname()}.{os.getpid()}")
-        path, n = base, 0
-        while os.path.exists(path):  # another run of this process within the second
-            n += 1
-            path = f"{base}.{n}"
-        self.path = path
-        self._records = record_writer.RecordWriter(path)
+        for n in itertools.count():  # a new file, never an earlier run's (same second)
+            self.path = f"{base}.{n}" if n else base
+            try:
+                self._file = open(self.path, "xb")
+                break
+            except FileExistsError:
+                continue
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         if self._start_step is not None:
             self._write_start()
 
     def _write(self, event) -> None:
-        if self._records is None:
+        """One TFRecord frame: length, its masked CRC-32C, the event, the event's."""
+        if self._file is None:
             self._open()
-        self._records.write(event.SerializeToString())
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", record_writer.masked_crc32c(header))
+                         + data + struct.pack("<I", record_writer.masked_crc32c(data)))
 
     def _write_start(self) -> None:
         self._write(event_pb2.Event(
@@ -180,19 +186,18 @@ class TensorBoardWriter(MetricWriter):
 
     def truncate(self, after_step):
         self._start_step = int(after_step) + 1
-        if self._records is not None:
+        if self._file is not None:
             self._write_start()
             self.flush()
 
     def flush(self):
-        if self._records is not None:
-            self._records.flush()
+        if self._file is not None:
+            self._file.flush()  # to the OS: a killed process loses nothing (no fsync)
 
     def close(self):
-        if self._records is not None:
-            self._records.flush()
-            self._records.close()
-            self._records = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class MultiWriter(MetricWriter):

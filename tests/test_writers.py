@@ -78,7 +78,7 @@ def test_event_file_is_opened_once_and_flushed_at_each_record(tmp_path, opened):
     assert os.path.getsize(writer.path) > sizes[-1]
     writer.close()
     assert sizes == sorted(set(sizes))  # every record reached the file at once
-    assert [m for name, m in opened if "tfevents" in name] == ["wb"]
+    assert [m for name, m in opened if "tfevents" in name] == ["xb"]
     assert [s for s, _ in _scalars(_read(tmp_path), "train/loss")] == [1, 2, 3, 4, 5]
 
 
@@ -184,7 +184,7 @@ def test_a_run_writes_events_beside_metrics_jsonl(tmp_path, make_tiny_config, op
     train.train(config, workdir)
     names = [n for n in os.listdir(workdir) if n.startswith("events.out.tfevents.")]
     assert len(names) == 1
-    assert [m for name, m in opened if "tfevents" in name] == ["wb"]
+    assert [m for name, m in opened if "tfevents" in name] == ["xb"]
     assert [m for name, m in opened if name == "metrics.jsonl"] == ["a"]
     acc = _read(workdir)
     tags = acc.Tags()
