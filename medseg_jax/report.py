@@ -171,7 +171,9 @@ def read_metrics_log(workdir: str) -> tuple[list[dict], list[dict]]:
     lines = fileio.read_text_lines(path, "the run's log", "move it aside: the next training "
                                    "run starts a new log from its latest checkpoint")
     for row in filter(None, map(metrics_row, lines)):
-        (epochs if "val_loss" in row else steps).append(row)
+        # A row names its section; one written before rows did is an epoch's by its keys.
+        section = row.get("section", "epoch" if "val_loss" in row else "train")
+        (epochs if section == "epoch" else steps).append(row)
     return steps, epochs
 
 
@@ -197,6 +199,7 @@ def plot_curves(runs: dict[str, str], path: str) -> None:
 
 
 _REFERENCE, _PREDICTION = "lime", "red"
+_REFERENCE_RGB, _PREDICTION_RGB = (0, 255, 0), (255, 0, 0)  # the same colours
 
 
 def _outlines(ax, labels: np.ndarray, color: str, style: str = "solid") -> None:
@@ -245,6 +248,29 @@ def plot_cases(rows: list[dict], path: str, title: str = "") -> None:
     fig.suptitle((title + ": " if title else "")
                  + "reference outline green, prediction red (dashed)", fontsize=9)
     _save(fig, path)
+
+
+def overlay(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray,
+            scale: int = 1) -> np.ndarray:
+    """A 2D slice (x, y) drawn upright (y up) as an RGB array, with the reference outline
+    in green and the predicted one in red (every class), each pixel repeated ``scale``
+    times: the validation overlay a training run logs per epoch (no matplotlib)."""
+    from scipy import ndimage  # noqa: PLC0415
+
+    lo, hi = np.percentile(image, [1, 99])
+    gray = np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1)
+    rgb = np.repeat((255 * gray)[..., None], 3, axis=-1).astype(np.uint8)
+    for labels, colour in ((reference, _REFERENCE_RGB), (prediction, _PREDICTION_RGB)):
+        edge = np.zeros(labels.shape, bool)
+        for value in np.unique(labels):
+            if value:
+                mask = labels == value
+                edge |= mask ^ ndimage.binary_erosion(mask)
+        rgb[edge] = colour
+    rgb = rgb.transpose(1, 0, 2)[::-1]  # rows = y from the top, columns = x
+    if scale > 1:
+        rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+    return rgb
 
 
 def plot_boxplots(values: dict[str, dict[str, list[float]]], path: str) -> None:

@@ -46,8 +46,7 @@ from absl import logging
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
 from medseg_jax import (evaluate, fileio, inference, losses, metrics, planning,
-                        postprocess, runlog, sharding, transfer)
-from medseg_jax import events as events_lib
+                        postprocess, report, sharding, transfer, writers)
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import augment, cache, laterality, loader, preprocess
@@ -269,9 +268,9 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
                      progress["steps"] if progress else steps_per_epoch, steps_per_epoch)
     elif config.train.init_from:
         state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
-    log = runlog.MetricsLog(workdir, int(state.step),
-                     [n for v, n in sorted(dataset.labels.items()) if v != 0],
-                     resumed=latest is not None, tensorboard=config.train.tensorboard)
+    log = writers.create(workdir, int(state.step),
+                         [n for v, n in sorted(dataset.labels.items()) if v != 0],
+                         tensorboard=config.train.tensorboard)
 
     freeze_steps = (config.train.freeze_encoder_epochs * steps_per_epoch
                     if config.train.init_from else 0)
@@ -281,6 +280,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
         logging.info("Training already finished (epoch %d, stopped early: %s)",
                      meta["epoch"] + 1, meta["stopped"])
         checkpointer.close()
+        log.close()
         return (meta, state) if return_state else meta
 
     t_run, stop = time.time(), threading.Event()
@@ -295,6 +295,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
             raise
         finally:  # also on Ctrl-C or SIGTERM: let a pending checkpoint save finish
             checkpointer.close()
+            log.close()
     logging.info("Training finished in %s", _fmt_seconds(time.time() - t_run))
     return (meta, state) if return_state else meta
 
@@ -388,7 +389,7 @@ class _Loop:
 
     config: Any
     checkpointer: ckpt_lib.Checkpointer
-    log: runlog.MetricsLog
+    log: writers.MetricWriter
     train_fn: Any
     eval_fn: Any
     mesh: Any
@@ -412,7 +413,7 @@ class _Loop:
         if label.ndim == 3:
             k = int(np.argmax((label > 0).sum(axis=(0, 1))))
             image, label, pred = image[..., k], label[..., k], pred[..., k]
-        return events_lib.overlay(image, label, pred, scale=max(1, 256 // max(label.shape)))
+        return report.overlay(image, label, pred, scale=max(1, 256 // max(label.shape)))
 
     def run(self, state, meta: dict, start_epoch: int, progress: dict | None):
         """Trains epochs from ``start_epoch`` (``progress``: steps already done in it);
@@ -491,8 +492,9 @@ class _Loop:
             logging.info("epoch %d/%d step %d/%d loss %.4f | %.1f images/s | ~%s left "
                          "(training steps only)", epoch + 1, config.train.num_epochs,
                          step, total_steps, loss, ips, _fmt_seconds(left))
-            self.log.write(step=step, epoch=epoch + 1, loss=loss,
-                           grad_norm=float(fetched["grad_norm"]), images_per_second=ips)
+            self.log.write_scalars(step, dict(loss=loss, grad_norm=float(fetched["grad_norm"]),
+                                              images_per_second=ips),
+                                   section="train", epoch=epoch + 1)
             t_window, window_images = time.time(), 0
         return state
 
@@ -547,14 +549,14 @@ class _Loop:
         epoch_time = time.time() - t_epoch
         # The row goes first: a run killed before the checkpoint is complete resumes
         # from the previous one and drops this row (its step is past the checkpoint).
-        self.log.write(step=step, epoch=epoch + 1, train_loss=train_loss,
-                       val_loss=val["val_loss"], val_dice=val["val_dice"],
-                       val_dice_per_class=val["val_dice_per_class"],
-                       images_per_second=self.steps_per_epoch * config.train.batch_size
-                       / max(t_val - t_epoch, 1e-9),
-                       epoch_seconds=epoch_time)
+        self.log.write_scalars(step, dict(
+            train_loss=train_loss, val_loss=val["val_loss"], val_dice=val["val_dice"],
+            val_dice_per_class=val["val_dice_per_class"],
+            images_per_second=self.steps_per_epoch * config.train.batch_size
+            / max(t_val - t_epoch, 1e-9),
+            epoch_seconds=epoch_time), section="epoch", epoch=epoch + 1)
         if self.overlay_index is not None:
-            self.log.image(step, "epoch/val_overlay", self.overlay(state))
+            self.log.write_images(step, {"epoch/val_overlay": self.overlay(state)})
         self.checkpointer.save(step, state,
                                dict(meta, **{k: val[k] for k in ("val_loss", "val_dice")}),
                                {"val_dice": val["val_dice"], "val_loss": val["val_loss"]})

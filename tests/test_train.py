@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
-from medseg_jax import evaluate, losses, metrics, runlog, sharding, train
+from medseg_jax import evaluate, losses, metrics, sharding, train, writers
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import loader
@@ -248,11 +248,13 @@ def test_same_seed_gives_bit_identical_numbers_with_worker_processes(make_run_co
 def test_metrics_log_drops_rows_past_the_checkpoint_and_a_cut_line(tmp_path):
     rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')  # killed
-    log = runlog.MetricsLog(str(tmp_path), restored_step=2)
-    log.write(step=3, loss=0.5)
+    log = writers.create(str(tmp_path), restored_step=2, tensorboard=False)
+    log.write_scalars(3, {"loss": 0.5}, section="train", epoch=1)
+    log.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.5}]
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0},
+        {"step": 3, "epoch": 1, "section": "train", "loss": 0.5}]
 
 
 def test_step_loop_makes_no_implicit_transfer(make_tiny_config, tmp_path, monkeypatch):
