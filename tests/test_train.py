@@ -9,6 +9,7 @@ import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, losses, metrics, runlog, sharding, train
+from medseg_jax import loop as loop_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import loader
@@ -26,7 +27,7 @@ def _batch(config, n=8, seed=0):
 def _run_steps(config, mesh, steps=3):
     model = state_lib.build_model(config, 2)
     state = state_lib.init_state(config, model, (8, *config.data.image_size, 1), 10, mesh)
-    train_fn, _ = train.jit_steps(config, mesh, 2)
+    train_fn, _ = state_lib.jit_steps(config, mesh, 2)
     losses = []
     for i in range(steps):
         state, out = train_fn(state, sharding.to_global(_batch(config, seed=i), mesh))
@@ -86,14 +87,14 @@ def test_resume_equals_uninterrupted_run(make_run_config, tmp_path, monkeypatch)
         train.train(make_run_config(**{"train.num_epochs": 2, "train.patience": 0}),
                     split_dir)
     else:  # a schedule over the run's length: the same run, stopped after epoch 2
-        real = train._Loop.end_epoch
+        real = loop_lib.Loop.end_epoch
 
         def end_epoch(self, state, meta, epoch, *args):
             real(self, state, meta, epoch, *args)
             if epoch == 1:
                 raise _Interrupted
 
-        monkeypatch.setattr(train._Loop, "end_epoch", end_epoch)
+        monkeypatch.setattr(loop_lib.Loop, "end_epoch", end_epoch)
         with pytest.raises(_Interrupted):
             train.train(config3, split_dir)
         monkeypatch.undo()
@@ -316,8 +317,8 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
     assert len(val) % 8  # a padded last batch
     model = state_lib.build_model(config, dataset.num_classes)
     state = state_lib.init_state(config, model, (8, *config.data.image_size, 1), 4, mesh)
-    _, eval_fn = train.jit_steps(config, mesh, dataset.num_classes)
-    out = train.validate(eval_fn, state, val, config, mesh)
+    _, eval_fn = state_lib.jit_steps(config, mesh, dataset.num_classes)
+    out = loop_lib.validate(eval_fn, state, val, config, mesh)
     probs = np.concatenate([np.asarray(state_lib.predict_step(state, np.asarray(
         val.images[i:i + 8]))) for i in range(0, len(val), 8)])
     pred, gt = probs.argmax(-1), np.asarray(val.labels)
@@ -326,7 +327,7 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
         np.testing.assert_allclose(out["val_dice_per_class"][c - 1], expected, rtol=1e-6)
     # train.val_max_samples: the same over an evenly spaced subset (3 of 8 rows padded)
     config.train.val_max_samples = n_sub = len(val) // 8 * 8 - 3
-    sub = train.validate(eval_fn, state, val, config, mesh)
+    sub = loop_lib.validate(eval_fn, state, val, config, mesh)
     idx = loader.evenly_spaced(len(val), n_sub)
     assert len(idx) == n_sub and sub["val_dice"] != out["val_dice"]
     for c in range(1, dataset.num_classes):
@@ -335,7 +336,7 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
 
 
 def _scripted_validation(monkeypatch, val_loss, val_dice):
-    """``train.validate`` returns the given values, epoch after epoch (what the early
+    """``loop.validate`` returns the given values, epoch after epoch (what the early
     stopping and the checkpoints' bookkeeping see)."""
     rows = iter(zip(val_loss, val_dice))
 
@@ -343,7 +344,7 @@ def _scripted_validation(monkeypatch, val_loss, val_dice):
         loss, dice = next(rows)
         return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
 
-    monkeypatch.setattr(train, "validate", validate)
+    monkeypatch.setattr(loop_lib, "validate", validate)
 
 
 def _val_epochs(workdir):
