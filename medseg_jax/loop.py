@@ -97,7 +97,10 @@ class Profile:
     def annotate(self, step: int):
         """Starts the trace at the range's first step; the step's trace annotation."""
         if self.range and not self.active and self.range[0] <= step <= self.range[1]:
-            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0  # every Python call: a million events a step
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True,
+                                     profiler_options=options)
             self.active = True
         return (jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active
                 else contextlib.nullcontext())

@@ -413,3 +413,34 @@ def test_keep_every_minutes_keeps_a_checkpoint_per_interval(make_tiny_config, tm
     assert ck.best_step() == 1 and ck.latest_step() == 4
     assert sorted(ck.all_steps()) == [1, 3, 4]  # without the setting: [1, 4]
     ck.close()
+
+
+def test_profile_steps_writes_a_trace_of_those_steps(make_tiny_config, tmp_path):
+    """train.profile_steps="1:2" on a run of 3 steps: a jax.profiler trace in
+    <workdir>/profile that TensorBoard (.xplane.pb) and Perfetto (trace JSON) open, with
+    the annotated training steps 1 and 2 (not 3) in it."""
+    import glob
+    import gzip
+
+    config = make_tiny_config(**{"train.num_epochs": 1, "train.steps_per_epoch": 3,
+                                 "train.profile_steps": "1:2", "train.tensorboard": False})
+    train.train(config, str(tmp_path))
+    runs = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*"))
+    assert len(runs) == 1, runs
+    xplane = glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+    assert xplane and os.path.getsize(xplane[0]) > 0
+    perfetto = glob.glob(os.path.join(runs[0], "perfetto_trace.json.gz"))
+    assert perfetto, os.listdir(runs[0])
+    with gzip.open(perfetto[0], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    steps = {str(e.get("args", {}).get("step_num")) for e in events if e.get("name") == "train"}
+    assert steps == {"1", "2"}, steps
+
+
+@pytest.mark.parametrize("spec", ["2:1", "0:3", "5", "a:b"])
+def test_profile_steps_must_be_a_range_of_steps(make_tiny_config, tmp_path, spec):
+    config = make_tiny_config(**{"train.profile_steps": spec})
+    with pytest.raises(ValueError, match=r"config\.train\.profile_steps: .* is not 'A:B'"):
+        train.train(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # refused before anything is written
