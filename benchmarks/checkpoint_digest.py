@@ -41,9 +41,7 @@ def unet_state():
     config = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "configs",
                                          "unet.py"))["get_config"]()
     mesh = sharding.make_mesh()
-    model = state_lib.build_model(config, 2)
-    shape = (1, *config.data.image_size, 1)
-    return state_lib.init_state(config, model, shape, 100, mesh)
+    return state_lib.initialize(config, 2, 1, 100, mesh).state
 
 
 def random_state(megabytes: float):

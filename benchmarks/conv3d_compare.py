@@ -63,7 +63,7 @@ def layer(rounds: int = 3) -> None:
 
 
 def step(rounds: int = 4) -> None:
-    from medseg_jax import sharding, train
+    from medseg_jax import sharding
     from medseg_jax import state as state_lib
     from medseg_jax.config import default_config
 
@@ -79,9 +79,8 @@ def step(rounds: int = 4) -> None:
     for impl in ("reshape", "lax"):
         c = config.copy_and_resolve_references()
         c.model.layer_impl = impl
-        state = state_lib.init_state(c, state_lib.build_model(c, 3), (2, 40, 56, 40, 1), 100,
-                                     mesh)
-        fn, _ = train.jit_steps(c, mesh, 3)
+        setup = state_lib.initialize(c, 3, 1, 100, mesh)
+        state, fn = setup.state, setup.train_fn
         t = time.perf_counter()
         state, out = fn(state, batch)
         jax.block_until_ready(out)

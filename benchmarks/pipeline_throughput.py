@@ -327,7 +327,7 @@ def main(argv) -> None:
     import numpy as np  # noqa: PLC0415
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding  # noqa: PLC0415
     from medseg_jax.data import augment  # noqa: PLC0415
     from medseg_jax.data import cache  # noqa: PLC0415
     from medseg_jax.data import dataset as dataset_lib  # noqa: PLC0415
@@ -437,10 +437,9 @@ def main(argv) -> None:
     log(f"\n[4] training step: jit(train_step), {config.model.name} base "
         f"{config.model.base_features} depth {config.model.depth}, batch {batch_size}, "
         f"median of {FLAGS.train_steps} after 3 warm-up")
-    model = state_lib.build_model(config, dataset.num_classes)
-    input_shape = (batch_size, *config.data.image_size, dataset.num_channels)
-    state = state_lib.init_state(config, model, input_shape, 1000, mesh)
-    train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
+    setup = state_lib.initialize(config, dataset.num_classes, dataset.num_channels, 1000,
+                                 mesh)
+    state, train_fn = setup.state, setup.train_fn
     device_batches = [sharding.to_global(b, mesh) for b in batches(4)]
     holder = {"state": state}
 

@@ -1,6 +1,6 @@
 """medseg_jax's U-Net training step against the same network in PyTorch, in one run.
 
-Builds medseg_jax's 2D U-Net (``state_lib.build_model``, stepped by the package's own jitted
+Builds medseg_jax's 2D U-Net (``state_lib.initialize``, stepped by the package's own jitted
 ``train_step``, augmentation off) and the same network in PyTorch: the same layers
 (3x3 conv without bias -> BatchNorm -> ReLU, twice per block; 2x2 max-pool; 2x2
 stride-2 transposed conv with bias; skip concatenation; 1x1 head), the same Dice + CE
@@ -224,7 +224,7 @@ def jax_setup(x_np, y_np, dtype: str = "float32", layer_impl: str = "auto"):
     import jax  # noqa: PLC0415
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
 
     config = config_lib.default_config()
@@ -236,9 +236,8 @@ def jax_setup(x_np, y_np, dtype: str = "float32", layer_impl: str = "auto"):
     config_lib.validate(config)
     state_lib.setup_compilation_cache(config)
     mesh = sharding.make_mesh(jax.devices()[:1])
-    model = state_lib.build_model(config, FLAGS.num_classes)
-    state = state_lib.init_state(config, model, x_np.shape, 1000, mesh)
-    train_fn, _ = train.jit_steps(config, mesh, FLAGS.num_classes)
+    setup = state_lib.initialize(config, FLAGS.num_classes, x_np.shape[-1], 1000, mesh)
+    state, train_fn = setup.state, setup.train_fn
     batch = sharding.to_global({"image": x_np, "label": y_np}, mesh)
     params = jax.device_get(state.params)
     holder = {"state": state}
@@ -247,7 +246,7 @@ def jax_setup(x_np, y_np, dtype: str = "float32", layer_impl: str = "auto"):
         holder["state"], out = train_fn(holder["state"], batch)
         return float(jax.device_get(out["loss"]))
 
-    return model, params, state.batch_stats, step
+    return setup.model, params, state.batch_stats, step
 
 
 def jax_conv_flops(model, variables, x_np) -> float:

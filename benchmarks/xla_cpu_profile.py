@@ -29,7 +29,7 @@ def main() -> None:
     from jax._src.profiler import ProfileData  # noqa: PLC0415
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
 
     config = config_lib.default_config()
@@ -38,12 +38,11 @@ def main() -> None:
     config.data.image_size, config.train.batch_size = (128, 128), 16
     config.augment.enabled = False
     mesh = sharding.make_mesh(jax.devices()[:1])
-    model = state_lib.build_model(config, 2)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 128, 128, 1)).astype(np.float32)
     y = rng.integers(0, 2, (16, 128, 128)).astype(np.int32)
-    state = state_lib.init_state(config, model, x.shape, 1000, mesh)
-    step, _ = train.jit_steps(config, mesh, 2)
+    setup = state_lib.initialize(config, 2, 1, 1000, mesh)
+    state, step = setup.state, setup.train_fn
     batch = sharding.to_global({"image": x, "label": y}, mesh)
     walls, cpus = [], []
     for i in range(2 + args.steps):

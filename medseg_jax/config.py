@@ -156,6 +156,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Debugging: run the step loop under jax.transfer_guard(...): "" (off) | "log" |
     # "disallow" (an implicit host<->device copy in the loop raises).
     train.transfer_guard = ""
+    # A jax.profiler trace of training steps A..B ("A:B", 1-based; "" off) written to
+    # <workdir>/profile: `tensorboard --logdir <workdir>/profile` (tensorboard-plugin-profile)
+    # or its perfetto_trace.json.gz in ui.perfetto.dev.
+    train.profile_steps = ""
     train.checkpoint_max_to_keep = 2  # besides the best, always kept
     # Also keep a checkpoint every N minutes of training (0: off), e.g. to evaluate what
     # 15, 30 and 60 minutes give: --config.eval.checkpoint=<step>.
@@ -488,6 +492,19 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
                          "train on; give one a weight > 0")
 
 
+def profile_steps(spec: str) -> tuple[int, int] | None:
+    """``train.profile_steps``: "A:B" -> (A, B), "" -> None; ValueError naming the field."""
+    spec = str(spec).strip()
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not (
+            1 <= int(parts[0]) <= int(parts[1])):
+        raise ValueError(f"config.train.profile_steps: {spec!r} is not 'A:B' with steps "
+                         "1 <= A <= B (e.g. '10:15'); '' turns profiling off")
+    return int(parts[0]), int(parts[1])
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the fields that a run depends on (every number: ``check_numbers``); raises
     ValueError naming the field."""
@@ -537,6 +554,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.context_slices: {context}: neighbouring slices as "
                          "channels need model.spatial_dims=2 and a count >= 0")
     postprocess.check_spec(config.eval.get("postprocess", ""))
+    profile_steps(config.train.profile_steps)
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():
         raise ValueError(

@@ -3,6 +3,9 @@
 - the network (``build_model``: ``Model(**config.model)``), the optimizer and the
   ``TrainState`` (params, BatchNorm statistics, optimizer state), initialised on the
   mesh (``init_state``) or described for a restore (``abstract_state``);
+- the jitted train and eval steps (``train_step``, ``eval_step``: ``jit_steps``);
+- ``initialize``: all of these at once, the one set-up of training, evaluation,
+  prediction, ``tools/throughput.py`` and the benchmarks;
 - the jitted prediction function (``make_predict_fn``: softmax, averaged over flips
   with ``eval.tta``);
 - a trained run restored from its workdir (``restore_run``): its config check, data,
@@ -30,7 +33,7 @@ from flax.training import train_state
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import fileio, models, planning, sharding
+from medseg_jax import fileio, losses, metrics, models, planning, sharding, transfer
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import augment, laterality
 from medseg_jax.data import dataset as dataset_lib
@@ -67,7 +70,7 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
         lr = optax.polynomial_schedule(t.learning_rate, 0.0, 0.9, max(1, total_steps))
     else:
         lr = t.learning_rate
-    if t.get("optimizer", "adam") == "sgd":
+    if t.optimizer == "sgd":
         opt = optax.chain(optax.add_decayed_weights(t.weight_decay),
                           optax.sgd(lr, momentum=t.momentum, nesterov=True))
     elif t.weight_decay > 0:
@@ -106,6 +109,111 @@ def abstract_state(config, model, input_shape, total_steps: int, mesh):
 def variables(state) -> dict:
     """The model variables of a state (what ``model.apply`` takes)."""
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# --------------------------------------------------------------------------- #
+# The steps
+# --------------------------------------------------------------------------- #
+
+
+def train_step(state: TrainState, batch: dict, *, config, num_classes: int,
+               freeze_steps: int = 0, swap: tuple[int, ...] | None = None):
+    """One optimizer step on a global batch: on-device augmentation, Dice + CE (plus the
+    coarser outputs with ``model.deep_supervision``).
+
+    For the first ``freeze_steps`` steps the encoder stays fixed (transfer learning).
+    ``swap``: the left / right label permutation a mirrored sample takes (laterality).
+    """
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    aug_rng, dropout_rng = jax.random.split(rng)
+    annotated = batch.get("annotated")
+    images, labels, *rest = augment.augment_batch(
+        aug_rng, batch["image"], batch["label"], config.augment, swap, annotated,
+        context=config.data.context_slices)
+    annotated = rest[0] if rest else None
+
+    deep = bool(config.model.deep_supervision)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+            mutable=["batch_stats", "aux"] if deep else ["batch_stats"],
+            rngs={"dropout": dropout_rng})
+        aux = {int(name.split("_")[1]): value[-1]
+               for name, value in updates.get("aux", {}).items()}
+        loss = losses.supervised_loss(logits, labels, num_classes,
+                                      dice_weight=config.train.dice_weight,
+                                      ce_weight=config.train.ce_weight, aux=aux,
+                                      annotated=annotated)
+        return loss, updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if freeze_steps:
+        frozen = state.step < freeze_steps
+        grads = transfer.zero_encoder(grads, frozen)
+        old = state
+        state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+        state = state.replace(
+            params=transfer.freeze_encoder(old.params, state.params, frozen),
+            batch_stats=transfer.freeze_encoder(old.batch_stats, state.batch_stats, frozen))
+    else:
+        state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    grad_norm = optax.tree.norm(grads)
+    return state, {"loss": loss, "grad_norm": grad_norm}
+
+
+def eval_step(state: TrainState, batch: dict, *, config, num_classes: int):
+    """Loss (weighted by real rows) and Dice counts of one padded batch."""
+    logits = state.apply_fn(variables(state), batch["image"], train=False)
+    mask, annotated = batch["mask"], batch.get("annotated")
+    loss = losses.supervised_loss(logits, batch["label"], num_classes,
+                                  dice_weight=config.train.dice_weight,
+                                  ce_weight=config.train.ce_weight, mask=mask,
+                                  annotated=annotated)
+    counts = metrics.dice_counts(jnp.argmax(logits, -1), batch["label"], num_classes, mask=mask,
+                                 annotated=annotated)
+    return {"loss_sum": loss * mask.sum(), "n": mask.sum(), "counts": jnp.stack(counts)}
+
+
+def jit_steps(config, mesh, num_classes: int, freeze_steps: int = 0,
+              swap: tuple[int, ...] | None = None):
+    repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    train = jax.jit(
+        functools.partial(train_step, config=config, num_classes=num_classes,
+                          freeze_steps=freeze_steps, swap=swap),
+        in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+    evaluate = jax.jit(
+        functools.partial(eval_step, config=config, num_classes=num_classes),
+        in_shardings=(repl, data), out_shardings=repl)
+    return train, evaluate
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a job steps: the mesh, the network, its state and the jitted step functions."""
+
+    mesh: jax.sharding.Mesh
+    model: Any
+    state: Any  # a TrainState, or its abstract description (``abstract=True``)
+    train_fn: Any  # jitted ``(state, batch) -> (state, {"loss", "grad_norm"})``
+    eval_fn: Any  # jitted ``(state, batch) -> {"loss_sum", "n", "counts"}``
+    input_shape: tuple[int, ...]
+
+
+def initialize(config, num_classes: int, num_channels: int, total_steps: int = 1000,
+               mesh=None, *, abstract: bool = False, freeze_steps: int = 0,
+               swap: tuple[int, ...] | None = None) -> Setup:
+    """The one set-up of every job that steps or restores a network: the model of
+    ``config.model``, its state on ``mesh`` (default: all devices) with an optimizer
+    scheduled over ``total_steps`` (``abstract``: only described, for a restore) and the
+    jitted train / eval steps (compiled on first call)."""
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    model = build_model(config, num_classes)
+    shape = (config.train.batch_size, *config.data.image_size, num_channels)
+    make = abstract_state if abstract else init_state
+    state = make(config, model, shape, total_steps, mesh)
+    train_fn, eval_fn = jit_steps(config, mesh, num_classes, freeze_steps, swap)
+    return Setup(mesh, model, state, train_fn, eval_fn, shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -216,17 +324,16 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.check_config(config, workdir, workdir_lib.EVAL_FIELDS)
     plans = load_plans(workdir)
     dataset = dataset_lib.open_dataset(config, workdir)
-    model = build_model(config, dataset.num_classes)
-    input_shape = (config.train.batch_size, *config.data.image_size, dataset.num_channels)
     # The optimizer state is restored too: the schedule length does not change shapes.
-    abstract = abstract_state(config, model, input_shape, 1, mesh)
+    setup = initialize(config, dataset.num_classes, dataset.num_channels, 1, mesh,
+                       abstract=True)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:  # verified first: a damaged checkpoint is named with the kept steps that verify
-        step, state, meta = checkpointer.restore_chosen(which, abstract)
+        step, state, meta = checkpointer.restore_chosen(which, setup.state)
     finally:
         checkpointer.close()
     swap = laterality.label_permutation(config, dataset.labels, dataset.num_classes)
-    return Run(config, workdir, mesh, plans, dataset, model, state, step,
+    return Run(config, workdir, mesh, plans, dataset, setup.model, state, step,
                meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh, swap=swap))
 
 
@@ -237,9 +344,9 @@ MEMBER_EVAL_FIELDS = ("batch_size", "checkpoint", "sw_overlap", "sw_window", "tt
 def ensemble_paths(config, workdir: str) -> list[str]:
     """The member workdirs ``eval.ensemble`` names (not the run itself); one-line errors,
     also for a per-run post-processing choice ("choose", "auto") asked of an ensemble."""
-    entries = [e.strip() for e in str(config.eval.get("ensemble", "") or "").split(",")]
+    entries = [e.strip() for e in str(config.eval.ensemble or "").split(",")]
     entries = [e for e in entries if e]
-    mode = str(config.eval.get("postprocess", "")).strip()
+    mode = str(config.eval.postprocess).strip()
     if entries and mode in ("choose", "auto"):
         raise ValueError(f"config.eval.postprocess={mode!r} with config.eval.ensemble: a "
                          "choice is made per run; give the ensemble '' or 'largest' (or "

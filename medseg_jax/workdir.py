@@ -260,6 +260,7 @@ def run_lock(workdir: str):
 # change is recorded in config.json ("changes", with the step it took effect at).
 SAFE_FIELDS = ("train.num_epochs", "train.budget_minutes", "train.patience",
                "train.min_delta", "train.val_max_samples", "train.log_every_steps",
+               "train.profile_steps",
                "train.tensorboard", "train.prefetch", "train.transfer_guard",
                "train.checkpoint_max_to_keep", "train.keep_every_minutes",
                "train.compilation_cache_dir", "train.xla_cpu_ynn", "data.num_workers",

@@ -25,6 +25,7 @@ import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, fileio, sharding, train
+from medseg_jax import loop as loop_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import cache, synthetic
@@ -320,14 +321,14 @@ def test_resume_from_a_fallback_checkpoint_equals_an_uninterrupted_run(make_tiny
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     expected = train.train_and_evaluate(config, str(reference))
 
-    original = train._Loop.end_epoch
+    original = loop_lib.Loop.end_epoch
 
     def stop_after_epoch_2(self, state, meta, epoch, *args):
         original(self, state, meta, epoch, *args)
         if epoch == 1:
             raise KeyboardInterrupt  # as a kill would, once checkpoint 4 is saved
 
-    monkeypatch.setattr(train._Loop, "end_epoch", stop_after_epoch_2)
+    monkeypatch.setattr(loop_lib.Loop, "end_epoch", stop_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train.train(config, str(stopped))
     monkeypatch.undo()

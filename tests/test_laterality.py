@@ -164,8 +164,6 @@ def test_tta_swaps_the_channels_of_mirrored_predictions():
 def test_train_step_swaps_labels_and_annotation_flags_of_mirrored_samples(make_tiny_config):
     """A step on a batch mirrored with the swap costs what the step on the swapped labels
     costs without it (flip and permutation commute): the annotation flags travel too."""
-    from medseg_jax import train
-
     config = make_tiny_config(**{"augment.enabled": True})
     for p in ("p_rotate", "p_scale", "p_brightness", "p_contrast", "p_gamma", "p_noise"):
         config.augment[p] = 0.0
@@ -181,7 +179,7 @@ def test_train_step_swaps_labels_and_annotation_flags_of_mirrored_samples(make_t
     batch = {"image": images, "label": labels, "annotated": annotated}
     swapped = {"image": images, "label": np.asarray(SWAP)[labels],
                "annotated": annotated[:, list(SWAP)]}
-    step = functools.partial(train.train_step, config=config, num_classes=3)
+    step = functools.partial(state_lib.train_step, config=config, num_classes=3)
     _, with_swap = jax.jit(functools.partial(step, swap=SWAP))(state, batch)
     _, reference = jax.jit(step)(state, swapped)
     _, plain = jax.jit(step)(state, batch)

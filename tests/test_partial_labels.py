@@ -176,12 +176,12 @@ def test_train_step_gives_an_unannotated_class_no_signal_of_its_own(make_tiny_co
     import jax
     import optax
 
-    from medseg_jax import sharding, train
+    from medseg_jax import sharding
     from medseg_jax import state as state_lib
 
     config = make_tiny_config(**{"augment.enabled": False})
     mesh = sharding.make_mesh(jax.devices()[:1])
-    train_fn, _ = train.jit_steps(config, mesh, 3)
+    train_fn, _ = state_lib.jit_steps(config, mesh, 3)
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
     labels = np.zeros((2, 8, 8), np.int32)

@@ -1,6 +1,7 @@
 """A run killed at random points (SIGKILL, also inside checkpoint saves) or preempted
 (SIGTERM), then started again with the same command, ends exactly where an
-uninterrupted run ends: same metrics, same test table, same parameters."""
+uninterrupted run ends: same metrics, same test table, same parameters (the epoch
+resumed mid-way reports the mean train loss of the steps since its resume)."""
 
 import json
 import os
@@ -133,6 +134,15 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(make_tiny_
 
     epochs_ref, steps_ref, _ = _epoch_rows(reference)
     epochs, steps, rows = _epoch_rows(workdir)
+    # The epoch resumed mid-way: its train loss is the mean over the steps since the
+    # resume at `stop` (the step alone resumes a run), as the reference took them.
+    end = (stop // STEPS + 1) * STEPS
+    assert [(r["step"], r["train_loss_steps"]) for r in rows if "train_loss_steps" in r] \
+        == ([(end, end - stop)] if stop % STEPS else []), (seed, interruptions)
+    if stop % STEPS:  # (a SIGTERM at an epoch's last step stops after its checkpoint)
+        since = np.float32([steps_ref[s][0] for s in range(stop + 1, end + 1)])
+        epochs_ref = [(*r[:2], str(float(np.mean(since))), *r[3:]) if r[0] == str(end)
+                      else r for r in epochs_ref]
     assert epochs == epochs_ref, (seed, interruptions)
     assert len(steps) == len([r for r in rows if "loss" in r])  # no step logged twice
     assert {s: steps_ref[s] for s in steps} == steps, (seed, interruptions)

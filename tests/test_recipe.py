@@ -173,7 +173,7 @@ def test_budget_times_steps_on_batches_read_once_before(tmp_path, make_tiny_conf
     """The budget's timed batches are read once, untimed, before any step: on a cold page
     cache the first read of a case costs more than the step (measured on OpenKBP)."""
     events = []
-    epoch_batches, jit_steps = loader.epoch_batches, train.jit_steps
+    epoch_batches, jit_steps = loader.epoch_batches, state_lib.jit_steps
 
     def reading(*args, **kwargs):
         for batch in epoch_batches(*args, **kwargs):
@@ -189,7 +189,7 @@ def test_budget_times_steps_on_batches_read_once_before(tmp_path, make_tiny_conf
         return step, eval_fn
 
     monkeypatch.setattr(loader, "epoch_batches", reading)
-    monkeypatch.setattr(train, "jit_steps", stepping)
+    monkeypatch.setattr(state_lib, "jit_steps", stepping)
     config = make_tiny_config(**{"train.budget_minutes": 0.5, "train.num_epochs": 1})
     dataset, _, samples = cache.prepare(config, str(tmp_path))
     train._fit_budget(config, str(tmp_path), sharding.make_mesh(), dataset, samples["train"],
@@ -224,7 +224,7 @@ def test_jitted_step_with_deep_supervision_learns():
     mesh = sharding.make_mesh()
     model = state_lib.build_model(config, 3)
     state = state_lib.init_state(config, model, (8, 16, 16, 1), 10, mesh)
-    step, _ = train.jit_steps(config, mesh, 3)
+    step, _ = state_lib.jit_steps(config, mesh, 3)
     rng = np.random.default_rng(0)
     image = rng.normal(size=(8, 16, 16, 1)).astype(np.float32)
     label = (image[..., 0] > 0.5).astype(np.uint8) + (image[..., 0] > 1.5)

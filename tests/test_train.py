@@ -9,6 +9,7 @@ import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, losses, metrics, sharding, train, writers
+from medseg_jax import loop as loop_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import loader
@@ -26,7 +27,7 @@ def _batch(config, n=8, seed=0):
 def _run_steps(config, mesh, steps=3):
     model = state_lib.build_model(config, 2)
     state = state_lib.init_state(config, model, (8, *config.data.image_size, 1), 10, mesh)
-    train_fn, _ = train.jit_steps(config, mesh, 2)
+    train_fn, _ = state_lib.jit_steps(config, mesh, 2)
     losses = []
     for i in range(steps):
         state, out = train_fn(state, sharding.to_global(_batch(config, seed=i), mesh))
@@ -86,14 +87,14 @@ def test_resume_equals_uninterrupted_run(make_run_config, tmp_path, monkeypatch)
         train.train(make_run_config(**{"train.num_epochs": 2, "train.patience": 0}),
                     split_dir)
     else:  # a schedule over the run's length: the same run, stopped after epoch 2
-        real = train._Loop.end_epoch
+        real = loop_lib.Loop.end_epoch
 
         def end_epoch(self, state, meta, epoch, *args):
             real(self, state, meta, epoch, *args)
             if epoch == 1:
                 raise _Interrupted
 
-        monkeypatch.setattr(train._Loop, "end_epoch", end_epoch)
+        monkeypatch.setattr(loop_lib.Loop, "end_epoch", end_epoch)
         with pytest.raises(_Interrupted):
             train.train(config3, split_dir)
         monkeypatch.undo()
@@ -318,8 +319,8 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
     assert len(val) % 8  # a padded last batch
     model = state_lib.build_model(config, dataset.num_classes)
     state = state_lib.init_state(config, model, (8, *config.data.image_size, 1), 4, mesh)
-    _, eval_fn = train.jit_steps(config, mesh, dataset.num_classes)
-    out = train.validate(eval_fn, state, val, config, mesh)
+    _, eval_fn = state_lib.jit_steps(config, mesh, dataset.num_classes)
+    out = loop_lib.validate(eval_fn, state, val, config, mesh)
     probs = np.concatenate([np.asarray(state_lib.predict_step(state, np.asarray(
         val.images[i:i + 8]))) for i in range(0, len(val), 8)])
     pred, gt = probs.argmax(-1), np.asarray(val.labels)
@@ -328,7 +329,7 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
         np.testing.assert_allclose(out["val_dice_per_class"][c - 1], expected, rtol=1e-6)
     # train.val_max_samples: the same over an evenly spaced subset (3 of 8 rows padded)
     config.train.val_max_samples = n_sub = len(val) // 8 * 8 - 3
-    sub = train.validate(eval_fn, state, val, config, mesh)
+    sub = loop_lib.validate(eval_fn, state, val, config, mesh)
     idx = loader.evenly_spaced(len(val), n_sub)
     assert len(idx) == n_sub and sub["val_dice"] != out["val_dice"]
     for c in range(1, dataset.num_classes):
@@ -337,7 +338,7 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
 
 
 def _scripted_validation(monkeypatch, val_loss, val_dice):
-    """``train.validate`` returns the given values, epoch after epoch (what the early
+    """``loop.validate`` returns the given values, epoch after epoch (what the early
     stopping and the checkpoints' bookkeeping see)."""
     rows = iter(zip(val_loss, val_dice))
 
@@ -345,7 +346,7 @@ def _scripted_validation(monkeypatch, val_loss, val_dice):
         loss, dice = next(rows)
         return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
 
-    monkeypatch.setattr(train, "validate", validate)
+    monkeypatch.setattr(loop_lib, "validate", validate)
 
 
 def _val_epochs(workdir):
@@ -414,3 +415,34 @@ def test_keep_every_minutes_keeps_a_checkpoint_per_interval(make_tiny_config, tm
     assert ck.best_step() == 1 and ck.latest_step() == 4
     assert sorted(ck.all_steps()) == [1, 3, 4]  # without the setting: [1, 4]
     ck.close()
+
+
+def test_profile_steps_writes_a_trace_of_those_steps(make_tiny_config, tmp_path):
+    """train.profile_steps="1:2" on a run of 3 steps: a jax.profiler trace in
+    <workdir>/profile that TensorBoard (.xplane.pb) and Perfetto (trace JSON) open, with
+    the annotated training steps 1 and 2 (not 3) in it."""
+    import glob
+    import gzip
+
+    config = make_tiny_config(**{"train.num_epochs": 1, "train.steps_per_epoch": 3,
+                                 "train.profile_steps": "1:2", "train.tensorboard": False})
+    train.train(config, str(tmp_path))
+    runs = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*"))
+    assert len(runs) == 1, runs
+    xplane = glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+    assert xplane and os.path.getsize(xplane[0]) > 0
+    perfetto = glob.glob(os.path.join(runs[0], "perfetto_trace.json.gz"))
+    assert perfetto, os.listdir(runs[0])
+    with gzip.open(perfetto[0], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    steps = {str(e.get("args", {}).get("step_num")) for e in events if e.get("name") == "train"}
+    assert steps == {"1", "2"}, steps
+
+
+@pytest.mark.parametrize("spec", ["2:1", "0:3", "5", "a:b"])
+def test_profile_steps_must_be_a_range_of_steps(make_tiny_config, tmp_path, spec):
+    config = make_tiny_config(**{"train.profile_steps": spec})
+    with pytest.raises(ValueError, match=r"config\.train\.profile_steps: .* is not 'A:B'"):
+        train.train(config, str(tmp_path))
+    assert not os.listdir(tmp_path)  # refused before anything is written

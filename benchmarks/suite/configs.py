@@ -60,19 +60,17 @@ def check_plan(opts: dict) -> None:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
 
     mesh = sharding.make_mesh(jax.devices()[:1])
     for item in plan.throughput_items(False):
         config = throughput_config(item)
-        model = state_lib.build_model(config, 3)
-        shape = (item["batch"], *item["image_size"], 1)
-        state = state_lib.abstract_state(config, model, shape, 1000, mesh)
-        train_fn, _ = train.jit_steps(config, mesh, 3)
+        setup = state_lib.initialize(config, 3, 1, 1000, mesh, abstract=True)
+        shape = setup.input_shape
         batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
                  "label": jax.ShapeDtypeStruct(shape[:-1], jnp.int32)}
-        out = jax.eval_shape(train_fn, state, batch)[1]
+        out = jax.eval_shape(setup.train_fn, setup.state, batch)[1]
         log(f"plan ok: throughput {item['id']}: loss {out['loss'].shape} {out['loss'].dtype}")
     for item in plan.pipeline_items(False, opts) + [
             dict(plan.time_to_accuracy_overrides(opts, False), id="time_to_accuracy",

@@ -57,7 +57,7 @@ def run_env(item: dict, opts: dict, scratch: str) -> dict:
 
 def _time_calls(fn, args, reps: int) -> float:
     """Seconds per call: ``reps`` calls queued back to back, then one wait (3 tries, min).
-    (Not ``tools.throughput.median_step``, which waits after every call: a layer alone is
+    (Not ``timing.StepTimer.time``, which waits after every call: a layer alone is
     short enough that the wait would be most of what is timed.)"""
     import jax  # noqa: PLC0415
 
@@ -161,7 +161,7 @@ def run_throughput(item: dict, opts: dict, scratch: str) -> dict:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.models import count_params  # noqa: PLC0415
     from medseg_jax.tools import throughput  # noqa: PLC0415
@@ -169,14 +169,12 @@ def run_throughput(item: dict, opts: dict, scratch: str) -> dict:
     config = throughput_config(item)
     num_classes, channels = 3, 1  # Hippocampus-like
     mesh = sharding.make_mesh(jax.devices()[:1])
-    model = state_lib.build_model(config, num_classes)
-    shape = (item["batch"], *item["image_size"], channels)
     t = time.perf_counter()
-    state = state_lib.init_state(config, model, shape, 1000, mesh)
+    setup = state_lib.initialize(config, num_classes, channels, 1000, mesh)
+    state, train_fn, shape = setup.state, setup.train_fn, setup.input_shape
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t
     params = jax.device_get(state.params)  # before the state is donated
-    train_fn, _ = train.jit_steps(config, mesh, num_classes)
     rng = np.random.default_rng(0)
     batch = sharding.to_global(
         {"image": rng.standard_normal(shape).astype(np.float32),

@@ -70,15 +70,13 @@ def _step_rate(config, dataset, train_s, mesh, item: dict, steps: int) -> tuple[
     """(first step s, median step s) of the train step on four batches from the loader."""
     import jax  # noqa: PLC0415
 
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding, timing  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.data import loader  # noqa: PLC0415
-    from medseg_jax.tools import throughput  # noqa: PLC0415
 
-    model = state_lib.build_model(config, dataset.num_classes)
-    shape = (item["batch"], *item["image_size"], dataset.num_channels)
-    state = state_lib.init_state(config, model, shape, 1000, mesh)
-    train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
+    setup = state_lib.initialize(config, dataset.num_classes, dataset.num_channels, 1000,
+                                 mesh)
+    state, train_fn = setup.state, setup.train_fn
     cfg = config.copy_and_resolve_references()
     cfg.data.num_workers = 0
     device_batches = [sharding.to_global(b, mesh) for b in loader.run_batches(train_s, cfg, 4,
@@ -94,7 +92,7 @@ def _step_rate(config, dataset, train_s, mesh, item: dict, steps: int) -> tuple[
     t = time.perf_counter()
     run()  # compiles
     first_step_s = time.perf_counter() - t
-    return first_step_s, throughput.median_step(run, steps, 0)
+    return first_step_s, timing.StepTimer().time(run, steps)
 
 
 def run_pipeline(item: dict, opts: dict, scratch: str) -> dict:

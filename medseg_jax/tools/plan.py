@@ -43,16 +43,13 @@ def xla_cost(config, num_classes: int, num_channels: int, time_steps: int = 0) -
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding, timing  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.tools import throughput  # noqa: PLC0415
 
     mesh = sharding.make_mesh()
-    batch = int(config.train.batch_size)
-    shape = (batch, *config.data.image_size, num_channels)
-    model = state_lib.build_model(config, num_classes)
-    state = state_lib.init_state(config, model, shape, 1000, mesh)
-    step, _ = train.jit_steps(config, mesh, num_classes)
+    setup = state_lib.initialize(config, num_classes, num_channels, 1000, mesh)
+    state, step, shape = setup.state, setup.train_fn, setup.input_shape
     rng = np.random.default_rng(0)
     host = {"image": rng.standard_normal(shape).astype(np.float32),
             "label": rng.integers(0, num_classes, shape[:-1]).astype(np.uint8)}
@@ -70,7 +67,7 @@ def xla_cost(config, num_classes: int, num_channels: int, time_steps: int = 0) -
             holder["state"], result = compiled(holder["state"], device_batch)
             jax.block_until_ready(result)
 
-        out["step_s"] = throughput.median_step(one, time_steps, 1)
+        out["step_s"] = timing.StepTimer(warmup=1).time(one, time_steps)
     return out
 
 

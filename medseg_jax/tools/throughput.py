@@ -4,7 +4,8 @@ Any config and override works (``--config.model.base_features=32
 --config.data.image_size='(128,128)'``). For the training step and for inference
 (``state_lib.make_predict_fn``, the function evaluation runs, flip TTA included when
 ``eval.tta``, at ``eval.batch_size``) it prints the compile time, the steady-state
-step time (median of ``--steps`` device-synchronised steps after ``--warmup``), images/s
+step time (median of ``--steps`` device-synchronised steps after ``--warmup``:
+``timing.StepTimer``), images/s
 (and per device), FLOPs per step from XLA's cost analysis, the achieved TFLOP/s, the MFU
 on a device whose peak it knows, and the peak device memory (the backend's figure where it
 reports one, else XLA's compiled-buffer estimate). ``--parts=data,loop`` add the input
@@ -20,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -96,27 +96,17 @@ def device_peak_memory() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def median_step(run, steps: int, warmup: int) -> float:
-    """Median seconds of ``run()`` (which must block until the device is done)."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def measure(name: str, jitted, args: tuple, images: int, run_with, config, steps: int,
             warmup: int) -> dict:
     """Compiles ``jitted`` for ``args`` (timed), then times steady-state steps."""
     import jax  # noqa: PLC0415
 
+    from medseg_jax import timing  # noqa: PLC0415
+
     t = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - t
-    seconds = median_step(lambda: run_with(compiled), steps, warmup)
+    seconds = timing.StepTimer(warmup).time(lambda: run_with(compiled), steps)
     flops = _cost(compiled).get("flops")
     n_dev = jax.device_count()
     peak = peak_flops(jax.devices()[0].device_kind, config.model.dtype)
@@ -191,7 +181,7 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
     import jax.numpy as jnp  # noqa: PLC0415
 
     from medseg_jax import config as config_lib  # noqa: PLC0415
-    from medseg_jax import sharding, train  # noqa: PLC0415
+    from medseg_jax import sharding  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
     from medseg_jax.data import cache, loader  # noqa: PLC0415
 
@@ -205,10 +195,9 @@ def run(config, workdir: str, steps: int = 20, warmup: int = 3, parts=PARTS) -> 
     sharding.check_batch_size(batch, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     dataset, _, samples = cache.prepare(config, workdir)
-    model = state_lib.build_model(config, dataset.num_classes)
-    shape = (batch, *config.data.image_size, dataset.num_channels)
-    state = state_lib.init_state(config, model, shape, 1000, mesh)
-    train_fn, _ = train.jit_steps(config, mesh, dataset.num_classes)
+    setup = state_lib.initialize(config, dataset.num_classes, dataset.num_channels, 1000,
+                                 mesh)
+    state, train_fn, shape = setup.state, setup.train_fn, setup.input_shape
     predict_fn = state_lib.make_predict_fn(config, mesh)  # what evaluation runs
     device_batch = sharding.to_global(
         next(iter(loader.epoch_batches(samples["train"], config, 0, 1))), mesh)
