@@ -539,7 +539,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     divisor = input_divisor(config)
     if any(s <= 0 or s % d for s, d in zip(size, divisor)):
         what = (f"2**(depth-1) = {divisor[0]} for config.model.depth={config.model.depth}"
-                if not len(config.model.get("pool_sizes", ())) else
+                if not len(config.model.get("pool_sizes", ())) else  # (as input_divisor)
                 f"the total pooling {divisor} of config.model.pool_sizes")
         raise ValueError(
             f"config.data.image_size: {size} must be positive multiples of {what}")
