@@ -6,7 +6,8 @@ directory; ``configs/*.py`` start from it.
 Every field can be overridden on the command line, e.g.
 ``--config.train.learning_rate=3e-4`` or ``--config.data.root=/data/Task04_Hippocampus``.
 Every numeric field has a constraint in ``NUMBERS`` (``check_numbers``: no JAX, no files,
-run before a run touches its workdir); ``validate`` checks the rest.
+run before a run touches its workdir); ``check_fields`` refuses a field the package does
+not define (a misspelling); ``validate`` checks the rest. Nothing here imports JAX.
 """
 
 import difflib
