@@ -6,14 +6,17 @@ directory; ``configs/*.py`` start from it.
 Every field can be overridden on the command line, e.g.
 ``--config.train.learning_rate=3e-4`` or ``--config.data.root=/data/Task04_Hippocampus``.
 Every numeric field has a constraint in ``NUMBERS`` (``check_numbers``: no JAX, no files,
-run before a run touches its workdir); ``validate`` checks the rest.
+run before a run touches its workdir); ``check_fields`` refuses a field the package does
+not define (a misspelling); ``validate`` checks the rest. Nothing here imports JAX.
 """
 
+import difflib
 import math
 
 import ml_collections
 
-from medseg_jax.data.augment import default_augment_config, nnunet_augment_config
+from medseg_jax import architectures, geometry, postprocess
+from medseg_jax.config_augment import default_augment_config, nnunet_augment_config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -302,17 +305,15 @@ _CHOICES = {
 
 def input_divisor(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     """The network's total pooling per spatial axis: its input sizes are multiples of it."""
-    from medseg_jax.models import layers  # noqa: PLC0415 (jax)
-
     dims = config.model.spatial_dims
-    try:
-        pools, _ = layers.level_geometry("config.model", dims, config.model.depth,
-                                         config.model.get("pool_sizes", ()),
-                                         config.model.get("kernel_sizes", ()))
+    try:  # (.get: the model section of a run recorded before these fields has none)
+        pools, _ = geometry.level_geometry("config.model", dims, config.model.depth,
+                                           config.model.get("pool_sizes", ()),
+                                           config.model.get("kernel_sizes", ()))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{e}" if str(e).startswith("config.") else
                          f"config.model.pool_sizes / kernel_sizes: {e}") from None
-    return layers.total_stride(pools, dims)
+    return geometry.total_stride(pools, dims)
 
 
 def _get(config, dotted: str):
@@ -450,7 +451,8 @@ def _numbers_of(config) -> dict:
 
 def check_numbers(config: ml_collections.ConfigDict) -> None:
     """Checks every numeric field against NUMBERS (augment.p_*: in [0, 1]); no JAX, no
-    files: run before anything else. Raises ValueError naming the first bad field."""
+    files: run before anything else. Raises ValueError naming the first bad field. Checks
+    the fields the config has (a section it lacks is skipped: hence the ``.get``s)."""
     planned = str(config.get("data", {}).get("plan", "")) == "auto"
     for dotted, value in _numbers_of(config).items():
         rule = NUMBERS.get(dotted, _PROB)
@@ -505,18 +507,48 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the fields that a run depends on (every number: ``check_numbers``); raises
-    ValueError naming the field."""
-    check_numbers(config)
-    from medseg_jax import postprocess  # noqa: PLC0415
-    from medseg_jax.models import MODELS, model_fields  # noqa: PLC0415 (jax)
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Every field of ``config`` is one the package defines: ``default_config``'s (and
+    ``study_section``'s in a study config), in ``model`` the architecture's own too (in a
+    study, any architecture's). A misspelled field in a config file would otherwise be
+    added and ignored. No JAX, no files. Raises ValueError naming the first unknown field
+    and the closest known one."""
+    known = default_config().to_dict()
+    if "benchmark" in config:
+        known["benchmark"] = study_section().to_dict()
+    models = architectures.fields()
+    name = config.get("model", {}).get("name")
+    own = ([models[name]] if name in models and "benchmark" not in config
+           else list(models.values()))  # a study keeps each architecture's own fields
+    known["model"] = {"name": name, **{f: d for fields in own for f, d in fields.items()}}
+    _check_known(config, known, "config")
 
-    if config.model.name not in MODELS:
+
+def _check_known(values, known: dict, where: str) -> None:
+    for key in values:
+        if key not in known:
+            owners = [m for m, f in architectures.extras().items() if key in f]
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = (f"a field of model {owners[0]} (configs/{owners[0]}.py)"
+                    if where == "config.model" and owners else
+                    f"did you mean {close[0]!r}?" if close else
+                    f"valid: {', '.join(sorted(known))}")
+            raise ValueError(f"{where}.{key}: {where} has no field {key!r}; {hint}")
+        if isinstance(known[key], dict) and hasattr(values[key], "keys"):
+            _check_known(values[key], known[key], f"{where}.{key}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields that a run depends on (every field known: ``check_fields``;
+    every number: ``check_numbers``); raises ValueError naming the field. No JAX."""
+    check_fields(config)
+    check_numbers(config)
+    models = architectures.fields()
+    if config.model.name not in models:
         raise ValueError(
             f"config.model.name: unknown model {config.model.name!r}; "
-            f"valid models: {', '.join(sorted(MODELS))}")
-    valid = model_fields(config.model.name)
+            f"valid models: {', '.join(sorted(models))}")
+    valid = models[config.model.name]
     for key in config.model:
         if key != "name" and key not in valid:
             raise ValueError(f"config.model.{key}: {config.model.name} has no field {key!r}; "
@@ -537,7 +569,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     divisor = input_divisor(config)
     if any(s <= 0 or s % d for s, d in zip(size, divisor)):
         what = (f"2**(depth-1) = {divisor[0]} for config.model.depth={config.model.depth}"
-                if not len(config.model.get("pool_sizes", ())) else
+                if not len(config.model.get("pool_sizes", ())) else  # (as input_divisor)
                 f"the total pooling {divisor} of config.model.pool_sizes")
         raise ValueError(
             f"config.data.image_size: {size} must be positive multiples of {what}")
@@ -549,11 +581,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.split_fractions: {fractions} must be three non-negative "
             "numbers (train, val, test) that sum to 1")
-    context = int(config.data.get("context_slices", 0))
+    context = int(config.data.context_slices)
     if context < 0 or (context and dims != 2):
         raise ValueError(f"config.data.context_slices: {context}: neighbouring slices as "
                          "channels need model.spatial_dims=2 and a count >= 0")
-    postprocess.check_spec(config.eval.get("postprocess", ""))
+    postprocess.check_spec(config.eval.postprocess)
     profile_steps(config.train.profile_steps)
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():

@@ -3,8 +3,8 @@
 The meanings are the comments of ``medseg_jax/config.py`` (``default_config`` and
 ``study_section``: the comment lines directly above a field and its trailing comment),
 the ``Fields:`` list of ``default_augment_config``'s docstring
-(``medseg_jax/data/augment.py``) and the commented fields of the architectures in
-``medseg_jax/models`` (FCN's ``dropout_rate``, ...). The sources are parsed (``ast``,
+(``medseg_jax/config_augment.py``) and the commented fields of the architectures in
+``medseg_jax/models`` (FCN's ``dropout_rate``, ...: ``architectures.py``). The sources are parsed (``ast``,
 ``tokenize``), never imported: listing a config adds no JAX or Flax import.
 
 ``listing(config)`` gives ``section.field = value  # meaning``, one line a field (the
@@ -17,47 +17,21 @@ from __future__ import annotations
 
 import ast
 import functools
-import io
 import re
-import tokenize
 from pathlib import Path
 from typing import Any
 
+from medseg_jax import architectures
+from medseg_jax.architectures import above as _above, read_comments as _comments
+from medseg_jax.architectures import join as _join, trailing as _trailing
+
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_SOURCE = PACKAGE / "config.py"
-MODELS_SOURCE = PACKAGE / "models"
+AUGMENT_SOURCE = PACKAGE / "config_augment.py"
 
 # The functions of config.py whose fields are listed, and the section each one builds.
 _BUILDERS = {"default_config": "", "study_section": "benchmark"}
 _RULE = re.compile(r"^-{3,}\s*(.*?)\s*-*$")  # "# --- data: ... -----" section rules
-
-
-def _comments(source: str) -> dict[int, tuple[str, bool]]:
-    """{line: (comment text, whether the comment is the line's only content)}."""
-    found = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            own_line = not tok.line[:tok.start[1]].strip()
-            found[tok.start[0]] = (tok.string[1:].rstrip(), own_line)
-    return found
-
-
-def _join(lines: list[str]) -> str:
-    return " ".join(line.strip() for line in lines if line.strip())
-
-
-def _above(comments: dict[int, tuple[str, bool]], line: int) -> list[str]:
-    """The comment lines directly above ``line`` (no blank or code line between)."""
-    block = []
-    while (line - 1) in comments and comments[line - 1][1]:
-        line -= 1
-        block.insert(0, comments[line][0])
-    return block
-
-
-def _trailing(comments: dict[int, tuple[str, bool]], node: ast.stmt) -> list[str]:
-    return [comments[n][0] for n in range(node.lineno, node.end_lineno + 1)
-            if n in comments and not comments[n][1]]
 
 
 def _dotted(node: ast.expr, aliases: dict[str, str]) -> str | None:
@@ -127,9 +101,7 @@ def _augment_meanings() -> dict[str, str]:
     """{augment.field: meaning} from the ``Fields:`` list of default_augment_config's
     docstring (``name: text`` or ``name, name: text`` entries, continued by deeper
     indented lines)."""
-    # the module that defines it (data/augment.py), wherever it is in the package
-    source = next(text for path in sorted(PACKAGE.rglob("*.py"))
-                  if re.search(r"^def default_augment_config\(", text := path.read_text(), re.M))
+    source = AUGMENT_SOURCE.read_text()
     func = next(n for n in ast.parse(source).body
                 if isinstance(n, ast.FunctionDef) and n.name == "default_augment_config")
     doc = ast.get_docstring(func) or ""
@@ -155,52 +127,10 @@ def _augment_meanings() -> dict[str, str]:
     return fields
 
 
-@functools.lru_cache(maxsize=None)
-def _model_fields() -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """({model.field: meaning} of every commented model field, {model name: {field:
-    default}} of the fields one architecture adds to the shared ones), from the classes
-    registered in models/__init__.py's MODELS."""
-    init = ast.parse((MODELS_SOURCE / "__init__.py").read_text())
-    registry = next(n.value for n in ast.walk(init) if isinstance(n, ast.AnnAssign)
-                    and getattr(n.target, "id", None) == "MODELS")
-    names = {v.id: k.value for k, v in zip(registry.keys, registry.values)}
-    classes = {}  # class name: (bases, {field: (default, meaning)})
-    for path in sorted(MODELS_SOURCE.glob("*.py")):
-        source = path.read_text()
-        comments = _comments(source)
-        for node in ast.parse(source).body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            own = {}
-            for item in node.body:
-                if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-                        and item.value is not None
-                        and "ClassVar" not in ast.unparse(item.annotation)):
-                    try:
-                        default = ast.literal_eval(item.value)
-                    except ValueError:
-                        default = ast.unparse(item.value)
-                    own[item.target.id] = (default, _join(
-                        _above(comments, item.lineno) + _trailing(comments, item)))
-            classes[node.name] = ([getattr(b, "id", "") for b in node.bases], own)
-    meanings, extras = {}, {}
-    shared = classes["SegmentationNet"][1]
-    for field, (_, meaning) in shared.items():
-        if meaning:
-            meanings[f"model.{field}"] = meaning
-    for cls, model in names.items():
-        bases, own = classes[cls]
-        assert "SegmentationNet" in bases, cls
-        extras[model] = {f: d for f, (d, _) in own.items() if f not in shared}
-        meanings.update({f"model.{f}": m for f, (_, m) in own.items()
-                         if m and f not in shared})
-    return meanings, extras
-
-
 def meanings() -> dict[str, str]:
     """{dotted field: meaning} of every field the package defines, in the order of the
-    sources (config.py, augment.py's docstring, the models)."""
-    model, _ = _model_fields()
+    sources (config.py, config_augment.py's docstring, the models)."""
+    model = architectures.meanings()
     found = {**_config_meanings()[0], **_augment_meanings()}
     found.update({k: v for k, v in model.items() if k not in found})
     return found
@@ -213,7 +143,7 @@ def sections() -> dict[str, str]:
 
 def model_extras() -> dict[str, dict[str, Any]]:
     """{model name: {field: default}} of the fields only that architecture has."""
-    return {k: dict(v) for k, v in _model_fields()[1].items()}
+    return architectures.extras()
 
 
 def file_meanings(path: str) -> dict[str, str]:
@@ -272,7 +202,7 @@ HEADER = """\
 # Configuration
 
 <!-- Generated by `python -m medseg_jax.config_fields > docs/configuration.md` from the
-comments of medseg_jax/config.py, medseg_jax/data/augment.py and medseg_jax/models: edit
+comments of medseg_jax/config.py, medseg_jax/config_augment.py and medseg_jax/models: edit
 those, then regenerate (tests/test_config_fields.py checks that this file is current). -->
 
 Every field below can be set in a config file (`configs/*.py` start from

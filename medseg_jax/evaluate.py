@@ -58,7 +58,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str | None 
     split = split or config.eval.split
     with workdir_lib.run_lock(workdir):
         run = state_lib.restore_run(config, workdir, checkpoint)
-        mode = str(run.config.eval.get("postprocess", "")).strip()
+        mode = str(run.config.eval.postprocess).strip()
         if state_lib.ensemble_paths(run.config, workdir):
             spec = postprocess.resolve(mode, workdir, run.labels)
             members = state_lib.restore_members(run, checkpoint)

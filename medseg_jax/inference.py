@@ -85,7 +85,7 @@ def window(config, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int
     (``config.input_divisor``) and never below the patch (a 2D model's window stays one
     slice thick)."""
     size = tuple(int(n) for n in config.data.image_size)
-    if config.eval.get("sw_window", "patch") == "whole":
+    if config.eval.sw_window == "whole":
         divisor = config_lib.input_divisor(config)
         in_plane = [n for a, n in enumerate(spatial)
                     if len(size) == len(spatial) or a != config.data.slice_axis]
@@ -101,7 +101,7 @@ def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
         size, patch = window(config, volume.shape[:-1])
         probs, n = sliding_window(predict_fn, state, volume, patch, config.eval.sw_overlap,
                                   config.eval.batch_size, mesh, input_size=size,
-                                  fit_batch=config.eval.get("sw_window", "patch") == "whole")
+                                  fit_batch=config.eval.sw_window == "whole")
         return preprocess.to_case_grid(probs, case, plans, config), n
     images, _ = preprocess.case_samples(case, plans, config)
     probs = predict_batches(predict_fn, state, images, config.eval.batch_size, mesh)
@@ -124,7 +124,7 @@ def label_map(probs: np.ndarray, config) -> np.ndarray:
     ``eval.postprocess`` says (``postprocess.py``: the largest connected component of all
     or some classes; "auto" is resolved against the run's choice file before this)."""
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
-    return postprocess.apply(labels, config.eval.get("postprocess", ""))
+    return postprocess.apply(labels, config.eval.postprocess)
 
 
 def predict_case(case: nifti.Case, plans: dict, config, state, predict_fn,

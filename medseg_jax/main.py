@@ -32,6 +32,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medseg_jax import config as config_lib
 from medseg_jax import config_fields
 from medseg_jax.workdir import WorkdirInUse
 
@@ -108,9 +109,14 @@ def main(argv):
                      "results), e.g. --workdir=runs/unet")
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         _usage_error("--mode=predict needs --input=DIR_OR_FILE and --output=DIR")
+    config = FLAGS.config
+    try:  # every field known, every number (a study's too): before JAX and any workdir
+        config_lib.check_fields(config)
+        config_lib.check_numbers(config)
+    except ValueError as e:
+        _user_error(e)
     # After flag parsing; the distributed runtime before any other JAX call.
     from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
-    from medseg_jax import config as config_lib  # noqa: PLC0415
 
     sharding.set_cpu_flags(FLAGS.config)  # XLA flags from the config, before the backend starts
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -120,9 +126,7 @@ def main(argv):
     handler.setFormatter(None)  # plain progress lines
     handler.addFilter(_quiet_libraries)  # records of other loggers (jax)
     logging.get_absl_logger().addFilter(_quiet_libraries)  # absl.logging calls (orbax)
-    config = FLAGS.config
     try:
-        config_lib.check_numbers(config)  # every number (a study's too), before any workdir
         if "benchmark" in config:
             if FLAGS.mode == "predict":
                 raise ValueError("--mode=predict needs one run's config and workdir, e.g. "
@@ -164,6 +168,14 @@ def _disk_full(e: BaseException, checkpoint) -> str | None:
 def _one_line(e: BaseException | str) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 1000 else text[:997] + "..."
+
+
+def _user_error(e: BaseException) -> None:
+    """Bad input (data, config, workdir): one line, exit status 1 (--traceback: raise)."""
+    if FLAGS.traceback:
+        raise e
+    print(f"medseg_jax: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _usage_error(message: str) -> None:

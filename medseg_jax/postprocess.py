@@ -248,7 +248,7 @@ def resolved_run(run, choose_as_auto: bool = True):
     evaluation made), for predictions as they were tested."""
     import ml_collections  # noqa: PLC0415
 
-    mode = str(run.config.eval.get("postprocess", "")).strip()
+    mode = str(run.config.eval.postprocess).strip()
     if mode == "choose" and choose_as_auto:
         mode = "auto"
     from medseg_jax.data import preprocess  # noqa: PLC0415 (scipy)

@@ -146,7 +146,7 @@ def _inside(path: str, folder: str) -> bool:
 
 def _run_data_roots(config, workdir: str) -> list[str]:
     """The data roots of the flag config and of the run's config.json (as recorded)."""
-    roots = decathlon.split_roots(config.data.get("root", ""))
+    roots = decathlon.split_roots(config.data.root)
     try:
         with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
             recorded = json.load(f)

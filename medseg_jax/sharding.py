@@ -167,7 +167,7 @@ def set_cpu_flags(config) -> bool:
     "Performance"; the results change in the last bits). Set only where the CPU backend is
     the only one (``cpu_only``: a GPU or TPU plugin's own XLA parses XLA_FLAGS too) and on
     the jaxlib versions it was measured with. Returns whether it is set."""
-    if config.train.get("xla_cpu_ynn", False):
+    if config.train.xla_cpu_ynn:
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:

@@ -247,7 +247,7 @@ def parse_shares(config, names: list[str]) -> dict[str, float]:
     per data set name; a data set not listed weighs 1."""
     field = "config.benchmark.budget_shares"
     shares = {n: 1.0 for n in names}
-    for item in (i.strip() for i in str(config.benchmark.get("budget_shares", "")).split(",")):
+    for item in (i.strip() for i in str(config.benchmark.budget_shares).split(",")):
         if not item:
             continue
         name, sep, value = (p.strip() for p in item.partition(":"))
@@ -274,8 +274,8 @@ def run_budgets(config, workdir: str, runs: list[tuple[str, str]],
     budget it had, so none refits its epochs; a changed budget, share or run list is a new
     one. Process 0's figures on every process."""
     shares = parse_shares(config, sorted({name for name, _ in runs}))  # checked always
-    shares_text = str(config.benchmark.get("budget_shares", ""))
-    budget = float(config.benchmark.get("budget_minutes", 0.0))
+    shares_text = str(config.benchmark.budget_shares)
+    budget = float(config.benchmark.budget_minutes)
     if not budget:
         return [0.0] * len(runs)
     keys = [f"{name}/{label}" if name else label for name, label in runs]
@@ -314,7 +314,7 @@ def parse_datasets(config, workdir: str) -> list[tuple[str, list[str]]]:
     """[(name, data folders)] of ``benchmark.datasets`` ("name:folder,..."; raw HC18 and
     OpenKBP folders converted into ``<workdir>/converted/<name>``), or [("", the folders of
     data.root or the synthetic set)]."""
-    text = str(config.benchmark.get("datasets", ""))
+    text = str(config.benchmark.datasets)
     if not text.strip():
         return [("", dataset_lib.data_roots(config, workdir))]
     out = []

@@ -57,7 +57,7 @@ def _fingerprint(config, dataset: Dataset) -> str:
         "rescale_01": bool(config.data.rescale_01),
         "files": files,
     }
-    if int(config.data.get("context_slices", 0)):  # (not there before: old caches stay valid)
+    if int(config.data.context_slices):  # (not there before: old caches stay valid)
         settings["context_slices"] = int(config.data.context_slices)
     if preprocess.resampling_method(config) != "simple":  # (likewise)
         settings["resampling"] = preprocess.resampling_method(config)

@@ -101,7 +101,7 @@ def open_dataset(config, workdir: str) -> Dataset:
     splits = resolve_splits(config, workdir, infos, refs)
     return Dataset(infos=infos, refs=refs, splits=splits, labels=dict(first.labels),
                    num_classes=len(values), num_channels=len(first.modalities)
-                   * (2 * int(config.data.get("context_slices", 0)) + 1))
+                   * (2 * int(config.data.context_slices) + 1))
 
 
 def make_splits(infos, fractions, seed: int) -> dict[str, list[str]]:

@@ -107,7 +107,7 @@ def describe(pairs, labels: Mapping[int, str]) -> str:
 
 def label_permutation(config, labels: Mapping[int, str], num_classes: int):
     """The run's mirror permutation from ``config.data.lateral_pairs`` (None: no pairs)."""
-    spec = config.data.get("lateral_pairs", "auto")
+    spec = config.data.lateral_pairs
     return permutation(parse_pairs(spec, labels), num_classes)
 
 

@@ -108,7 +108,7 @@ class _StepBatch:
         self.batch = int(config.train.batch_size)
         self.seed = int(config.seed)
         self.fg = float(config.data.foreground_fraction)
-        self.oversample = str(config.data.get("oversample", "foreground"))
+        self.oversample = str(config.data.oversample)
         local = self.batch // process_count
         self.rows = slice(process_index * local, (process_index + 1) * local)
         self.num_classes = 0

@@ -361,7 +361,7 @@ def with_context(image: np.ndarray, context: int, slice_axis: int) -> np.ndarray
 
 def centre_channel(num_channels: int, config) -> int:
     """The input channel of the first modality of the slice itself (not a neighbour's)."""
-    context = int(config.data.get("context_slices", 0))
+    context = int(config.data.context_slices)
     return num_channels // (2 * context + 1) * context
 
 
@@ -371,7 +371,7 @@ def normalized(case: Case, plans, config) -> np.ndarray:
     image = normalize(case.image, plans["intensity"][case.task],
                       case.image_path or f"case {case.task}/{case.case_id}")
     image = rescale_01(image) if config.data.rescale_01 else image
-    context = int(config.data.get("context_slices", 0))
+    context = int(config.data.context_slices)
     if context and image.ndim != 4:
         raise ValueError(f"config.data.context_slices={context}: case {case.task}/"
                          f"{case.case_id} is a 2D image: it has no neighbouring slices")
@@ -389,7 +389,7 @@ def sw_window(config) -> str:
     """The evaluation window in effect: ``eval.sw_window`` ("patch" or "whole") where cases
     are cut into patches, "patch" where slices are resized to the network (one window
     either way). Names the files an evaluation writes and the post-processing choice."""
-    if config.eval.get("sw_window", "patch") == "whole" and uses_patches(config):
+    if config.eval.sw_window == "whole" and uses_patches(config):
         return "whole"
     return "patch"
 
@@ -487,7 +487,7 @@ def case_limit_bytes(config) -> int:
     """The most memory one case may take while it is preprocessed (and evaluated):
     ``config.data.max_case_gib``, or (0) half of this machine's physical memory, the
     other half left to the rest of the run (the model, the split's samples, workers)."""
-    gib = config.data.get("max_case_gib", 0)
+    gib = config.data.max_case_gib
     if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib >= 0:
         raise ValueError(f"config.data.max_case_gib: {gib!r} must be a number of GiB >= 0 "
                          "(0: half of this machine's memory)")
@@ -506,7 +506,7 @@ def case_bytes(ref: CaseRef, info: DatasetInfo, config, target_spacing,
 
     shape, spacing = nifti.header_geometry(ref.image_paths[0], info)
     channels = len(info.modalities)
-    wide = channels * (2 * int(config.data.get("context_slices", 0)) + 1)
+    wide = channels * (2 * int(config.data.context_slices) + 1)
     voxels = float(np.prod(shape, dtype=np.float64))
     facts = {"shape": shape, "spacing": spacing, "target": None}
     if uses_patches(config) and target_spacing is not None:

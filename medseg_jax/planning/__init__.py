@@ -58,11 +58,11 @@ BUDGETS: dict[str, dict[str, Any]] = {
 
 def wanted(config) -> bool:
     """Whether the run's config asks for a plan."""
-    return str(config.data.get("plan", "")) == "auto"
+    return str(config.data.plan) == "auto"
 
 
 def budget_name(config) -> str:
-    name = str(config.data.get("plan_budget", "auto"))
+    name = str(config.data.plan_budget)
     if name == "auto":
         import jax  # noqa: PLC0415
 
