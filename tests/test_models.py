@@ -439,7 +439,9 @@ PARAMS = {("unet", 16, 2): 482_466, ("fcn", 16, 2): 656_086,
           ("unet", 32, 2): 1_926_466, ("fcn", 32, 2): 2_618_086,
           ("attention_unet", 32, 2): 1_980_901,
           ("unet", 32, 3): 5_601_154, ("fcn", 32, 3): 7_319_398,
-          ("attention_unet", 32, 3): 5_655_589}
+          ("attention_unet", 32, 3): 5_655_589,
+          ("resenc_unet", 16, 2): 2_183_586, ("resenc_unet", 32, 2): 8_723_266,
+          ("resenc_unet", 32, 3): 25_890_178}
 
 
 @pytest.mark.parametrize("name,base,dims", sorted(PARAMS))
@@ -625,3 +627,18 @@ def test_resenc_training_step_runs(dims):
         first = float(loss) if first is None else first
     assert float(loss) < first
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_resenc_strided_conv_is_centred_as_nnunets():
+    """The down-sampling convolution samples the stride-1 convolution at even positions
+    (PyTorch's padding kernel // 2), not at odd ones ("SAME" with stride 2 would)."""
+    from medseg_jax.models.resenc_unet import ResBlock
+
+    block = ResBlock(4, 2, strides=(2, 2))
+    x = jax.random.normal(jax.random.key(3), (1, 8, 8, 2))
+    variables = block.init(init_key(), x, train=False)
+    _, state = block.apply(variables, x, train=False, capture_intermediates=True)
+    strided = state["intermediates"]["conv_1"]["__call__"][0]
+    full = nn.Conv(4, (3, 3), padding="SAME", use_bias=False).apply(
+        {"params": variables["params"]["conv_1"]}, x)
+    np.testing.assert_allclose(strided, full[:, ::2, ::2], rtol=1e-5, atol=1e-5)
