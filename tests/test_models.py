@@ -252,14 +252,15 @@ def test_max_pool_and_its_gradient_match_nn_max_pool(dims):
     np.testing.assert_array_equal(jax.vjp(new, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0])
 
 
-def test_remat_gives_the_same_gradients_and_keeps_fewer_activations():
+@pytest.mark.parametrize("name", ["unet", "resenc_unet"])
+def test_remat_gives_the_same_gradients_and_keeps_fewer_activations(name):
     """nn.remat'd encoder blocks: same parameters and gradients; the activations kept for
     the backward pass (the residuals of jax.vjp) shrink. (XLA's CPU backend drops the
     optimisation barriers and merges the recomputation back, so on CPU the compiled
     program's memory does not change; GPU/TPU keep it.)"""
     x = inputs(3)
-    plain, remat = tiny("unet", 3), tiny("unet", 3, remat=True)
-    variables = tiny_variables("unet", 3)
+    plain, remat = tiny(name, 3), tiny(name, 3, remat=True)
+    variables = tiny_variables(name, 3)
     assert jax.tree.structure(abstract_init(remat, x.shape)) == jax.tree.structure(variables)
 
     def loss(model):
