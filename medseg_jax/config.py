@@ -104,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     # dropout_rate, Attention U-Net's output_transform) are added by its config file
     # (configs/fcn.py) and listed in medseg_jax/models.
     config.model = model = ml_collections.ConfigDict()
-    model.name = "unet"  # the architecture: unet | fcn | attention_unet
+    model.name = "unet"  # the architecture: unet | fcn | attention_unet | resenc_unet
     model.spatial_dims = 2  # 2: a 2D network on slices or 2D images; 3: a 3D network
     model.base_features = 16  # features of the finest level, doubled at each coarser one
     model.depth = 4  # resolution levels; sizes must be divisible by the total pooling
@@ -391,6 +391,8 @@ NUMBERS = {
     "model.pool_sizes": ("entries", _COUNT),
     "model.kernel_sizes": ("entries", _COUNT),
     "model.dropout_rate": Number(float, 0, 1, open_hi=True),
+    "model.blocks_per_stage": ("entries", _COUNT),
+    "model.decoder_convs": _COUNT,
     "train.batch_size": _PLANNED,
     "train.learning_rate": Number(float, 0, open_lo=True),
     "train.momentum": Number(float, 0, 1, open_hi=True),

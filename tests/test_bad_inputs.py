@@ -142,7 +142,7 @@ def _batch(data, run):
 
 def _model(data, run):
     return {"model.name": "resnet"}, ["config.model.name", "unknown model 'resnet'",
-                                      "valid models: attention_unet, fcn, unet"]
+                                      "valid models: attention_unet, fcn, resenc_unet, unet"]
 
 
 def _other_run(data, run):

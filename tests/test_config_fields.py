@@ -50,7 +50,8 @@ def test_augment_fields_come_from_the_docstring_and_model_fields_from_the_classe
     assert known["augment.p_brightness"] == known["augment.brightness_range"]
     assert known["augment.p_gamma_invert"].endswith("with ``gamma_range``.")  # continued
     assert config_fields.model_extras() == {
-        "unet": {}, "fcn": {"dropout_rate": 0.0}, "attention_unet": {"output_transform": True}}
+        "unet": {}, "fcn": {"dropout_rate": 0.0}, "attention_unet": {"output_transform": True},
+        "resenc_unet": {"blocks_per_stage": (), "decoder_convs": 1}}
     assert "fc6" in known["model.dropout_rate"]
 
 
@@ -93,4 +94,5 @@ def test_the_docs_are_generated_from_the_comments():
     assert "use only config files you\ntrust" in committed
     # "<workdir>" is text, not an HTML tag; code keeps its "<"; pipes do not split cells
     assert "Empty: &lt;workdir>/cache." in committed and "``lo < 1 < hi``" in committed
-    assert "| the architecture: unet \\| fcn \\| attention_unet |" in committed
+    assert ("| the architecture: unet \\| fcn \\| attention_unet \\| resenc_unet |"
+            in committed)

@@ -16,11 +16,11 @@ from medseg_jax.data.augment import nnunet_augment_config
 
 def _full_config():
     """default_config with every architecture's own fields and a study section."""
-    from medseg_jax.models import model_fields
+    from medseg_jax.models import MODELS, model_fields
 
     config = default_config()
     config.benchmark = study_section()
-    for name in ("unet", "fcn", "attention_unet"):
+    for name in MODELS:
         for key, value in model_fields(name).items():
             if key not in config.model and isinstance(value, (bool, int, float, str, tuple)):
                 config.model[key] = value

@@ -66,7 +66,7 @@ def test_train_then_eval_reproduces_the_test_table(tmp_path):
      "--config.train.learning_rat: config.train has no field 'learning_rat'; "
      "did you mean 'learning_rate'?"),
     (["--config.model.name=resnet"],
-     "unknown model 'resnet'; valid models: attention_unet, fcn, unet"),
+     "unknown model 'resnet'; valid models: attention_unet, fcn, resenc_unet, unet"),
     (["--config.data.image_size=(30,30)"], "multiples of 2**(depth-1) = 8"),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, args, expected):

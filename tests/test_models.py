@@ -153,7 +153,7 @@ def test_wrong_rank_error():
 
 
 def test_unknown_model_error():
-    msg = "unknown model 'xyz'; valid models: attention_unet, fcn, unet"
+    msg = "unknown model 'xyz'; valid models: attention_unet, fcn, resenc_unet, unet"
     with pytest.raises(ValueError, match=re.escape(msg)):
         create_model("xyz", num_classes=2)
 
@@ -252,14 +252,15 @@ def test_max_pool_and_its_gradient_match_nn_max_pool(dims):
     np.testing.assert_array_equal(jax.vjp(new, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0])
 
 
-def test_remat_gives_the_same_gradients_and_keeps_fewer_activations():
+@pytest.mark.parametrize("name", ["unet", "resenc_unet"])
+def test_remat_gives_the_same_gradients_and_keeps_fewer_activations(name):
     """nn.remat'd encoder blocks: same parameters and gradients; the activations kept for
     the backward pass (the residuals of jax.vjp) shrink. (XLA's CPU backend drops the
     optimisation barriers and merges the recomputation back, so on CPU the compiled
     program's memory does not change; GPU/TPU keep it.)"""
     x = inputs(3)
-    plain, remat = tiny("unet", 3), tiny("unet", 3, remat=True)
-    variables = tiny_variables("unet", 3)
+    plain, remat = tiny(name, 3), tiny(name, 3, remat=True)
+    variables = tiny_variables(name, 3)
     assert jax.tree.structure(abstract_init(remat, x.shape)) == jax.tree.structure(variables)
 
     def loss(model):
@@ -346,6 +347,12 @@ def test_models_agree_across_layer_impls(name):
     np.testing.assert_allclose(out["reshape"], out["lax"], rtol=1e-4, atol=1e-5)
 
 
+def _at(tree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
 ANISO = {"pool_sizes": ((2, 2, 1), (2, 2, 2)), "kernel_sizes": ((3, 3, 1), (3, 3, 3), (3, 3, 3))}
 
 
@@ -358,8 +365,10 @@ def test_per_axis_pooling_and_kernels(name):
                          **ANISO)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 2, 1))  # z = 2 = its total pooling
     shapes = abstract_init(model, x.shape)
-    assert shapes["params"]["enc_0"]["Conv_0"]["kernel"].shape == (3, 3, 1, 1, 4)
-    assert shapes["params"]["enc_1"]["Conv_0"]["kernel"].shape == (3, 3, 3, 4, 8)
+    first, second = (("stem", "block_0/conv_1") if name == "resenc_unet" else
+                     ("Conv_0", "Conv_0"))
+    assert _at(shapes["params"]["enc_0"], first)["kernel"].shape == (3, 3, 1, 1, 4)
+    assert _at(shapes["params"]["enc_1"], second)["kernel"].shape == (3, 3, 3, 4, 8)
     if name != "fcn":
         assert shapes["params"]["up_0"]["kernel"].shape == (2, 2, 1, 8, 4)
     variables = init_model(model, init_key(), x.shape)
@@ -431,7 +440,9 @@ PARAMS = {("unet", 16, 2): 482_466, ("fcn", 16, 2): 656_086,
           ("unet", 32, 2): 1_926_466, ("fcn", 32, 2): 2_618_086,
           ("attention_unet", 32, 2): 1_980_901,
           ("unet", 32, 3): 5_601_154, ("fcn", 32, 3): 7_319_398,
-          ("attention_unet", 32, 3): 5_655_589}
+          ("attention_unet", 32, 3): 5_655_589,
+          ("resenc_unet", 16, 2): 2_183_586, ("resenc_unet", 32, 2): 8_723_266,
+          ("resenc_unet", 32, 3): 25_890_178}
 
 
 @pytest.mark.parametrize("name,base,dims", sorted(PARAMS))
@@ -439,3 +450,196 @@ def test_exact_parameter_counts(name, base, dims):
     model = create_model(name, num_classes=2, spatial_dims=dims, base_features=base, depth=4)
     shape = (1,) + (16,) * dims + (1,)
     assert count_params(abstract_init(model, shape)["params"]) == PARAMS[name, base, dims]
+
+
+# --- residual-encoder U-Net ------------------------------------------------------------
+
+def _block_params(block, shape) -> dict:
+    return abstract_init(block, shape)["params"]
+
+
+def test_resenc_block_parameter_count_by_hand():
+    """BasicBlockD, 2D, kernel 3, batch norm (no conv bias): two 3x3 convs and two norms
+    (scale + bias); a shape change adds a 1x1 conv and its norm."""
+    from medseg_jax.models.resenc_unet import ResBlock
+
+    same = ResBlock(4, 2)  # 4 -> 4 features, stride 1: identity skip
+    assert count_params(_block_params(same, (1, 8, 8, 4))) == 2 * (9 * 4 * 4) + 2 * (2 * 4)
+    down = ResBlock(4, 2, strides=(2, 2))  # 2 -> 4 features, stride 2: pooled, projected
+    params = _block_params(down, (1, 8, 8, 2))
+    assert set(params) == {"conv_1", "norm_1", "conv_2", "norm_2", "skip_conv", "skip_norm"}
+    assert count_params(params) == (9 * 2 * 4 + 8) + (9 * 4 * 4 + 8) + (1 * 2 * 4 + 8)
+    # norm "none": biases instead of the norms' scale and bias
+    bare = ResBlock(4, 2, norm="none", strides=(2, 2))
+    assert count_params(_block_params(bare, (1, 8, 8, 2))) == (
+        (9 * 2 * 4 + 4) + (9 * 4 * 4 + 4) + (2 * 4 + 4))
+    y = jax.eval_shape(lambda: down.init_with_output(init_key(), jnp.zeros((2, 8, 8, 2)),
+                                                     train=False)[0])
+    assert y.shape == (2, 4, 4, 4)
+
+
+def test_resenc_one_stage_one_block_network_by_hand():
+    """depth 1, one block: stem conv (9*1*4) + norm (8), the block (2 * (9*4*4 + 8)),
+    the 1x1 head (4*3 + 3) = 363."""
+    model = create_model("resenc_unet", num_classes=3, base_features=4, depth=1,
+                         blocks_per_stage=(1,))
+    params = abstract_init(model, (1, 8, 8, 1))["params"]
+    assert set(params) == {"enc_0", "head"}
+    assert set(params["enc_0"]) == {"stem", "stem_norm", "block_0"}
+    assert count_params(params) == (9 * 4 + 8) + 2 * (9 * 4 * 4 + 8) + (4 * 3 + 3) == 363
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_resenc_skip_path_pools_and_projects(dims):
+    """At initialisation the last norm of the residual branch has scale 0 (nnU-Net's
+    init), so the block is its skip path: ReLU(norm(1x1 conv(avg pool(x)))); with that
+    scale set, the residual branch adds to it."""
+    from medseg_jax.models.resenc_unet import ResBlock
+
+    block = ResBlock(4, dims, strides=(2,) * dims)
+    x = jax.random.normal(jax.random.key(1), (2,) + (8,) * dims + (3,))
+    variables = block.init(init_key(), x, train=False)
+    p = variables["params"]
+    assert not np.asarray(p["norm_2"]["scale"]).any()
+    pooled = x.reshape((2,) + (4, 2) * dims + (3,)).mean(axis=tuple(range(2, 2 * dims + 1, 2)))
+    projected = pooled @ p["skip_conv"]["kernel"].reshape(3, 4)
+    expected = nn.relu(projected / np.sqrt(1 + 1e-5) * p["skip_norm"]["scale"]
+                       + p["skip_norm"]["bias"])
+    out = block.apply(variables, x, train=False)
+    assert out.shape == (2,) + (4,) * dims + (4,)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    p = {**p, "norm_2": {**p["norm_2"], "scale": jnp.ones(4)}}
+    moved = block.apply({**variables, "params": p}, x, train=False)
+    assert np.abs(np.asarray(moved - out)).max() > 1e-2
+
+
+def test_resenc_identity_skip_keeps_the_input():
+    """Same grid and features: the skip is the identity (no skip parameters); at
+    initialisation the block gives ReLU(x)."""
+    from medseg_jax.models.resenc_unet import ResBlock
+
+    block = ResBlock(3, 2)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    variables = block.init(init_key(), x, train=False)
+    assert "skip_conv" not in variables["params"]
+    np.testing.assert_allclose(block.apply(variables, x, train=False), nn.relu(x), atol=1e-6)
+
+
+def test_resenc_blocks_per_stage_and_decoder_convs():
+    from medseg_jax.models.resenc_unet import blocks_per_level
+
+    assert blocks_per_level((), 6) == [1, 3, 4, 6, 6, 6]  # nnU-Net's ResEnc presets
+    assert blocks_per_level((), 2) == [1, 3]
+    assert blocks_per_level((2,), 3) == [2, 2, 2]
+    assert blocks_per_level((1, 2, 3, 4, 5), 3) == [1, 2, 3]
+    with pytest.raises(ValueError, match="blocks_per_stage entries must be >= 1"):
+        blocks_per_level((1, 0), 3)
+    model = create_model("resenc_unet", num_classes=2, base_features=4, depth=4)
+    params = abstract_init(model, (1, 16, 16, 1))["params"]
+    blocks = [sum(k.startswith("block_") for k in params[f"enc_{i}"]) for i in range(4)]
+    assert blocks == [1, 3, 4, 6]
+    assert [sum(k.startswith("Conv") for k in params[f"dec_{i}"]) for i in range(3)] == [1] * 3
+    # strided first block: stride by the pooling factor, kernel by the level's
+    assert params["enc_1"]["block_0"]["conv_1"]["kernel"].shape == (3, 3, 4, 8)
+    two = create_model("resenc_unet", num_classes=2, base_features=4, depth=2,
+                       blocks_per_stage=(2,), decoder_convs=2)
+    params = abstract_init(two, (1, 16, 16, 1))["params"]
+    assert [len([k for k in params[f"enc_{i}"] if k.startswith("block_")])
+            for i in range(2)] == [2, 2]
+    assert sorted(k for k in params["dec_0"] if k.startswith("Conv")) == ["Conv_0", "Conv_1"]
+    with pytest.raises(ValueError, match="decoder_convs must be >= 1"):
+        abstract_init(create_model("resenc_unet", num_classes=2, decoder_convs=0),
+                      (1, 16, 16, 1))
+
+
+def test_resenc_config_fields_are_validated():
+    from medseg_jax import config as config_lib
+    from medseg_jax import models
+
+    assert models.extra_fields("resenc_unet") == {"blocks_per_stage": (), "decoder_convs": 1}
+    config = config_lib.default_config()
+    config.model.name = "resenc_unet"
+    config.model.blocks_per_stage = (1, 2, 2, 3)
+    config.model.decoder_convs = 1
+    config_lib.validate(config)
+    for field, value, message in [
+            ("blocks_per_stage", (1, 0), "config.model.blocks_per_stage: entry 0: must be >= 1"),
+            ("blocks_per_stage", 3, "config.model.blocks_per_stage: must be a tuple of numbers"),
+            ("decoder_convs", 0, "config.model.decoder_convs: must be >= 1, got 0"),
+            ("dropout_rate", 0.1, "config.model.dropout_rate: resenc_unet has no field "
+                                  "'dropout_rate'")]:
+        bad = config_lib.default_config()
+        bad.model.name = "resenc_unet"
+        bad.model[field] = value
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            config_lib.validate(bad)
+    built = models.from_config({"name": "resenc_unet", "blocks_per_stage": [1, 2],
+                                "decoder_convs": 2}, num_classes=2)
+    assert built.blocks_per_stage == (1, 2) and built.decoder_convs == 2
+
+
+def test_resenc_3d_config_file_selects_it():
+    import runpy
+    from pathlib import Path
+
+    from medseg_jax.config import check_numbers
+    from medseg_jax.config_fields import meanings
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "resenc_unet_3d.py"
+    config = runpy.run_path(str(path))["get_config"]()
+    assert (config.model.name, config.model.spatial_dims) == ("resenc_unet", 3)
+    assert config.data.plan == "auto" and config.model.deep_supervision
+    check_numbers(config)
+    assert "(1, 3, 4, 6, 6, ...)" in meanings()["model.blocks_per_stage"]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_resenc_training_step_runs(dims):
+    """One jitted SGD step of the ResEnc U-Net with deep supervision, as the train step
+    calls it: finite loss, every parameter gets a gradient, the loss goes down."""
+    import optax
+
+    from medseg_jax import losses
+
+    model = tiny("resenc_unet", dims, deep_supervision=True)
+    x = inputs(dims)
+    labels = (x[..., 0] > 0).astype(jnp.int32) + (x[..., 0] > 1).astype(jnp.int32)
+    variables = init_model(model, init_key(), x.shape)
+    tx = optax.sgd(0.05, momentum=0.9)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        def loss_fn(p):
+            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
+                                          train=True, mutable=["batch_stats", "aux"])
+            aux = {int(k.split("_")[1]): v[-1] for k, v in updates["aux"].items()}
+            return losses.supervised_loss(logits, labels, 3, aux=aux), updates
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        changes, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, changes), updates["batch_stats"], opt_state, \
+            loss, grads
+
+    params, stats, opt = variables["params"], variables["batch_stats"], None
+    opt = tx.init(params)
+    first = None
+    for _ in range(4):
+        params, stats, opt, loss, grads = step(params, stats, opt)
+        assert np.isfinite(float(loss))
+        first = float(loss) if first is None else first
+    assert float(loss) < first
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_resenc_strided_conv_is_centred_as_nnunets():
+    """The down-sampling convolution samples the stride-1 convolution at even positions
+    (PyTorch's padding kernel // 2), not at odd ones ("SAME" with stride 2 would)."""
+    from medseg_jax.models.resenc_unet import ResBlock
+
+    block = ResBlock(4, 2, strides=(2, 2))
+    x = jax.random.normal(jax.random.key(3), (1, 8, 8, 2))
+    variables = block.init(init_key(), x, train=False)
+    _, state = block.apply(variables, x, train=False, capture_intermediates=True)
+    strided = state["intermediates"]["conv_1"]["__call__"][0]
+    full = nn.Conv(4, (3, 3), padding="SAME", use_bias=False).apply(
+        {"params": variables["params"]["conv_1"]}, x)
+    np.testing.assert_allclose(strided, full[:, ::2, ::2], rtol=1e-5, atol=1e-5)

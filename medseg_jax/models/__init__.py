@@ -17,13 +17,15 @@ import numpy as np
 from medseg_jax.models.attention_unet import AttentionUNet, attention_maps
 from medseg_jax.models.base import SegmentationNet
 from medseg_jax.models.fcn import FCN
+from medseg_jax.models.resenc_unet import ResEncUNet
 from medseg_jax.models.unet import UNet
 
 MODELS: dict[str, type[SegmentationNet]] = {"unet": UNet, "fcn": FCN,
-                                            "attention_unet": AttentionUNet}
+                                            "attention_unet": AttentionUNet,
+                                            "resenc_unet": ResEncUNet}
 
 __all__ = [
-    "MODELS", "UNet", "FCN", "AttentionUNet", "SegmentationNet", "attention_maps",
+    "MODELS", "UNet", "FCN", "AttentionUNet", "ResEncUNet", "SegmentationNet", "attention_maps",
     "create_model", "from_config", "model_fields", "extra_fields", "figure_maps",
     "count_params", "init_model",
 ]

@@ -25,7 +25,7 @@ from medseg_jax.models import layers
 
 
 class SegmentationNet(nn.Module):
-    """Base of U-Net, FCN and Attention U-Net: the fields they share.
+    """Base of U-Net, FCN, Attention U-Net and ResEnc U-Net: the fields they share.
 
     Level i has ``base_features * 2**i`` features (capped at ``max_features`` when > 0);
     the network pools ``depth - 1`` times, by ``pool_sizes[i]`` per axis before level
