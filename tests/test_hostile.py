@@ -579,7 +579,6 @@ def test_a_failed_start_leaves_no_workdir_behind(trained, tmp_path):
 # --------------------------------------------------------------------------- #
 
 
-
 def test_cli_a_mistyped_override_on_a_trained_run_is_one_line(copy):
     """A typo in a field: "did you mean", exit 2, before anything is read or written."""
     data, run = copy
@@ -603,3 +602,30 @@ def test_cli_predict_without_output_is_one_line_and_writes_nothing(copy, tmp_pat
     assert result.stderr.count("\n") == 1 and not result.stdout
     assert snapshot(data, run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+
+
+def test_cli_a_tuple_override_given_twice_takes_the_last(tmp_path):
+    """It was concatenated ((32, 32, 64, 64)); --show_config runs no JAX and no workdir."""
+    command = [sys.executable, "-m", "medseg_jax.main", f"--config={ROOT / 'configs/unet.py'}",
+               "--show_config", "--config.data.image_size=(32,32)",
+               "--config.data.image_size=(64,64)"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [l for l in result.stdout.splitlines() if l.startswith("data.image_size =")]
+    assert len(lines) == 1 and lines[0].split("#")[0].split("=", 1)[1].strip() == "(64, 64)", \
+        lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_a_misspelled_field_in_a_config_file_is_refused(tmp_path):
+    """A config file that sets a field the package does not define: one line, the closest
+    name, exit 1, no workdir."""
+    config = tmp_path / "typo.py"
+    config.write_text("from medseg_jax.config import default_config\n\n\n"
+                      "def get_config():\n    c = default_config()\n"
+                      "    c.train.learnig_rate = 1e-4\n    return c\n")
+    result = cli(f"--workdir={tmp_path / 'run'}", config=str(config), tiny=False)
+    assert error_line(result, 1) == (
+        "medseg_jax: error: config.train.learnig_rate: config.train has no field "
+        "'learnig_rate'; did you mean 'learning_rate'?")
+    assert not (tmp_path / "run").exists()
