@@ -34,7 +34,8 @@ import logging as std_logging
 import os
 import re
 import sys
-import weakref
+import threading
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -49,8 +50,6 @@ DIGEST_NAME = "medseg_digest.json"
 DIGEST_ALGORITHM = "sha256"  # hardware-accelerated (SHA-NI) here: ~1.6 GB/s, blake2b ~0.8
 DAMAGED_SUFFIX = "_damaged"  # checkpoints/ -> checkpoints_damaged/<step>
 REASON_NAME = "medseg_damaged.txt"
-
-_open_checkpointers: weakref.WeakSet = weakref.WeakSet()
 
 
 class CheckpointDamaged(ValueError):
@@ -229,7 +228,7 @@ def structure_differences(saved, wanted) -> list[str]:
     return differ
 
 
-def _quiet_failed_read_leftovers() -> None:
+def install_quiet_reports() -> None:
     """Drops two known-harmless reports of an Orbax read that failed (its error is
     raised, and reported in one line, by ``restore``): Orbax runs the reads of all
     arrays in a private asyncio loop and closes it as soon as one fails; TensorStore
@@ -238,7 +237,8 @@ def _quiet_failed_read_leftovers() -> None:
     ``sys.unraisablehook``), and the failed sibling tasks are collected unretrieved
     (``Task exception was never retrieved``, logged by ``asyncio``; the same for the
     writes of a save that failed). Both would print tracebacks after the one-line
-    error; every other report still gets through."""
+    error; every other report still gets through. Called once by the entry point
+    (process-wide: a hook and a logging filter); calling it again changes nothing."""
     previous = sys.unraisablehook
     if not getattr(previous, "_medseg_closed_loop_filter", False):
 
@@ -277,8 +277,7 @@ class Checkpointer:
         """``keep_every_seconds`` > 0 also keeps a checkpoint every that many seconds of
         the run (to evaluate the model reached after 15, 30, ... minutes)."""
         self.directory = os.path.abspath(directory)
-        self.read_only = read_only
-        _quiet_failed_read_leftovers()  # before any Orbax read (listing, metadata, arrays)
+        self.read_only, self._closed = read_only, False
         self._pending: list[int] = []  # saved; digest written once Orbax has committed
         keep = [policies.LatestN(n=max(1, max_to_keep)),
                 policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1)]
@@ -293,7 +292,21 @@ class Checkpointer:
             enable_async_checkpointing=True,
         )
         self._manager = self._open_manager()
-        _open_checkpointers.add(self)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        """Closes; on an error, what closing meets is logged (the error in flight is the
+        one reported) and Orbax's background writes are waited for."""
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001
+            if error is None:
+                raise
+            logging.warning("closing %s: %s", self.directory, _first_line(e))
+        if error is not None:
+            join_background_writes()
 
     def _new_manager(self):
         return ocp.CheckpointManager(
@@ -318,10 +331,7 @@ class Checkpointer:
         return self._new_manager()
 
     def _step_folders(self) -> list[int]:
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(int(n) for n in os.listdir(self.directory)
-                      if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+        return steps_on_disk(self.directory)
 
     def _scan_step_folders(self) -> list[tuple[int, CheckpointDamaged]]:
         """(step, error) of every step folder whose digest, or whose Orbax JSON files
@@ -388,9 +398,11 @@ class Checkpointer:
             self.wait()
 
     def close(self) -> None:
-        if self not in _open_checkpointers:
+        """Waits for pending saves (their errors are raised), then closes Orbax's manager;
+        a second call does nothing."""
+        if self._closed:
             return
-        _open_checkpointers.discard(self)
+        self._closed = True
         try:
             self.wait()
         finally:
@@ -566,28 +578,14 @@ class Checkpointer:
             self._manager.reload()
 
 
-def close_all(timeout: float = 300.0) -> None:
-    """Closes every Checkpointer still open (a run stopped by an error): waits for
-    pending saves, then for Orbax's background writes (those of the other items of a
-    save that failed go on after its error; the process must not end under them:
-    their threads would report errors after the run's last line)."""
-    for checkpointer in list(_open_checkpointers):
-        try:
-            checkpointer.close()
-        except Exception as e:  # noqa: BLE001 (the run is already failing)
-            logging.warning("closing %s: %s", checkpointer.directory, _first_line(e))
-    _join_background_writes(timeout)
-
-
-def _join_background_writes(timeout: float) -> None:
+def join_background_writes(timeout: float = 300.0) -> None:
+    """Waits for Orbax's background writes (those of the other items of a save that
+    failed go on after its error: their threads must not report after the run's line)."""
     try:
         from orbax.checkpoint._src.futures import future as orbax_future  # noqa: PLC0415
         thread_class = orbax_future._SignalingThread
     except (ImportError, AttributeError):  # another Orbax version: nothing to wait for
         return
-    import threading  # noqa: PLC0415
-    import time  # noqa: PLC0415
-
     end = time.monotonic() + timeout
     for thread in threading.enumerate():
         if isinstance(thread, thread_class) and thread is not threading.current_thread():

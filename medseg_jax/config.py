@@ -5,18 +5,18 @@ directory; ``configs/*.py`` start from it.
 
 Every field can be overridden on the command line, e.g.
 ``--config.train.learning_rate=3e-4`` or ``--config.data.root=/data/Task04_Hippocampus``.
-Every numeric field has a constraint in ``NUMBERS`` (``check_numbers``: no JAX, no files,
-run before a run touches its workdir); ``check_fields`` refuses a field the package does
-not define (a misspelling); ``validate`` checks the rest. Nothing here imports JAX.
+Every numeric field has a constraint in ``NUMBERS`` (``check_numbers``) and
+``check_fields`` refuses a field the package does not define (a misspelling): both in
+``config_checks`` (no JAX, no files: run before a run touches its workdir), re-exported
+here; ``validate`` checks the rest. Nothing here imports JAX.
 """
-
-import difflib
-import math
 
 import ml_collections
 
-from medseg_jax import architectures, geometry, postprocess
+from medseg_jax import architectures, config_checks, geometry, postprocess
 from medseg_jax.config_augment import default_augment_config, nnunet_augment_config
+from medseg_jax.config_checks import (  # noqa: F401 (re-exported)
+    NUMBERS, PROBABILITY_PREFIX, SWEEP_FIELDS, Number, check_numbers, dotted_value)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -249,11 +249,6 @@ def study_section() -> ml_collections.ConfigDict:
     return b
 
 
-# The sweep's lists (config.benchmark.sweep) and the train fields they set.
-SWEEP_FIELDS = (("learning_rates", "learning_rate", float), ("batch_sizes", "batch_size", int),
-                ("num_epochs", "num_epochs", int), ("patience", "patience", int))
-
-
 def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """nnU-Net's training recipe, beside the study's protocol, the same for every
     architecture (the comparison stays fair): a plan from the data (patch, spacing,
@@ -316,186 +311,6 @@ def input_divisor(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return geometry.total_stride(pools, dims)
 
 
-def _get(config, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = value[part]
-    return value
-
-
-
-# --------------------------------------------------------------------------- #
-# Numbers: every numeric field and the values it takes
-# --------------------------------------------------------------------------- #
-
-
-class Number:
-    """A numeric field's constraint: ``int`` or ``float``, ``lo`` / ``hi`` bounds
-    (``open_lo`` / ``open_hi``: excluded), ``note`` for the message (what 0 means)."""
-
-    def __init__(self, kind=float, lo=None, hi=None, open_lo=False, open_hi=False,
-                 note="", planned=False):
-        self.kind, self.lo, self.hi = kind, lo, hi
-        self.open_lo, self.open_hi, self.note = open_lo, open_hi, note
-        self.planned = planned  # 0 is "to the plan" while data.plan="auto"
-
-    def bound(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            return (f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}"
-                    f"{')' if self.open_hi else ']'}")
-        if self.lo is not None:
-            return f"{'>' if self.open_lo else '>='} {self.lo:g}"
-        return f"{'<' if self.open_hi else '<='} {self.hi:g}"
-
-    def problem(self, value) -> str | None:
-        """What is wrong with ``value`` (None: nothing)."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"must be a number, got {value!r}"
-        if not math.isfinite(value):
-            return f"must be a finite number, got {value!r}"
-        if self.kind is int and value != int(value):
-            return f"must be a whole number, got {value!r}"
-        low = self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo)
-        high = self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi)
-        if low or high:
-            note = f" ({self.note})" if self.note else ""
-            return f"must be {self.bound()}{note}, got {value!r}"
-        return None
-
-
-_COUNT, _NONNEG, _PROB = Number(int, 1), Number(int, 0), Number(float, 0, 1)
-_PLANNED = Number(int, 1, planned=True)  # 0 only while data.plan="auto" fills it
-
-# Every numeric field of a config (default_config, the augment section, the models'
-# own fields, study_section's "benchmark.*") and what it must be. A field given as a
-# tuple of numbers is checked entry by entry ("entries"); "range" is an ordered pair
-# (lo <= hi); "angle" a range or one number d >= 0 for [-d, d].
-NUMBERS = {
-    "seed": Number(int, 0),
-    "data.synthetic_seed": Number(int, 0),
-    "data.synthetic_cases": _COUNT,
-    "data.synthetic_size": _COUNT,
-    "data.synthetic_depth": _COUNT,
-    "data.image_size": ("entries", _PLANNED),
-    "data.slice_axis": Number(int, 0, 2),
-    "data.context_slices": Number(int, 0),
-    "data.target_spacing": ("entries", Number(float, 0, open_lo=True)),
-    "data.split_fractions": ("entries", _PROB),
-    "data.foreground_fraction": _PROB,
-    "data.max_case_gib": Number(float, 0, note="0: half of physical memory"),
-    "data.num_workers": Number(int, 0, note="0: read in the main process"),
-    "model.spatial_dims": Number(int, 2, 3),
-    "model.base_features": _PLANNED,
-    "model.depth": _PLANNED,
-    "model.max_features": Number(int, 0, note="0: no cap"),
-    "model.pool_sizes": ("entries", _COUNT),
-    "model.kernel_sizes": ("entries", _COUNT),
-    "model.dropout_rate": Number(float, 0, 1, open_hi=True),
-    "model.blocks_per_stage": ("entries", _COUNT),
-    "model.decoder_convs": _COUNT,
-    "train.batch_size": _PLANNED,
-    "train.learning_rate": Number(float, 0, open_lo=True),
-    "train.momentum": Number(float, 0, 1, open_hi=True),
-    "train.weight_decay": Number(float, 0),
-    "train.grad_clip_norm": Number(float, 0, note="0: no clipping"),
-    "train.num_epochs": _COUNT,
-    "train.steps_per_epoch": Number(int, 0, note="0: one pass"),
-    "train.budget_minutes": Number(float, 0, note="0: off"),
-    "train.val_max_samples": Number(int, 0, note="0: all"),
-    "train.patience": Number(int, 0, note="0: no early stopping"),
-    "train.min_delta": Number(float, 0),
-    "train.freeze_encoder_epochs": Number(int, 0),
-    "train.dice_weight": Number(float, 0),
-    "train.ce_weight": Number(float, 0),
-    "train.log_every_steps": _COUNT,
-    "train.prefetch": _COUNT,
-    "train.checkpoint_max_to_keep": _COUNT,
-    "train.keep_every_minutes": Number(float, 0, note="0: off"),
-    "augment.rotate_degrees": ("angle", Number(float, -360, 360)),
-    "augment.scale_range": ("range", Number(float, 0, open_lo=True)),
-    "augment.flip_axes": ("entries", Number(int, 0, 2)),
-    "augment.brightness_range": ("range", Number(float, 0)),
-    "augment.contrast_range": ("range", Number(float, 0)),
-    "augment.gamma_range": ("range", Number(float, 0, open_lo=True)),
-    "augment.noise_std": Number(float, 0),
-    "augment.scale_axes": ("entries", Number(int, 0, 2)),
-    "augment.blur_sigma": ("range", Number(float, 0, open_lo=True)),
-    "augment.lowres_range": ("range", Number(float, 0, 1, open_lo=True)),
-    "augment.lowres_axes": ("entries", Number(int, 0, 2)),
-    "eval.batch_size": _COUNT,
-    "eval.sw_overlap": Number(float, 0, 1, open_hi=True),
-    "eval.nsd_tolerance_mm": Number(float, 0),
-    "eval.bootstrap_samples": _COUNT,
-    "benchmark.budget_minutes": Number(float, 0, note="0: off"),
-    "benchmark.image_size_3d": ("entries", _COUNT),
-    "benchmark.batch_size_3d": Number(int, 0, note="0: from the plan"),
-    "benchmark.freeze_encoder_epochs": Number(int, 0),
-}
-# The augmentation probabilities: augment.p_* (every one, also those added later).
-PROBABILITY_PREFIX = "augment.p_"
-
-
-def _numbers_of(config) -> dict:
-    """``{dotted: value}`` of the config's fields that NUMBERS or the probability rule
-    constrain (the fields it has)."""
-    out = {}
-    for dotted in NUMBERS:
-        try:
-            out[dotted] = _get(config, dotted)
-        except (KeyError, AttributeError):
-            continue
-    if "augment" in config:
-        for key in config.augment:
-            if f"augment.{key}".startswith(PROBABILITY_PREFIX):
-                out[f"augment.{key}"] = config.augment[key]
-    return out
-
-
-def check_numbers(config: ml_collections.ConfigDict) -> None:
-    """Checks every numeric field against NUMBERS (augment.p_*: in [0, 1]); no JAX, no
-    files: run before anything else. Raises ValueError naming the first bad field. Checks
-    the fields the config has (a section it lacks is skipped: hence the ``.get``s)."""
-    planned = str(config.get("data", {}).get("plan", "")) == "auto"
-    for dotted, value in _numbers_of(config).items():
-        rule = NUMBERS.get(dotted, _PROB)
-        shape, rule = rule if isinstance(rule, tuple) else ("number", rule)
-        if rule.planned and planned and value in (0, ()):
-            continue  # filled from the data
-        if shape == "number":
-            problem = rule.problem(value)
-        elif not isinstance(value, (tuple, list)):
-            if shape == "angle":  # one number d: [-d, d]
-                problem = rule.problem(value) or (None if value >= 0 else
-                                                  f"must be >= 0 (for [-d, d]), got {value!r}")
-            else:
-                problem = f"must be a tuple of numbers, got {value!r}"
-        elif shape == "entries":
-            flat = [v for entry in value
-                    for v in (entry if isinstance(entry, (tuple, list)) else (entry,))]
-            problem = next((f"entry {v!r}: {p}" for v in flat
-                            if (p := rule.problem(v)) is not None), None)
-        else:  # an ordered pair
-            problem = next((p for v in value if (p := rule.problem(v)) is not None), None)
-            if problem is None and (len(value) != 2 or value[0] > value[1]):
-                problem = f"must be a pair (lo, hi) with lo <= hi, got {tuple(value)!r}"
-        if problem:
-            raise ValueError(f"config.{dotted}: {problem}")
-    sweep = config.get("benchmark", {}).get("sweep", {})
-    for name, field, cast in SWEEP_FIELDS:  # each swept value, as its train field's
-        for entry in str(sweep.get(name, "")).split(","):
-            try:
-                problem = NUMBERS[f"train.{field}"].problem(cast(entry.strip()))
-            except ValueError:  # not a number: named by the study (study.sweep_grid)
-                continue
-            if problem:
-                raise ValueError(f"config.benchmark.sweep.{name}: entry {entry.strip()!r} "
-                                 f"(train.{field}): {problem}")
-    train = config.get("train", {})
-    if "dice_weight" in train and not (train.dice_weight > 0 or train.ce_weight > 0):
-        raise ValueError("config.train.dice_weight / ce_weight: both 0 leave no loss to "
-                         "train on; give one a weight > 0")
-
-
 def profile_steps(spec: str) -> tuple[int, int] | None:
     """``train.profile_steps``: "A:B" -> (A, B), "" -> None; ValueError naming the field."""
     spec = str(spec).strip()
@@ -510,34 +325,8 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
-    """Every field of ``config`` is one the package defines: ``default_config``'s (and
-    ``study_section``'s in a study config), in ``model`` the architecture's own too (in a
-    study, any architecture's). A misspelled field in a config file would otherwise be
-    added and ignored. No JAX, no files. Raises ValueError naming the first unknown field
-    and the closest known one."""
-    known = default_config().to_dict()
-    if "benchmark" in config:
-        known["benchmark"] = study_section().to_dict()
-    models = architectures.fields()
-    name = config.get("model", {}).get("name")
-    own = ([models[name]] if name in models and "benchmark" not in config
-           else list(models.values()))  # a study keeps each architecture's own fields
-    known["model"] = {"name": name, **{f: d for fields in own for f, d in fields.items()}}
-    _check_known(config, known, "config")
-
-
-def _check_known(values, known: dict, where: str) -> None:
-    for key in values:
-        if key not in known:
-            owners = [m for m, f in architectures.extras().items() if key in f]
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = (f"a field of model {owners[0]} (configs/{owners[0]}.py)"
-                    if where == "config.model" and owners else
-                    f"did you mean {close[0]!r}?" if close else
-                    f"valid: {', '.join(sorted(known))}")
-            raise ValueError(f"{where}.{key}: {where} has no field {key!r}; {hint}")
-        if isinstance(known[key], dict) and hasattr(values[key], "keys"):
-            _check_known(values[key], known[key], f"{where}.{key}")
+    """``config_checks.check_fields`` against ``default_config`` and ``study_section``."""
+    config_checks.check_fields(config, default_config().to_dict(), study_section().to_dict())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -556,9 +345,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.model.{key}: {config.model.name} has no field {key!r}; "
                              f"valid: name, {', '.join(sorted(valid))}")
     for field, choices in _CHOICES.items():
-        if _get(config, field) not in choices:
+        if (value := dotted_value(config, field)) not in choices:
             raise ValueError(
-                f"config.{field}: {_get(config, field)!r} is not one of "
+                f"config.{field}: {value!r} is not one of "
                 f"{', '.join(map(str, choices))}")
     dims = config.model.spatial_dims
     size = tuple(config.data.image_size)
@@ -576,8 +365,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.image_size: {size} must be positive multiples of {what}")
     for field in ("train.batch_size", "model.base_features"):  # 0 before the plan
-        if int(_get(config, field)) <= 0:
-            raise ValueError(f"config.{field}: must be positive, got {_get(config, field)}")
+        if int(value := dotted_value(config, field)) <= 0:
+            raise ValueError(f"config.{field}: must be positive, got {value}")
     fractions = tuple(config.data.split_fractions)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(

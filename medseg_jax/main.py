@@ -118,6 +118,8 @@ def main(argv):
     # After flag parsing; the distributed runtime before any other JAX call.
     from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
 
+    checkpoint.install_quiet_reports()  # before any Orbax read or write
+
     sharding.set_cpu_flags(FLAGS.config)  # XLA flags from the config, before the backend starts
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.distributed)
@@ -146,12 +148,12 @@ def main(argv):
     except USER_ERRORS as e:
         if FLAGS.traceback:
             raise
-        checkpoint.close_all()  # what closing reports comes before the line, not after
+        checkpoint.join_background_writes()  # what they report comes before the line
         print(f"medseg_jax: error: {_one_line(_disk_full(e, checkpoint) or e)}",
               file=sys.stderr)
         sys.exit(1)
     finally:  # a run stopped by an error: no Orbax thread left to report after the line
-        checkpoint.close_all()
+        checkpoint.join_background_writes()
 
 
 def _disk_full(e: BaseException, checkpoint) -> str | None:

@@ -327,11 +327,9 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
     # The optimizer state is restored too: the schedule length does not change shapes.
     setup = initialize(config, dataset.num_classes, dataset.num_channels, 1, mesh,
                        abstract=True)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    try:  # verified first: a damaged checkpoint is named with the kept steps that verify
-        step, state, meta = checkpointer.restore_chosen(which, setup.state)
-    finally:
-        checkpointer.close()
+    # Verified first: a damaged checkpoint is named with the kept steps that verify.
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+        step, state, meta = ckpt.restore_chosen(which, setup.state)
     swap = laterality.label_permutation(config, dataset.labels, dataset.num_classes)
     return Run(config, workdir, mesh, plans, dataset, setup.model, state, step,
                meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh, swap=swap))

@@ -140,52 +140,51 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
                  config.model.spatial_dims, config.model.base_features, config.model.depth,
                  f"{count_params(state.params):,}")
 
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.train.checkpoint_max_to_keep,
-        keep_every_seconds=60 * float(config.train.keep_every_minutes))
-    meta = {"epoch": -1, "best_val_loss": float("inf"), "bad_epochs": 0,
-            "best_val_dice": -1.0, "best_epoch": -1, "stopped": False}
-    # The newest checkpoint that verifies; damaged ones are moved aside with a warning.
-    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state,
-                                                                  sharding.replicated(mesh)))
-    latest = restored[0] if restored else None
-    # Once the data are read and the checkpoint restored: a failed start changes nothing.
-    workdir_lib.write_config(config, workdir, latest or 0)
-    planning.write(plan, workdir)
-    if latest is not None:
-        _, state, meta = restored
-        meta.pop("epoch_progress", None)  # older checkpoints: the step alone resumes
-        done = latest % steps_per_epoch or steps_per_epoch
-        logging.info("Resumed from the checkpoint of step %d (epoch %d, %d of %d steps done)",
-                     latest, (latest - done) // steps_per_epoch + 1, done, steps_per_epoch)
-    elif config.train.init_from:
-        state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
-    log = writers.create(workdir, int(state.step),
-                         [n for v, n in sorted(dataset.labels.items()) if v != 0],
-                         tensorboard=config.train.tensorboard)
-    if meta["stopped"] or int(state.step) >= total_steps:
-        logging.info("Training already finished (epoch %d, stopped early: %s)",
-                     meta["epoch"] + 1, meta["stopped"])
-        checkpointer.close()
-        log.close()
-        return (meta, state) if return_state else meta
-
-    t_run, stop = time.time(), threading.Event()
-    with _sigterm_sets(stop):
-        try:
-            loop = loop_lib.Loop(config, workdir, checkpointer, log, setup.train_fn,
-                                 setup.eval_fn, mesh, train_samples, val_samples,
-                                 steps_per_epoch, stop,
-                                 *_overlay_setup(config, mesh, val_samples))
-            state = loop.run(state, meta)
-        except FloatingPointError as e:  # the next resume may lower the rate or clip
-            workdir_lib.record_divergence(workdir, getattr(e, "step", -1))
-            raise
-        finally:  # also on Ctrl-C or SIGTERM: let a pending checkpoint save finish
-            checkpointer.close()
+    with ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), config.train.checkpoint_max_to_keep,
+            keep_every_seconds=60 * float(config.train.keep_every_minutes)) as checkpointer:
+        meta = {"epoch": -1, "best_val_loss": float("inf"), "bad_epochs": 0,
+                "best_val_dice": -1.0, "best_epoch": -1, "stopped": False}
+        # The newest checkpoint that verifies; damaged ones are moved aside with a warning.
+        restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state,
+                                                                      sharding.replicated(mesh)))
+        latest = restored[0] if restored else None
+        # Once the data are read and the checkpoint restored: a failed start changes nothing.
+        workdir_lib.write_config(config, workdir, latest or 0)
+        planning.write(plan, workdir)
+        if latest is not None:
+            _, state, meta = restored
+            meta.pop("epoch_progress", None)  # older checkpoints: the step alone resumes
+            done = latest % steps_per_epoch or steps_per_epoch
+            logging.info("Resumed from the checkpoint of step %d (epoch %d, %d of %d steps done)",
+                         latest, (latest - done) // steps_per_epoch + 1, done, steps_per_epoch)
+        elif config.train.init_from:
+            state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
+        log = writers.create(workdir, int(state.step),
+                             [n for v, n in sorted(dataset.labels.items()) if v != 0],
+                             tensorboard=config.train.tensorboard)
+        if meta["stopped"] or int(state.step) >= total_steps:
+            logging.info("Training already finished (epoch %d, stopped early: %s)",
+                         meta["epoch"] + 1, meta["stopped"])
             log.close()
-    logging.info("Training finished in %s", loop_lib.fmt_seconds(time.time() - t_run))
-    return (meta, state) if return_state else meta
+            return (meta, state) if return_state else meta
+
+        t_run, stop = time.time(), threading.Event()
+        with _sigterm_sets(stop):
+            try:
+                loop = loop_lib.Loop(config, workdir, checkpointer, log, setup.train_fn,
+                                     setup.eval_fn, mesh, train_samples, val_samples,
+                                     steps_per_epoch, stop,
+                                     *_overlay_setup(config, mesh, val_samples))
+                state = loop.run(state, meta)
+            except FloatingPointError as e:  # the next resume may lower the rate or clip
+                workdir_lib.record_divergence(workdir, getattr(e, "step", -1))
+                raise
+            finally:  # also on Ctrl-C or SIGTERM: let a pending checkpoint save finish
+                checkpointer.close()
+                log.close()
+        logging.info("Training finished in %s", loop_lib.fmt_seconds(time.time() - t_run))
+        return (meta, state) if return_state else meta
 
 
 def _overlay_setup(config, mesh, val_samples) -> tuple[int | None, Any]:

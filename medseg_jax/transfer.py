@@ -58,12 +58,9 @@ def load_pretrained(state, source_workdir: str, mesh):
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"config.train.init_from: {directory} not found: "
                                 f"{source_workdir} holds no training run")
-    reader = ckpt_lib.Checkpointer(directory, read_only=True)
-    try:
+    with ckpt_lib.Checkpointer(directory, read_only=True) as reader:
         step = reader.resolve("best")
         reader.verify(step)  # its files as saved (CheckpointDamaged naming it otherwise)
-    finally:
-        reader.close()
     source = _restore_as_saved(directory, step)
     repl = sharding.replicated(mesh)
     copied, kept, total = [], [], 0

@@ -69,6 +69,14 @@ def tiny_recipe_config(**overrides):
     return override(config, overrides)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_reports():
+    """As the entry point does: no report of a failed Orbax read's leftovers."""
+    from medseg_jax import checkpoint
+
+    checkpoint.install_quiet_reports()
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config

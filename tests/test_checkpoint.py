@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -172,7 +173,9 @@ def test_unretrieved_errors_of_abandoned_writes_are_not_reported(tmp_path, caplo
     import asyncio
     import gc
 
-    ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).close()  # installs the filter
+    ckpt_lib.install_quiet_reports()  # as the entry point does; a second call adds nothing
+    assert sum(isinstance(f, ckpt_lib._UnretrievedTaskFilter)
+               for f in logging.getLogger("asyncio").filters) == 1
 
     async def write():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -187,3 +190,22 @@ def test_unretrieved_errors_of_abandoned_writes_are_not_reported(tmp_path, caplo
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
     logging.getLogger("asyncio").error("Unrelated failure")  # other reports get through
     assert [r.getMessage() for r in caplog.records] == ["Unrelated failure"]
+
+
+def test_a_checkpointer_closes_on_leaving_its_block_also_on_an_error(tmp_path):
+    """``with Checkpointer(...)``: the pending save is finished (its digest written)
+    and the manager closed when the block ends by an error, which goes through
+    unchanged; constructing one installs nothing process-wide."""
+    hook, filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
+    directory = tmp_path / "checkpoints"
+    with pytest.raises(KeyError, match="in the block"):
+        with ckpt_lib.Checkpointer(str(directory)) as ck:
+            assert sys.unraisablehook is hook
+            assert logging.getLogger("asyncio").filters == filters
+            ck.save(1, {"w": np.zeros((4,), np.float32)}, {"epoch": 1}, {"val_dice": 0.5})
+            raise KeyError("in the block")
+    assert (directory / "1" / ckpt_lib.DIGEST_NAME).is_file()
+    assert ck._closed
+    ck.close()  # a second close does nothing
+    with ckpt_lib.Checkpointer(str(directory), read_only=True) as ck:
+        assert ck.all_steps() == [1] and ck.verify(1)

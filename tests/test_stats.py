@@ -60,8 +60,8 @@ def test_paired_wilcoxon_known_inputs():
 
 
 def test_bootstrap_ci_agrees_with_scipy_percentile_bootstrap():
-    """Same method (percentile interval of the resampled means) as scipy.stats.bootstrap;
-    the resamples differ, so the bounds agree to the Monte Carlo error."""
+    """The percentile interval of the resampled means, as scipy.stats.bootstrap gives it;
+    with other resamples the bounds agree to the Monte Carlo error."""
     from scipy.stats import bootstrap as scipy_bootstrap
 
     values = np.random.default_rng(3).gamma(2.0, 1.0, size=60)
