@@ -566,8 +566,8 @@ def test_resenc_config_fields_are_validated():
             ("blocks_per_stage", (1, 0), "config.model.blocks_per_stage: entry 0: must be >= 1"),
             ("blocks_per_stage", 3, "config.model.blocks_per_stage: must be a tuple of numbers"),
             ("decoder_convs", 0, "config.model.decoder_convs: must be >= 1, got 0"),
-            ("dropout_rate", 0.1, "config.model.dropout_rate: resenc_unet has no field "
-                                  "'dropout_rate'")]:
+            ("dropout_rate", 0.1, "config.model.dropout_rate: config.model has no field "
+                                  "'dropout_rate'; a field of model fcn")]:
         bad = config_lib.default_config()
         bad.model.name = "resenc_unet"
         bad.model[field] = value
