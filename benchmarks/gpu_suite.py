@@ -1,4 +1,4 @@
-"""The GPU benchmark suite: every figure the README's GPU rows need, in one run.
+"""The GPU benchmark suite: every figure the GPU results page needs, in one run.
 
   benchmarks/gpu_suite.sh OUTDIR [--dry_run] [flags below]     # set-up, then this script
   python benchmarks/gpu_suite.py --outdir=OUTDIR [--dry_run]    # when the set-up is done
@@ -23,7 +23,7 @@ a crash or a timeout of one item is recorded and the rest go on):
 
 The data are read from the repository's data_carry/ folder (prepared by
 benchmarks/prepare_data_carry.sh) unless --hippocampus_root / --hc18_root say otherwise.
-OUTDIR/gpu_suite.json (all figures) and OUTDIR/gpu_suite.md (tables for the README) are
+OUTDIR/gpu_suite.json (all figures) and OUTDIR/gpu_suite.md (tables for docs/results) are
 rewritten after every item, so a run cut short keeps what it measured. The time limits
 add up to --total_s (default 540 s; a stage's unused time passes to the next ones).
 ``--dry_run``: every stage on the CPU at toy sizes (the embedded synthetic data unless

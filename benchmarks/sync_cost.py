@@ -10,8 +10,8 @@ then the digest's atomic write) and without them (``fileio``'s syncs replaced by
 no-ops; TensorStore's own syncs of the arrays stay). Prints the median ms per save of
 each, the difference and that difference as a share of an epoch:
 
-- ``configs/unet.py`` as is (2D U-Net, base 16, depth 4); its epoch: 85 s (README,
-  the default run on two CPU cores);
+- ``configs/unet.py`` as is (2D U-Net, base 16, depth 4); its epoch: 85 s
+  (docs/results/study.md, the default run on two CPU cores);
 - ``configs/unet_3d.py`` with the plan made from Hippocampus (``--hippocampus``; without
   the data: base 16, depth 4, 3 classes); its epoch: 250 steps of 0.8 s and a
   validation, about 240 s on two CPU cores (configs/unet_3d.py).

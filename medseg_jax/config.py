@@ -172,7 +172,7 @@ def default_config() -> ml_collections.ConfigDict:
     train.tensorboard = True
     train.compilation_cache_dir = "~/.cache/medseg_jax/jit"  # empty: off
     # False: XLA:CPU's YNNPACK fusions for reductions only, not convolutions: 2-5x faster
-    # training on the CPUs measured (README "Performance"; numbers change in the last
+    # training on the CPUs measured (docs/performance.md; numbers change in the last
     # bits). True: XLA's defaults. Set once, at the start of the process (python -m
     # medseg_jax.main), where the CPU is the only backend, jaxlib 0.10 (sharding.py).
     train.xla_cpu_ynn = False
@@ -191,7 +191,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Sliding window size: "patch" (data.image_size, the training patch; nnU-Net's) or
     # "whole" (one window over the whole case or slice, padded up to the network's total
     # pooling and never smaller than the patch: fewer, larger inputs; as MONAI's
-    # roi_size, set to the image; README "Evaluation windows").
+    # roi_size, set to the image; docs/evaluation.md, "Evaluation windows").
     ev.sw_window = "patch"
     # Test-time augmentation: average the softmax over every combination of the axes
     # training mirrors (augment.flip_axes, empty: all; none with augment.p_flip = 0).

@@ -109,7 +109,7 @@ def _env_int(name: str) -> int | None:
 # jaxlib versions in which the flag below was measured: an XLA flag or value that a jaxlib
 # does not know aborts the process, so a later jaxlib is not given it until measured there.
 # 0.11 and 0.12 (Python >= 3.12 only): known, and the float32 step 1.1-1.3x faster with it
-# (README "Performance", 2026-12-07).
+# (docs/results/cpu_parity.md).
 _YNN_FLAG_FROM, _YNN_FLAG_TO = (0, 10), (0, 12)
 # YNNPACK's fusions kept: its reductions (BatchNorm's statistics and their gradients) are
 # 10x faster than XLA's own; its convolutions are 2-2.5x slower than XLA's other path.
@@ -163,8 +163,8 @@ def set_cpu_flags(config) -> bool:
     """Before the backend starts: ``train.xla_cpu_ynn=False`` (the default) keeps XLA:CPU's
     YNNPACK fusions for reductions only (``CPU_YNN_FLAG``): convolutions by XLA's other
     path, 2-2.5x faster on the shallow layers, BatchNorm's reductions still by YNNPACK. A
-    float32 2D U-Net step 2.0x faster on an Intel Xeon (AMX), 4.9x on an AMD Zen 3 (README
-    "Performance"; the results change in the last bits). Set only where the CPU backend is
+    float32 2D U-Net step 2.0x faster on an Intel Xeon (AMX), 4.9x on an AMD Zen 3
+    (docs/results/cpu_parity.md; the results change in the last bits). Set only where the CPU backend is
     the only one (``cpu_only``: a GPU or TPU plugin's own XLA parses XLA_FLAGS too) and on
     the jaxlib versions it was measured with. Returns whether it is set."""
     if config.train.xla_cpu_ynn:

@@ -1,6 +1,6 @@
 """Bad input and bad config against a workdir that already holds a run: each gives a
 one-line error naming the file, case or field and the fault, and nothing already
-written changes. README "Failure modes and recovery" lists these messages."""
+written changes. docs/troubleshooting.md lists these messages."""
 
 import gzip
 import hashlib

@@ -433,7 +433,7 @@ def test_figure_maps_come_from_the_model():
     assert models.figure_maps(tiny("unet", 2), tiny_variables("unet", 2), x) == {}
 
 
-# Parameter counts of the README's Models table (default config: base 16, depth 4, 2D;
+# Parameter counts of the Models table in docs/training.md (default config: base 16, depth 4, 2D;
 # and base 32, depth 4, 2D / 3D), two classes.
 PARAMS = {("unet", 16, 2): 482_466, ("fcn", 16, 2): 656_086,
           ("attention_unet", 16, 2): 496_245,

@@ -97,7 +97,7 @@ def pipeline_items(dry: bool, opts: dict) -> list[dict]:
              "model": "unet", "base": 4, "depth": 3},
         ]
     tta = time_to_accuracy_overrides(opts, dry)
-    return [  # the README's configurations: Hippocampus 2D, the 3D run below, HC18 spacing
+    return [  # the configurations of docs/results/speed.md: Hippocampus 2D, the 3D run below, HC18 spacing
         {"id": "hippocampus-2d", "root": hip, "image_size": [64, 64], "batch": 16,
          "in_plane": "resize", "workers": workers, "model": "unet", "base": 16, "depth": 4},
         {"id": "hippocampus-3d", "root": hip, "image_size": list(tta["image_size"]),

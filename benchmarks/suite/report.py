@@ -1,5 +1,5 @@
 """The report: gpu_suite.json's ``summary`` (the faster layer_impl per layer and per model,
-the input pipeline's ratios) and gpu_suite.md, one table per stage for the README. Reads
+the input pipeline's ratios) and gpu_suite.md, one table per stage for docs/results. Reads
 the report as the driver keeps it; no jax.
 """
 

@@ -29,7 +29,7 @@ from medseg_jax.geometry import level_geometry, per_axis as _per_axis, total_str
 
 NORMS = ("batch", "instance", "none")
 LAYER_IMPLS = ("auto", "reshape", "lax")
-# What "auto" picks, per backend and layer. CPU: measured (README "Performance": the
+# What "auto" picks, per backend and layer. CPU: measured (docs/results/cpu_parity.md: the
 # reshape forms are 4-9x / ~10x faster in the backward pass on XLA:CPU). GPU: the
 # matmul form avoids cuDNN's slow transposed-convolution gradients (jax#8537,
 # jax#31662) and turns the layer into a tensor-core matmul; max pooling uses XLA's
@@ -165,7 +165,7 @@ class UpConv(nn.Module):
     ``prod(factors) * features`` channels and a depth-to-space reshape: same parameters
     (names, shapes, initialisers) and outputs as the transposed convolution (whose kernel
     it flips), and XLA's CPU backend runs the matmul and its gradient 4-9x faster
-    (README "Performance"). ``impl="lax"`` is ``lax.conv_transpose`` itself.
+    (docs/results/cpu_parity.md). ``impl="lax"`` is ``lax.conv_transpose`` itself.
     """
 
     features: int
