@@ -168,13 +168,15 @@ def default_config() -> ml_collections.ConfigDict:
     # 15, 30 and 60 minutes give: --config.eval.checkpoint=<step>.
     train.keep_every_minutes = 0.0
     # TensorBoard event files in the workdir (the logged scalars and a validation overlay
-    # image per epoch), beside metrics.jsonl: `tensorboard --logdir runs`.
+    # image per epoch), beside metrics.jsonl: `tensorboard --logdir runs` (the viewer:
+    # pip install -e '.[tensorboard]').
     train.tensorboard = True
     train.compilation_cache_dir = "~/.cache/medseg_jax/jit"  # empty: off
     # False: XLA:CPU's YNNPACK fusions for reductions only, not convolutions: 2-5x faster
     # training on the CPUs measured (docs/performance.md; numbers change in the last
     # bits). True: XLA's defaults. Set once, at the start of the process (python -m
-    # medseg_jax.main), where the CPU is the only backend, jaxlib 0.10 (sharding.py).
+    # medseg_jax.main), where the CPU is the only backend, jaxlib 0.10 to 0.12
+    # (sharding.py).
     train.xla_cpu_ynn = False
 
     # --- augmentation -----------------------------------------------------
