@@ -256,3 +256,19 @@ def test_max_case_gib_may_change_within_a_run():
     assert workdir.config_differences(before, after) == []
     after["data"]["slice_axis"] = 1
     assert workdir.config_differences(before, after) == ["data.slice_axis: 2 -> 1"]
+
+
+def test_normalisation_keeps_the_float32_bits_of_earlier_versions():
+    """Ordinary intensities are normalised with float32 statistics, bit for bit as before
+    (runs and caches made earlier are reproduced); only overflowing ones take float64."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(300, 50, (1, 32, 32, 8)).astype(np.float32)
+    x = image[0]
+    expected = (x - x.mean()) / max(float(x.std()), 1e-8)
+    np.testing.assert_array_equal(preprocess.normalize(image, [{"scheme": "zscore"}])[0],
+                                  expected)
+    ct = rng.integers(-1024, 2000, (1, 16, 16, 4)).astype(np.int16)
+    entry = {"scheme": "ct", "lo": -500.0, "hi": 1500.0, "mean": 100.0, "std": 300.0}
+    x = ct[0].astype(np.float32)
+    np.testing.assert_array_equal(preprocess.normalize(ct, [entry])[0],
+                                  (np.clip(x, -500.0, 1500.0) - 100.0) / 300.0)

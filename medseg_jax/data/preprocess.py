@@ -102,13 +102,18 @@ def intensity_plan(modalities: tuple[str, ...], images: list[np.ndarray],
 def normalize(image: np.ndarray, plan: list[dict], where: str = "image") -> np.ndarray:
     """(C, *spatial) raw intensities -> float32 normalised, per the channel plan.
 
-    Statistics are computed in float64, so any float32 intensities work; a result that
-    float32 cannot hold (non-finite), or a non-constant channel flattened to one value,
-    is a ValueError naming ``where`` (the case's file)."""
+    In float32, as earlier versions computed it (the same bits, so runs and caches made
+    with them are reproduced), wherever that gives a finite result; where float32
+    statistics overflow (intensities near 1e19 and above), the statistics are computed in
+    float64 instead, so any float32 intensities work. A result that float32 cannot hold
+    (non-finite), or a non-constant channel flattened to one value, is a ValueError naming
+    ``where`` (the case's file)."""
     if len(plan) != image.shape[0]:
         raise ValueError(f"image has {image.shape[0]} channels, the plan {len(plan)}")
     out = np.empty(image.shape, np.float32)
     for c, entry in enumerate(plan):
+        if _normalize_float32(image[c], entry, out[c]):
+            continue
         x = out[c]
         raw_lo, raw_hi = (float(image[c].min()), float(image[c].max())) if x.size else (0, 0)
         if entry["scheme"] == "ct":
@@ -128,6 +133,27 @@ def normalize(image: np.ndarray, plan: list[dict], where: str = "image") -> np.n
         _check_normalised(x, (raw_lo, raw_hi), (mean, std), f"{where}: channel {c}",
                           zscore=entry["scheme"] != "ct")
     return out
+
+
+def _normalize_float32(channel: np.ndarray, entry: dict, out: np.ndarray) -> bool:
+    """The channel normalised with float32 statistics into ``out``; False (``out`` to be
+    overwritten) where they overflow: a non-finite result, or a non-constant channel
+    flattened to one value by an infinite std."""
+    x = channel.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if entry["scheme"] == "ct":
+            y = (np.clip(x, entry["lo"], entry["hi"]) - entry["mean"]) / entry["std"]
+        else:
+            y = (x - x.mean()) / max(float(x.std()), 1e-8)
+    if not y.size:
+        return True
+    lo, hi = float(y.min()), float(y.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return False
+    if entry["scheme"] != "ct" and lo == hi and float(x.min()) < float(x.max()):
+        return False
+    out[...] = y
+    return True
 
 
 def _check_normalised(x: np.ndarray, raw: tuple[float, float], stats: tuple[float, float],
