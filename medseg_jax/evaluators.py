@@ -7,8 +7,8 @@ writes in the epoch's row and to TensorBoard.
 - ``overlay``: one validation sample with its reference (green) and predicted (red)
   outlines (``epoch/val_overlay``; only with ``train.tensorboard``).
 
-The best-checkpoint score (``train.best_metric`` smoothed by ``train.best_ema``) is
-``update_best``: a pure function of the previous epoch's meta and this epoch's value.
+The best-checkpoint score (``train.best_metric`` smoothed by ``train.best_ema``) is kept
+by ``update_best`` in the checkpoint's meta, so a resumed run continues it.
 """
 
 from __future__ import annotations
