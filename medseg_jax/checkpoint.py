@@ -1,28 +1,27 @@
-"""Orbax checkpoints: the latest ones (for resume) and the best by validation Dice,
+"""Orbax checkpoints: the latest ones (for resume) and the best by ``train.best_metric``,
 each verified before it is restored.
 
 Each checkpoint holds two items: ``state`` (the TrainState pytree: step, params,
-batch_stats, optimizer state) and ``meta`` (JSON: epoch, early-stopping
-bookkeeping, validation figures). Orbax writes to a temporary folder and renames
-it when complete, so a run killed during a save resumes from the previous one.
+batch_stats, optimizer state) and ``meta`` (JSON: epoch, early-stopping bookkeeping,
+validation figures, the best-checkpoint score). Orbax writes to a temporary folder and
+renames it when complete, so a run killed during a save resumes from the previous one.
 
-The retention policy is explicit: the newest ``max_to_keep`` checkpoints AND the
-best one by ``val_dice`` are preserved, whatever their order (a plain
-``max_to_keep`` with ``best_fn`` could delete the latest).
+The retention policy is explicit: the newest ``max_to_keep`` checkpoints AND the best
+one by ``BEST_METRIC`` are kept, whatever their order (``max_to_keep`` with ``best_fn``
+alone could delete the latest).
 
-**Verification.** Once Orbax has committed a checkpoint (saves are asynchronous:
-at the next save, ``wait``, ``check`` or ``close``), the size and SHA-256 of every
-file in its folder are written atomically into ``<step>/medseg_digest.json``
-(Orbax ignores files it did not write; deleting a step deletes its digest). A
-restore first checks the files against it, then the tree of array shapes and
-dtypes in Orbax's metadata against the config's model (no array read), then reads
-the arrays. A damaged checkpoint (a file missing, cut short or changed, an
-unreadable digest, metadata or array) raises ``CheckpointDamaged``; a checkpoint of
-another model raises a plain ValueError: the two are never confused. Resuming
-(``restore_latest``) moves a damaged checkpoint aside to
-``<checkpoints>_damaged/<step>`` (never deleted; Orbax no longer lists it) and
-falls back to the one before. A checkpoint without a digest (an older version, or
-a run killed between the commit and the digest) is restored unverified.
+**Verification.** Once Orbax has committed a checkpoint (saves are asynchronous: at the
+next save, ``wait``, ``check`` or ``close``), the size and SHA-256 of every file in its
+folder are written atomically into ``<step>/medseg_digest.json`` (Orbax ignores files it
+did not write; deleting a step deletes its digest). A restore first checks the files
+against it, then the tree of array shapes and dtypes in Orbax's metadata against the
+config's model (no array read), then reads the arrays. A damaged checkpoint (a file
+missing, cut short or changed, an unreadable digest, metadata or array) raises
+``CheckpointDamaged``; a checkpoint of another model raises a plain ValueError: the two
+are never confused. Resuming (``restore_latest``) moves a damaged checkpoint aside to
+``<checkpoints>_damaged/<step>`` (never deleted; Orbax no longer lists it) and falls
+back to the one before. A checkpoint without a digest (an older version, or a run killed
+between the commit and the digest) is restored unverified.
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from medseg_jax import fileio
 
-BEST_METRIC = "val_dice"
-NEVER_BEST = -1.0  # below any Dice
+BEST_METRIC = "best_score"  # train.best_metric, smoothed, negated for a loss
+NEVER_BEST = -1e30  # below any score
 DIGEST_NAME = "medseg_digest.json"
 DIGEST_ALGORITHM = "sha256"  # hardware-accelerated (SHA-NI) here: ~1.6 GB/s, blake2b ~0.8
 DAMAGED_SUFFIX = "_damaged"  # checkpoints/ -> checkpoints_damaged/<step>
@@ -279,13 +278,14 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.read_only, self._closed = read_only, False
         self._pending: list[int] = []  # saved; digest written once Orbax has committed
-        keep = [policies.LatestN(n=max(1, max_to_keep)),
-                policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1)]
+        def best(m):  # an older checkpoint has val_dice alone
+            return m.get(BEST_METRIC, m.get("val_dice", NEVER_BEST))
+        keep = [policies.LatestN(n=max(1, max_to_keep)), policies.BestN(get_metric_fn=best, n=1)]
         if keep_every_seconds > 0:
             keep.append(policies.EveryNSeconds(interval_secs=int(keep_every_seconds)))
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep),
-            best_fn=lambda m: m[BEST_METRIC],
+            best_fn=best,
             best_mode="max",
             create=not read_only,
             read_only=read_only,

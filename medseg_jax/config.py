@@ -148,6 +148,16 @@ def default_config() -> ml_collections.ConfigDict:
     # split, evenly spaced over it (0: all). nnU-Net scores 50 batches per epoch; every
     # slice of a large CT split can cost as much as the epoch's training.
     train.val_max_samples = 0
+    # The evaluators run at epoch ends, comma-separated: dice (val_loss, val_dice and
+    # val_dice_per_class in the epoch's row; required) | overlay (a validation sample's
+    # outlines in TensorBoard, with train.tensorboard).
+    train.evals = "dice,overlay"
+    # The metric choosing the best checkpoint: val_dice (highest) | val_loss (lowest).
+    train.best_metric = "val_dice"
+    # 0: the best checkpoint by the epoch's raw best_metric; 0 < a < 1: by its exponential
+    # moving average over epochs, ema = a * ema + (1 - a) * value from the first epoch's
+    # value (nnU-Net: 0.9 on its pseudo Dice), logged as best_metric_ema.
+    train.best_ema = 0.0
     train.patience = 8  # early stopping on validation loss, in epochs (0: off)
     train.min_delta = 0.0  # a validation loss lower by more than this is an improvement
     train.init_from = ""  # another run's workdir: start from its best checkpoint (transfer)
@@ -281,6 +291,22 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+EVALUATORS = ("dice", "overlay")  # the names train.evals may list
+
+
+def evaluator_names(spec: str) -> list[str]:
+    """``train.evals`` -> its evaluator names, in order; ValueError naming the field."""
+    names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    for n in names:
+        if n not in EVALUATORS:
+            raise ValueError(f"config.train.evals: unknown evaluator {n!r}; "
+                             f"use a comma-separated list of {', '.join(EVALUATORS)}")
+    if "dice" not in names:
+        raise ValueError(f"config.train.evals: {spec!r} lacks 'dice' (early stopping and "
+                         "the best checkpoint read its val_loss and val_dice); add it")
+    return names
+
+
 _CHOICES = {
     "model.spatial_dims": (2, 3),
     "model.norm": ("batch", "instance", "none"),
@@ -295,6 +321,7 @@ _CHOICES = {
     "train.lr_schedule": ("constant", "cosine", "poly"),
     "train.optimizer": ("adam", "sgd"),
     "train.transfer_guard": ("", "log", "disallow"),
+    "train.best_metric": ("val_dice", "val_loss"),
     "eval.split": ("train", "val", "test"),
     "eval.sw_window": ("patch", "whole"),
 }
@@ -379,6 +406,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.context_slices: {context}: neighbouring slices as "
                          "channels need model.spatial_dims=2 and a count >= 0")
     postprocess.check_spec(config.eval.postprocess)
+    evaluator_names(config.train.evals)
     profile_steps(config.train.profile_steps)
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():

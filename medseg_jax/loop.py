@@ -6,9 +6,10 @@ Triggers, checked after each step ``s`` (1-based: the state's step once it is ta
 
 - every ``train.log_every_steps`` steps and at epoch ends: the finiteness check of the
   steps since the last one, the disk-full check of the checkpointer, a log row;
-- at epoch ends (``s % steps_per_epoch == 0``): validation, early-stopping bookkeeping,
-  the epoch's row and a checkpoint (``train.keep_every_minutes``: the checkpointer keeps
-  one every M minutes);
+- at epoch ends (``s % steps_per_epoch == 0``): the evaluators of ``train.evals``
+  (``evaluators``), early-stopping bookkeeping (``val_loss``), the best-checkpoint score
+  (``train.best_metric``, ``train.best_ema``), the epoch's row and a checkpoint
+  (``train.keep_every_minutes``: the checkpointer keeps one every M minutes);
 - ``train.profile_steps="A:B"``: a ``jax.profiler`` trace of steps A..B in
   ``<workdir>/profile`` (TensorBoard's profile plugin or Perfetto);
 - SIGTERM: a checkpoint of the last step taken, then ``Preempted``.
@@ -32,35 +33,12 @@ from absl import logging
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import inference, metrics, report, sharding, timing, writers
-from medseg_jax.data import cache, loader, preprocess
+from medseg_jax import evaluators, sharding, timing, writers
+from medseg_jax.data import loader
 
 
 class Preempted(Exception):
     """SIGTERM arrived: the run saved a checkpoint of its last step and stopped."""
-
-
-def val_indices(samples: cache.Samples, config) -> np.ndarray | None:
-    return loader.evenly_spaced(len(samples), config.train.val_max_samples)
-
-
-def validate(eval_fn, state, samples: cache.Samples, config, mesh) -> dict:
-    """Validation loss and Dice (counts summed over the split, or over its
-    ``train.val_max_samples`` evenly spaced samples, divided once)."""
-    loss_sum, n, counts = 0.0, 0.0, 0.0
-    for batch in loader.padded_batches(samples.images, samples.labels,
-                                       config.eval.batch_size, jax.process_index(),
-                                       jax.process_count(), samples.annotated,
-                                       val_indices(samples, config)):
-        out = eval_fn(state, sharding.to_global(batch, mesh))
-        loss_sum, n, counts = loss_sum + out["loss_sum"], n + out["n"], counts + out["counts"]
-    loss_sum, n, counts = jax.device_get((loss_sum, n, counts))
-    counts = np.asarray(counts)
-    dice = metrics.dice_from_counts(counts[0], counts[1], counts[2])[1:]
-    present = dice[np.isfinite(dice)]  # a class absent from the whole split is skipped
-    return {"val_loss": float(loss_sum) / max(float(n), 1.0),
-            "val_dice": float(present.mean()) if present.size else 0.0,
-            "val_dice_per_class": [float(d) for d in dice]}
 
 
 def fmt_seconds(s: float) -> str:
@@ -135,20 +113,9 @@ class Loop:
     overlay_index: int | None = None  # the validation sample drawn into TensorBoard
     predict_fn: Any = None
 
-    def overlay(self, state) -> np.ndarray:
-        """The validation sample ``overlay_index`` with its reference (green) and predicted
-        (red) outlines; for 3D samples, the axial slice with the most foreground."""
-        i = self.overlay_index
-        image = np.asarray(self.val_samples.images[i:i + 1])
-        label = np.asarray(self.val_samples.labels[i])
-        probs = inference.predict_batches(self.predict_fn, state, image,
-                                          self.config.eval.batch_size, self.mesh)
-        centre = preprocess.centre_channel(image.shape[-1], self.config)  # not a neighbour's
-        pred, image = np.argmax(probs[0], axis=-1), image[0, ..., centre]
-        if label.ndim == 3:
-            k = int(np.argmax((label > 0).sum(axis=(0, 1))))
-            image, label, pred = image[..., k], label[..., k], pred[..., k]
-        return report.overlay(image, label, pred, scale=max(1, 256 // max(label.shape)))
+    def __post_init__(self):
+        self.evaluators = evaluators.create(self.config, self.eval_fn, self.predict_fn,
+                                            self.val_samples, self.mesh, self.overlay_index)
 
     def run(self, state, meta: dict):
         """Trains from the state's step to ``train.num_epochs`` epochs (or early stopping);
@@ -267,13 +234,18 @@ class Loop:
         config = self.config
         t_val = time.time()
         train_loss = float(np.mean(jax.device_get(losses)))
-        val = validate(self.eval_fn, state, self.val_samples, config, self.mesh)
+        val, images = {}, {}
+        for evaluator in self.evaluators:  # train.evals, in order
+            scalars, pictures = evaluator.run(state)
+            val.update(scalars)
+            images.update(pictures)
         step = int(state.step)
         improved = val["val_loss"] < meta["best_val_loss"] - config.train.min_delta
         meta["bad_epochs"] = 0 if improved else meta["bad_epochs"] + 1
         meta["best_val_loss"] = min(meta["best_val_loss"], val["val_loss"])
-        if val["val_dice"] > meta["best_val_dice"]:
-            meta["best_val_dice"], meta["best_epoch"] = val["val_dice"], epoch + 1
+        metric = config.train.best_metric
+        if evaluators.update_best(meta, val[metric], epoch, metric, config.train.best_ema):
+            meta["best_val_dice"] = val["val_dice"]  # the raw Dice of the best epoch
         meta["epoch"] = epoch
         patience = config.train.patience
         meta["stopped"] = bool(patience and meta["bad_epochs"] >= patience)
@@ -282,19 +254,22 @@ class Loop:
                    else {})
         # The row goes first: a run killed before the checkpoint is complete resumes
         # from the previous one and drops this row (its step is past the checkpoint).
+        smoothed = ({"best_metric_ema": meta["best_metric_ema"]} if config.train.best_ema
+                    else {})
         self.log.write_scalars(step, dict(
-            train_loss=train_loss, val_loss=val["val_loss"], val_dice=val["val_dice"],
-            val_dice_per_class=val["val_dice_per_class"],
+            train_loss=train_loss, **val, **smoothed,
             images_per_second=len(losses) * config.train.batch_size
             / max(t_val - t_epoch, 1e-9),
             epoch_seconds=epoch_time, **partial), section="epoch", epoch=epoch + 1)
-        if self.overlay_index is not None:
-            self.log.write_images(step, {"epoch/val_overlay": self.overlay(state)})
+        if images:
+            self.log.write_images(step, images)
+        score = meta["best_metric_ema"] * (1 if evaluators.METRICS[metric] == "max" else -1)
         self.checkpointer.save(step, state,
                                dict(meta, **{k: val[k] for k in ("val_loss", "val_dice")}),
-                               {"val_dice": val["val_dice"], "val_loss": val["val_loss"]})
+                               {"val_dice": val["val_dice"], "val_loss": val["val_loss"],
+                                ckpt_lib.BEST_METRIC: score})
         logging.info("epoch %d/%d done in %.1f s: train loss %.4f, val loss %.4f, val Dice "
-                     "%.4f (best %.4f at epoch %d)%s", epoch + 1, config.train.num_epochs,
-                     epoch_time, train_loss, val["val_loss"], val["val_dice"],
-                     meta["best_val_dice"], meta["best_epoch"],
+                     "%.4f (best %s %.4f at epoch %d)%s", epoch + 1, config.train.num_epochs,
+                     epoch_time, train_loss, val["val_loss"], val["val_dice"], metric,
+                     meta["best_metric_value"], meta["best_epoch"],
                      "" if improved else f", no val-loss improvement for {meta['bad_epochs']}")

@@ -43,7 +43,7 @@ from absl import logging
 
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
-from medseg_jax import (evaluate, fileio, planning, postprocess, sharding, timing,
+from medseg_jax import (evaluate, evaluators, fileio, planning, postprocess, sharding, timing,
                         transfer, writers)
 from medseg_jax import loop as loop_lib
 from medseg_jax import state as state_lib
@@ -122,7 +122,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
         config = _fit_budget(config, workdir, mesh, dataset, train_samples, val_samples,
                              steps_per_epoch, swap)
     total_steps = steps_per_epoch * config.train.num_epochs
-    n_val = loop_lib.val_indices(val_samples, config)
+    n_val = evaluators.val_indices(val_samples, config)
     logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples "
                  "(%s validated per epoch) of shape %s x %d channel(s); %d classes %s",
                  *(len(dataset.splits[s]) for s in dataset_lib.SPLITS), len(train_samples),
@@ -144,7 +144,8 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
             os.path.join(workdir, "checkpoints"), config.train.checkpoint_max_to_keep,
             keep_every_seconds=60 * float(config.train.keep_every_minutes)) as checkpointer:
         meta = {"epoch": -1, "best_val_loss": float("inf"), "bad_epochs": 0,
-                "best_val_dice": -1.0, "best_epoch": -1, "stopped": False}
+                "best_val_dice": -1.0, "best_epoch": -1, "stopped": False,
+                "best_score": float("-inf"), "best_metric_value": float("nan")}
         # The newest checkpoint that verifies; damaged ones are moved aside with a warning.
         restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state,
                                                                       sharding.replicated(mesh)))
@@ -155,6 +156,9 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
         if latest is not None:
             _, state, meta = restored
             meta.pop("epoch_progress", None)  # older checkpoints: the step alone resumes
+            # Older checkpoints: chosen by their raw val_dice.
+            meta.setdefault("best_score", meta["best_val_dice"])
+            meta.setdefault("best_metric_value", meta["best_val_dice"])
             done = latest % steps_per_epoch or steps_per_epoch
             logging.info("Resumed from the checkpoint of step %d (epoch %d, %d of %d steps done)",
                          latest, (latest - done) // steps_per_epoch + 1, done, steps_per_epoch)
@@ -190,7 +194,8 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
 def _overlay_setup(config, mesh, val_samples) -> tuple[int | None, Any]:
     """(index of the validation sample with the most foreground, a prediction function)
     for the per-epoch overlay image in TensorBoard; (None, None) when off."""
-    if not config.train.tensorboard or not len(val_samples):
+    if (not config.train.tensorboard or not len(val_samples)
+            or "overlay" not in config_lib.evaluator_names(config.train.evals)):
         return None, None
     labels = val_samples.labels
     counts = [int(np.count_nonzero(labels[i])) for i in range(len(labels))]
@@ -244,7 +249,7 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     val = list(loader.padded_batches(val_samples.images, val_samples.labels,
                                      config.eval.batch_size, jax.process_index(),
                                      jax.process_count(), val_samples.annotated,
-                                     loop_lib.val_indices(val_samples, config)))
+                                     evaluators.val_indices(val_samples, config)))
     jax.block_until_ready(eval_fn(state, sharding.to_global(val[0], mesh)))  # compiles
     t_val = time.time()
     timed = val[1:4] or val[:1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medseg_jax import checkpoint as ckpt_lib
-from medseg_jax import evaluate, losses, metrics, sharding, train, writers
+from medseg_jax import evaluate, evaluators, losses, metrics, sharding, train, writers
 from medseg_jax import loop as loop_lib
 from medseg_jax import state as state_lib
 from medseg_jax import workdir as workdir_lib
@@ -320,7 +320,7 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
     model = state_lib.build_model(config, dataset.num_classes)
     state = state_lib.init_state(config, model, (8, *config.data.image_size, 1), 4, mesh)
     _, eval_fn = state_lib.jit_steps(config, mesh, dataset.num_classes)
-    out = loop_lib.validate(eval_fn, state, val, config, mesh)
+    out = evaluators.validate(eval_fn, state, val, config, mesh)
     probs = np.concatenate([np.asarray(state_lib.predict_step(state, np.asarray(
         val.images[i:i + 8]))) for i in range(0, len(val), 8)])
     pred, gt = probs.argmax(-1), np.asarray(val.labels)
@@ -329,7 +329,7 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
         np.testing.assert_allclose(out["val_dice_per_class"][c - 1], expected, rtol=1e-6)
     # train.val_max_samples: the same over an evenly spaced subset (3 of 8 rows padded)
     config.train.val_max_samples = n_sub = len(val) // 8 * 8 - 3
-    sub = loop_lib.validate(eval_fn, state, val, config, mesh)
+    sub = evaluators.validate(eval_fn, state, val, config, mesh)
     idx = loader.evenly_spaced(len(val), n_sub)
     assert len(idx) == n_sub and sub["val_dice"] != out["val_dice"]
     for c in range(1, dataset.num_classes):
@@ -338,7 +338,7 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
 
 
 def _scripted_validation(monkeypatch, val_loss, val_dice):
-    """``loop.validate`` returns the given values, epoch after epoch (what the early
+    """``evaluators.validate`` returns the given values, epoch after epoch (what the early
     stopping and the checkpoints' bookkeeping see)."""
     rows = iter(zip(val_loss, val_dice))
 
@@ -346,7 +346,7 @@ def _scripted_validation(monkeypatch, val_loss, val_dice):
         loss, dice = next(rows)
         return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
 
-    monkeypatch.setattr(loop_lib, "validate", validate)
+    monkeypatch.setattr(evaluators, "validate", validate)
 
 
 def _val_epochs(workdir):

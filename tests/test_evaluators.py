@@ -1,0 +1,184 @@
+"""The evaluators of ``train.evals`` and the best checkpoint by ``train.best_metric``
+smoothed over epochs by ``train.best_ema``."""
+
+import json
+import os
+
+import pytest
+
+from medseg_jax import checkpoint as ckpt_lib
+from medseg_jax import config as config_lib
+from medseg_jax import evaluators, train, writers
+
+
+def _script(monkeypatch, val_loss, val_dice):
+    """``evaluators.validate`` returns the given values, epoch after epoch."""
+    rows = iter(zip(val_loss, val_dice))
+
+    def validate(*args):
+        loss, dice = next(rows)
+        return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
+
+    monkeypatch.setattr(evaluators, "validate", validate)
+
+
+def _epoch_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if "val_loss" in row]
+
+
+def _best_step(workdir):
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        return ck.best_step()
+    finally:
+        ck.close()
+
+
+def _config(make_tiny_config, **overrides):
+    return make_tiny_config(**{"train.num_epochs": 3, "train.steps_per_epoch": 1,
+                               "train.patience": 0, "eval.figures": False,
+                               "train.tensorboard": False, **overrides})
+
+
+LOSS, DICE = [0.9, 0.5, 0.7], [0.1, 0.9, 0.8]
+
+
+def test_declared_evaluators_are_the_ones_run(make_tiny_config, tmp_path, monkeypatch):
+    """With TensorBoard on, the default 'dice,overlay' writes an overlay image per epoch;
+    'dice' alone writes none (and its epoch rows are the same)."""
+    images = []
+    real = writers.TensorBoardWriter.write_images
+
+    def write_images(self, step, pictures):
+        images.append((step, sorted(pictures)))
+        real(self, step, pictures)
+
+    monkeypatch.setattr(writers.TensorBoardWriter, "write_images", write_images)
+    rows = {}
+    for evals in ("dice,overlay", "dice"):
+        images.clear()
+        _script(monkeypatch, LOSS[:2], DICE[:2])
+        config = _config(make_tiny_config, **{"train.num_epochs": 2,
+                                              "train.tensorboard": True,
+                                              "train.evals": evals})
+        train.train(config, str(tmp_path / evals))
+        rows[evals] = [{k: r[k] for k in ("epoch", "val_loss", "val_dice")}
+                       for r in _epoch_rows(str(tmp_path / evals))]
+        if evals == "dice":
+            assert images == []
+        else:
+            assert images == [(1, ["epoch/val_overlay"]), (2, ["epoch/val_overlay"])]
+    assert rows["dice"] == rows["dice,overlay"]
+
+
+def test_default_epoch_rows_keep_their_keys(make_tiny_config, tmp_path, monkeypatch):
+    """The default (raw val_dice) adds no key to the epoch rows and picks the raw best."""
+    _script(monkeypatch, LOSS, DICE)
+    workdir = str(tmp_path / "run")
+    meta = train.train(_config(make_tiny_config), workdir)
+    rows = _epoch_rows(workdir)
+    assert [sorted(r) for r in rows] == [sorted(
+        ["step", "epoch", "section", "train_loss", "val_loss", "val_dice", "val_dice_per_class",
+         "images_per_second", "epoch_seconds"])] * 3
+    assert [r["val_dice"] for r in rows] == DICE
+    assert meta["best_epoch"] == 2 and meta["best_val_dice"] == 0.9
+    assert meta["best_metric_value"] == 0.9 and _best_step(workdir) == 2
+
+
+def _hand_ema(values, a):
+    out = [values[0]]
+    for x in values[1:]:
+        out.append(out[-1] * a + x * (1 - a))
+    return out
+
+
+def test_best_ema_smooths_the_metric_and_chooses_another_epoch(make_tiny_config, tmp_path,
+                                                                monkeypatch):
+    """best_ema=0.9 over val_dice 0.1, 0.9, 0.8: 0.1, 0.18, 0.242, so epoch 3 is the best
+    (raw: epoch 2); the smoothed value is in each epoch row."""
+    ema = _hand_ema(DICE, 0.9)
+    assert ema == pytest.approx([0.1, 0.18, 0.242])
+    _script(monkeypatch, LOSS, DICE)
+    workdir = str(tmp_path / "run")
+    meta = train.train(_config(make_tiny_config, **{"train.best_ema": 0.9}), workdir)
+    assert [r["best_metric_ema"] for r in _epoch_rows(workdir)] == ema
+    assert meta["best_epoch"] == 3 and meta["best_metric_value"] == ema[2]
+    assert meta["best_val_dice"] == 0.8  # the raw Dice of the chosen epoch
+    assert _best_step(workdir) == 3
+
+
+def test_best_metric_val_loss_chooses_the_lowest(make_tiny_config, tmp_path, monkeypatch):
+    _script(monkeypatch, [0.9, 0.8, 0.3], DICE)
+    workdir = str(tmp_path / "run")
+    meta = train.train(_config(make_tiny_config, **{"train.best_metric": "val_loss"}),
+                       workdir)
+    assert meta["best_epoch"] == 3 and meta["best_metric_value"] == 0.3
+    assert _best_step(workdir) == 3
+
+
+def test_best_ema_survives_a_resume(make_tiny_config, tmp_path, monkeypatch):
+    """Two epochs, then a resume for the third: the same smoothed values and best step
+    as three epochs in one go (the moving average is in the checkpoint's meta)."""
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    _script(monkeypatch, LOSS, DICE)
+    train.train(_config(make_tiny_config, **{"train.best_ema": 0.9}), full)
+    _script(monkeypatch, LOSS[:2], DICE[:2])
+    train.train(_config(make_tiny_config, **{"train.best_ema": 0.9,
+                                             "train.num_epochs": 2}), split)
+    _script(monkeypatch, LOSS[2:], DICE[2:])
+    meta = train.train(_config(make_tiny_config, **{"train.best_ema": 0.9}), split)
+    ema = [r["best_metric_ema"] for r in _epoch_rows(split)]
+    assert ema == [r["best_metric_ema"] for r in _epoch_rows(full)] == _hand_ema(DICE, 0.9)
+    assert meta["best_epoch"] == 3 and _best_step(split) == _best_step(full) == 3
+
+
+def test_best_ema_may_change_on_resume(make_tiny_config, tmp_path, monkeypatch):
+    """best_ema (like best_metric and evals) chooses the best checkpoint, not the weights:
+    a resume may change it; the average starts from the first smoothed epoch."""
+    workdir = str(tmp_path / "run")
+    _script(monkeypatch, LOSS[:2], DICE[:2])
+    train.train(_config(make_tiny_config, **{"train.num_epochs": 2}), workdir)
+    _script(monkeypatch, LOSS[2:], DICE[2:])
+    meta = train.train(_config(make_tiny_config, **{"train.best_ema": 0.5}), workdir)
+    # epoch 2's raw value 0.9 seeds the average: 0.9 * 0.5 + 0.8 * 0.5 = 0.85 < 0.9
+    assert _epoch_rows(workdir)[-1]["best_metric_ema"] == 0.9 * 0.5 + 0.8 * 0.5
+    assert meta["best_epoch"] == 2
+    with open(os.path.join(workdir, "config.json")) as f:
+        changes = json.load(f)["changes"]
+    assert any("train.best_ema" in json.dumps(c) for c in changes)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.evals", "overlay", "lacks 'dice'"),
+    ("train.evals", "dice,wholecase", "unknown evaluator 'wholecase'"),
+    ("train.best_metric", "dice", "config.train.best_metric"),
+    ("train.best_ema", 1.0, "config.train.best_ema"),
+    ("train.best_ema", -0.1, "config.train.best_ema"),
+])
+def test_bad_evals_and_best_fields_are_refused(make_tiny_config, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(make_tiny_config(**{field: value}))
+
+
+def test_resume_from_a_checkpoint_chosen_by_raw_val_dice(make_tiny_config, tmp_path,
+                                                        monkeypatch):
+    """Checkpoints written before the best-checkpoint score (their metrics and meta have
+    val_dice alone) resume: their best stays the best until a higher Dice."""
+    workdir = str(tmp_path / "run")
+    real = ckpt_lib.Checkpointer.save
+    new = ("best_score", "best_metric", "best_metric_ema", "best_metric_value")
+
+    def older_save(self, step, state, meta, metrics):
+        meta = {k: v for k, v in meta.items() if k not in new}
+        metrics = metrics and {k: v for k, v in metrics.items() if k not in new}
+        real(self, step, state, meta, metrics)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", older_save)
+    _script(monkeypatch, LOSS[:2], DICE[:2])
+    train.train(_config(make_tiny_config, **{"train.num_epochs": 2}), workdir)
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", real)
+    _script(monkeypatch, LOSS[2:], DICE[2:])
+    meta = train.train(_config(make_tiny_config), workdir)
+    assert meta["best_epoch"] == 2 and meta["best_metric_value"] == 0.9
+    assert _best_step(workdir) == 2
