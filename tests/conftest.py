@@ -77,6 +77,51 @@ def quiet_reports():
     checkpoint.install_quiet_reports()
 
 
+def tiny_trained_run(base):
+    """One task of 4 synthetic cases under ``base`` and a workdir trained on it for one
+    epoch (checkpoint: step 2); (data folder, workdir)."""
+    from pathlib import Path
+
+    from medseg_jax import train
+    from medseg_jax.data import synthetic
+
+    base = Path(base)
+    roots = synthetic.make_synthetic(str(base / "data"), seed=0, num_cases=4, size=16, depth=4)
+    data = Path(next(r for r in roots if r.endswith("SynthMRI")))
+    train.train(tiny_config(**{"data.root": str(data), "train.num_epochs": 1}),
+                str(base / "run"))
+    return data, base / "run"
+
+
+def copy_run(data, run, dest):
+    """Copies of ``data`` and of the workdir ``run`` in ``dest``, the copy's config.json
+    pointing at the copied data; (data, run) of the copies."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from medseg_jax import fileio
+
+    dest = Path(dest)
+    shutil.copytree(data, dest / "data")
+    shutil.copytree(run, dest / "run")
+    config_json = json.loads((dest / "run" / "config.json").read_text())
+    config_json["data"]["root"] = str(dest / "data")
+    config_json.get("paths", {}).pop("data.root", None)
+    fileio.write_json_atomic(str(dest / "run" / "config.json"), config_json)
+    return dest / "data", dest / "run"
+
+
+def snapshot(*folders) -> dict[str, str]:
+    """sha256 of every file under ``folders`` (the lock file aside)."""
+    import hashlib
+    from pathlib import Path
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config

@@ -3,10 +3,8 @@ one-line error naming the file, case or field and the fault, and nothing already
 written changes. docs/troubleshooting.md lists these messages."""
 
 import gzip
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import copy_run, snapshot, tiny_config, tiny_trained_run
 from medseg_jax import evaluate, main, train
-from medseg_jax.data import synthetic
-from medseg_jax import fileio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,29 +26,13 @@ def _config(data_root, **overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One task of 4 cases and a workdir trained on it for one epoch (checkpoint: step 2)."""
-    base = tmp_path_factory.mktemp("trained")
-    roots = synthetic.make_synthetic(str(base / "data"), seed=0, num_cases=4, size=16, depth=4)
-    data = Path(next(r for r in roots if r.endswith("SynthMRI")))
-    train.train(_config(data), str(base / "run"))
-    return data, base / "run"
+    return tiny_trained_run(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture
 def copy(trained, tmp_path):
     """A copy of the data and of the trained workdir (config.json pointing at the copy)."""
-    data, run = trained
-    shutil.copytree(data, tmp_path / "data")
-    shutil.copytree(run, tmp_path / "run")
-    config_json = json.loads((tmp_path / "run" / "config.json").read_text())
-    config_json["data"]["root"] = str(tmp_path / "data")
-    fileio.write_json_atomic(str(tmp_path / "run" / "config.json"), config_json)
-    return tmp_path / "data", tmp_path / "run"
-
-
-def _snapshot(*folders):
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return copy_run(*trained, tmp_path)
 
 
 def _train_case(run):
@@ -193,10 +173,10 @@ def _one_line_error(call, expected):
 def test_bad_input_is_one_line_and_nothing_written_changes(copy, case):
     data, run = copy
     overrides, expected = CASES[case](data, run)
-    before = _snapshot(data, run)
+    before = snapshot(data, run)
     _one_line_error(lambda: train.train_and_evaluate(_config(data, **overrides), str(run)),
                     expected)
-    assert _snapshot(data, run) == before
+    assert snapshot(data, run) == before
 
 
 @pytest.mark.parametrize("which, overrides, expected", [
@@ -208,18 +188,18 @@ def test_bad_input_is_one_line_and_nothing_written_changes(copy, case):
 def test_eval_names_a_kept_step_or_says_what_differs(copy, which, overrides, expected):
     data, run = copy
     config = _config(data, **{"eval.checkpoint": which, **overrides})
-    before = _snapshot(data, run)
+    before = snapshot(data, run)
     if expected is None:
         assert evaluate.evaluate(config, str(run))["step"] == 2
         return
     _one_line_error(lambda: evaluate.evaluate(config, str(run)), expected)
-    assert _snapshot(data, run) == before
+    assert snapshot(data, run) == before
 
 
 def test_command_line_reports_a_bad_file_in_one_line(copy):
     data, run = copy
     _, expected = _truncate(data, run)
-    before = _snapshot(data, run)
+    before = snapshot(data, run)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     args = [f"--config.{k}={v}" for k, v in [
         ("data.root", data), ("data.synthetic_cases", 4), ("data.image_size", "(16,16)"),
@@ -235,7 +215,7 @@ def test_command_line_reports_a_bad_file_in_one_line(copy):
     assert "Traceback" not in result.stderr
     lines = [l for l in result.stderr.splitlines() if l.startswith("medseg_jax: error:")]
     assert len(lines) == 1 and all(part in lines[0] for part in expected), result.stderr[-3000:]
-    assert _snapshot(data, run) == before
+    assert snapshot(data, run) == before
 
 
 @pytest.mark.parametrize("config, expected", [

@@ -5,7 +5,6 @@ the user's inputs, labels and earlier outputs are byte-identical afterwards.
 Tiny data and a tiny run trained once per module; each case works on copies of them.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from medseg_jax import fileio, train
-from medseg_jax.data import synthetic
+from conftest import copy_run, snapshot, tiny_trained_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +26,6 @@ TINY_ARGS = {
     "train.batch_size": 8, "train.num_epochs": 1, "train.steps_per_epoch": 2,
     "train.log_every_steps": 1, "eval.batch_size": 8,
 }
-
-
-def _config(data_root, **overrides):
-    return tiny_config(**{"data.root": str(data_root), "train.num_epochs": 1, **overrides})
 
 
 def cli(*args, overrides: dict | None = None, tiny: bool = True, timeout: float = 300,
@@ -59,34 +52,16 @@ def error_line(result: subprocess.CompletedProcess, status: int = 1) -> str:
     return lines[0]
 
 
-def snapshot(*folders) -> dict[str, str]:
-    """sha256 of every file under ``folders`` (the lock file aside)."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One task of 4 cases and a workdir trained on it for one epoch (checkpoint: step 2)."""
-    base = tmp_path_factory.mktemp("trained")
-    roots = synthetic.make_synthetic(str(base / "data"), seed=0, num_cases=4, size=16, depth=4)
-    data = Path(next(r for r in roots if r.endswith("SynthMRI")))
-    train.train(_config(data), str(base / "run"))
-    return data, base / "run"
+    return tiny_trained_run(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture
 def copy(trained, tmp_path):
     """A copy of the data and of the trained workdir (config.json pointing at the copy)."""
-    data, run = trained
-    shutil.copytree(data, tmp_path / "data")
-    shutil.copytree(run, tmp_path / "run")
-    config_json = json.loads((tmp_path / "run" / "config.json").read_text())
-    config_json["data"]["root"] = str(tmp_path / "data")
-    config_json.get("paths", {}).pop("data.root", None)
-    fileio.write_json_atomic(str(tmp_path / "run" / "config.json"), config_json)
-    return tmp_path / "data", tmp_path / "run"
+    return copy_run(*trained, tmp_path)
 
 
 # --------------------------------------------------------------------------- #

@@ -61,7 +61,7 @@ def _fingerprint(config, dataset: Dataset) -> str:
         settings["context_slices"] = int(config.data.context_slices)
     if preprocess.resampling_method(config) != "simple":  # (likewise)
         settings["resampling"] = preprocess.resampling_method(config)
-    if config.data.get("crop_nonzero", False):
+    if config.data.crop_nonzero:
         settings["crop_nonzero"] = True
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -421,15 +421,16 @@ def sw_window(config) -> str:
 
 
 def resampling_method(config) -> str:
-    """``data.resampling`` ("simple" where a run's config predates the field)."""
-    return str(config.data.get("resampling", "simple"))
+    """``data.resampling`` (a run's config.json read back holds it: the defaults are
+    merged under what it recorded)."""
+    return str(config.data.resampling)
 
 
 def case_geometry(case: Case, plans, config) -> dict:
     """How a case becomes the network's grid: {"box": the non-zero crop ((start, stop)
     per axis; the whole case without ``data.crop_nonzero``), and for patch-based runs
     "target" (mm) with nnU-Net's "separate_z", "lowres_axis" and "reason"}."""
-    box = (resampling.nonzero_box(case.image) if config.data.get("crop_nonzero", False)
+    box = (resampling.nonzero_box(case.image) if config.data.crop_nonzero
            else tuple((0, n) for n in case.image.shape[1:]))
     out: dict = {"box": [list(b) for b in box]}
     if uses_patches(config):
