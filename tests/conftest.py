@@ -122,6 +122,20 @@ def snapshot(*folders) -> dict[str, str]:
             if p.is_file() and p.name != ".lock"}
 
 
+def scripted_validation(monkeypatch, val_loss, val_dice):
+    """``evaluators.validate`` returns the given values, epoch after epoch (what the early
+    stopping and the checkpoints' bookkeeping see)."""
+    from medseg_jax import evaluators
+
+    rows = iter(zip(val_loss, val_dice))
+
+    def validate(*args):
+        loss, dice = next(rows)
+        return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
+
+    monkeypatch.setattr(evaluators, "validate", validate)
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config

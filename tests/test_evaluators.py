@@ -6,20 +6,10 @@ import os
 
 import pytest
 
+from conftest import scripted_validation
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
 from medseg_jax import evaluators, train, writers
-
-
-def _script(monkeypatch, val_loss, val_dice):
-    """``evaluators.validate`` returns the given values, epoch after epoch."""
-    rows = iter(zip(val_loss, val_dice))
-
-    def validate(*args):
-        loss, dice = next(rows)
-        return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
-
-    monkeypatch.setattr(evaluators, "validate", validate)
 
 
 def _epoch_rows(workdir):
@@ -58,7 +48,7 @@ def test_declared_evaluators_are_the_ones_run(make_tiny_config, tmp_path, monkey
     rows = {}
     for evals in ("dice,overlay", "dice"):
         images.clear()
-        _script(monkeypatch, LOSS[:2], DICE[:2])
+        scripted_validation(monkeypatch, LOSS[:2], DICE[:2])
         config = _config(make_tiny_config, **{"train.num_epochs": 2,
                                               "train.tensorboard": True,
                                               "train.evals": evals})
@@ -74,7 +64,7 @@ def test_declared_evaluators_are_the_ones_run(make_tiny_config, tmp_path, monkey
 
 def test_default_epoch_rows_keep_their_keys(make_tiny_config, tmp_path, monkeypatch):
     """The default (raw val_dice) adds no key to the epoch rows and picks the raw best."""
-    _script(monkeypatch, LOSS, DICE)
+    scripted_validation(monkeypatch, LOSS, DICE)
     workdir = str(tmp_path / "run")
     meta = train.train(_config(make_tiny_config), workdir)
     rows = _epoch_rows(workdir)
@@ -99,7 +89,7 @@ def test_best_ema_smooths_the_metric_and_chooses_another_epoch(make_tiny_config,
     (raw: epoch 2); the smoothed value is in each epoch row."""
     ema = _hand_ema(DICE, 0.9)
     assert ema == pytest.approx([0.1, 0.18, 0.242])
-    _script(monkeypatch, LOSS, DICE)
+    scripted_validation(monkeypatch, LOSS, DICE)
     workdir = str(tmp_path / "run")
     meta = train.train(_config(make_tiny_config, **{"train.best_ema": 0.9}), workdir)
     assert [r["best_metric_ema"] for r in _epoch_rows(workdir)] == ema
@@ -109,7 +99,7 @@ def test_best_ema_smooths_the_metric_and_chooses_another_epoch(make_tiny_config,
 
 
 def test_best_metric_val_loss_chooses_the_lowest(make_tiny_config, tmp_path, monkeypatch):
-    _script(monkeypatch, [0.9, 0.8, 0.3], DICE)
+    scripted_validation(monkeypatch, [0.9, 0.8, 0.3], DICE)
     workdir = str(tmp_path / "run")
     meta = train.train(_config(make_tiny_config, **{"train.best_metric": "val_loss"}),
                        workdir)
@@ -121,12 +111,12 @@ def test_best_ema_survives_a_resume(make_tiny_config, tmp_path, monkeypatch):
     """Two epochs, then a resume for the third: the same smoothed values and best step
     as three epochs in one go (the moving average is in the checkpoint's meta)."""
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    _script(monkeypatch, LOSS, DICE)
+    scripted_validation(monkeypatch, LOSS, DICE)
     train.train(_config(make_tiny_config, **{"train.best_ema": 0.9}), full)
-    _script(monkeypatch, LOSS[:2], DICE[:2])
+    scripted_validation(monkeypatch, LOSS[:2], DICE[:2])
     train.train(_config(make_tiny_config, **{"train.best_ema": 0.9,
                                              "train.num_epochs": 2}), split)
-    _script(monkeypatch, LOSS[2:], DICE[2:])
+    scripted_validation(monkeypatch, LOSS[2:], DICE[2:])
     meta = train.train(_config(make_tiny_config, **{"train.best_ema": 0.9}), split)
     ema = [r["best_metric_ema"] for r in _epoch_rows(split)]
     assert ema == [r["best_metric_ema"] for r in _epoch_rows(full)] == _hand_ema(DICE, 0.9)
@@ -137,9 +127,9 @@ def test_best_ema_may_change_on_resume(make_tiny_config, tmp_path, monkeypatch):
     """best_ema (like best_metric and evals) chooses the best checkpoint, not the weights:
     a resume may change it; the average starts from the first smoothed epoch."""
     workdir = str(tmp_path / "run")
-    _script(monkeypatch, LOSS[:2], DICE[:2])
+    scripted_validation(monkeypatch, LOSS[:2], DICE[:2])
     train.train(_config(make_tiny_config, **{"train.num_epochs": 2}), workdir)
-    _script(monkeypatch, LOSS[2:], DICE[2:])
+    scripted_validation(monkeypatch, LOSS[2:], DICE[2:])
     meta = train.train(_config(make_tiny_config, **{"train.best_ema": 0.5}), workdir)
     # epoch 2's raw value 0.9 seeds the average: 0.9 * 0.5 + 0.8 * 0.5 = 0.85 < 0.9
     assert _epoch_rows(workdir)[-1]["best_metric_ema"] == 0.9 * 0.5 + 0.8 * 0.5
@@ -175,10 +165,10 @@ def test_resume_from_a_checkpoint_chosen_by_raw_val_dice(make_tiny_config, tmp_p
         real(self, step, state, meta, metrics)
 
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", older_save)
-    _script(monkeypatch, LOSS[:2], DICE[:2])
+    scripted_validation(monkeypatch, LOSS[:2], DICE[:2])
     train.train(_config(make_tiny_config, **{"train.num_epochs": 2}), workdir)
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", real)
-    _script(monkeypatch, LOSS[2:], DICE[2:])
+    scripted_validation(monkeypatch, LOSS[2:], DICE[2:])
     meta = train.train(_config(make_tiny_config), workdir)
     assert meta["best_epoch"] == 2 and meta["best_metric_value"] == 0.9
     assert _best_step(workdir) == 2

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import scripted_validation
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import evaluate, evaluators, losses, metrics, sharding, train, writers
 from medseg_jax import loop as loop_lib
@@ -337,18 +338,6 @@ def test_validation_dice_on_8_devices_with_a_padded_batch_equals_numpy(make_tiny
         np.testing.assert_allclose(sub["val_dice_per_class"][c - 1], expected, rtol=1e-6)
 
 
-def _scripted_validation(monkeypatch, val_loss, val_dice):
-    """``evaluators.validate`` returns the given values, epoch after epoch (what the early
-    stopping and the checkpoints' bookkeeping see)."""
-    rows = iter(zip(val_loss, val_dice))
-
-    def validate(*args):
-        loss, dice = next(rows)
-        return {"val_loss": loss, "val_dice": dice, "val_dice_per_class": [dice]}
-
-    monkeypatch.setattr(evaluators, "validate", validate)
-
-
 def _val_epochs(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [row["epoch"] for row in map(json.loads, f) if "val_loss" in row]
@@ -362,7 +351,7 @@ def test_early_stopping_after_patience_epochs_keeps_the_best_before(make_tiny_co
     config = make_tiny_config(**{"train.num_epochs": 6, "train.steps_per_epoch": 1,
                                  "train.patience": 2, "train.min_delta": 0.001,
                                  "eval.figures": False, "train.tensorboard": False})
-    _scripted_validation(monkeypatch, [1.0, 0.5, 0.4995, 0.6, 0.3, 0.2],
+    scripted_validation(monkeypatch, [1.0, 0.5, 0.4995, 0.6, 0.3, 0.2],
                          [0.2, 0.6, 0.5, 0.4, 0.9, 0.9])
     workdir = str(tmp_path / "run")
     meta = train.train(config, workdir)
@@ -408,7 +397,7 @@ def test_keep_every_minutes_keeps_a_checkpoint_per_interval(make_tiny_config, tm
                                  "train.patience": 0, "train.checkpoint_max_to_keep": 1,
                                  "train.keep_every_minutes": 1.0, "eval.figures": False,
                                  "train.tensorboard": False})
-    _scripted_validation(monkeypatch, [1.0] * 4, [0.9, 0.8, 0.7, 0.6])
+    scripted_validation(monkeypatch, [1.0] * 4, [0.9, 0.8, 0.7, 0.6])
     workdir = str(tmp_path / "run")
     train.train(config, workdir)
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
