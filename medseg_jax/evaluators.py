@@ -25,7 +25,8 @@ from medseg_jax import config as config_lib
 from medseg_jax import inference, metrics, report, sharding
 from medseg_jax.data import cache, loader, preprocess
 
-METRICS = {"val_dice": "max", "val_loss": "min", "val_case_dice": "max"}  # train.best_metric: which way is best
+# train.best_metric: which way is best
+METRICS = {"val_dice": "max", "val_loss": "min", "val_case_dice": "max"}
 
 
 def val_indices(samples: cache.Samples, config) -> np.ndarray | None:
