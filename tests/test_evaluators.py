@@ -195,26 +195,30 @@ def _uniform_spacing_task(base, spacing=(1.0, 1.0, 1.5), cases=6):
     return root
 
 
-def test_case_dice_is_evaluations_per_case_dice(make_tiny_config, tmp_path):
-    """A 3D run with the case_dice evaluator: its epoch row's val_case_dice (and per class)
+@pytest.mark.parametrize("geometry", [
+    {"model.spatial_dims": 3, "data.image_size": (8, 8, 4)},  # sliding windows
+    {"data.image_size": (16, 16), "train.steps_per_epoch": 40, "train.ce_weight": 0.0},
+])
+def test_case_dice_is_evaluations_per_case_dice(make_tiny_config, tmp_path, geometry):
+    """A run with the case_dice evaluator: its epoch row's val_case_dice (and per class)
     is what --mode=eval computes from the per-case Dice of the same checkpoint on the
-    validation split (sliding windows with overlap and flip TTA)."""
+    validation split (3D: sliding windows with overlap; flip TTA)."""
     import math
 
     from medseg_jax import evaluate
 
     root = _uniform_spacing_task(tmp_path / "data")
     config = _config(make_tiny_config, **{
-        "data.root": root, "model.spatial_dims": 3, "data.image_size": (8, 8, 4),
-        "data.split_fractions": (0.5, 0.5, 0.0), "train.num_epochs": 1,
-        "train.steps_per_epoch": 12, "train.evals": "dice,case_dice",
-        "train.learning_rate": 1e-2,
-        "train.best_metric": "val_case_dice", "eval.tta": True, "eval.sw_overlap": 0.5})
+        "data.root": root, "data.split_fractions": (0.5, 0.5, 0.0), "train.num_epochs": 1,
+        "train.steps_per_epoch": 12, "train.learning_rate": 1e-2,
+        "train.evals": "dice,case_dice", "train.best_metric": "val_case_dice",
+        "eval.tta": True, "eval.sw_overlap": 0.5, **geometry})
     workdir = str(tmp_path / "run")
     train.train(config, workdir)
     row = _epoch_rows(workdir)[-1]
     results = evaluate.evaluate(config, workdir, split="val", checkpoint="latest")
-    assert results["network_inputs"] > 3 * len(results["per_case"])  # overlapping windows
+    if config.model.spatial_dims == 3:  # overlapping windows
+        assert results["network_inputs"] > 3 * len(results["per_case"])
     names = list(results["per_case"][0]["metrics"])
     per_class = []
     for name in names:
