@@ -1,7 +1,7 @@
 """Step timing, the one copy: ``StepTimer`` (windows of steps after untimed warm-up
-windows; mean, median, fastest and rate; one clock or another). Training's ETA and images/s, the time budget's
-measurement, ``tools/throughput.py``, ``tools/plan.py``, the benchmark suite and the
-scripts of ``benchmarks/`` time steps with it."""
+windows, on one clock; mean, median, fastest and rate). Training's ETA and images/s,
+the time budget's measurement, ``tools/throughput.py``, ``tools/plan.py``, the benchmark
+suite and the scripts of ``benchmarks/`` time steps with it."""
 
 from __future__ import annotations
 
