@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -33,6 +31,7 @@ import numpy as np
 from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import sharding
 from medseg_jax import state as state_lib
+from medseg_jax import timing
 
 
 def unet_state():
@@ -56,12 +55,7 @@ def folder_bytes(folder: str) -> int:
 
 
 def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * timing.StepTimer().time(fn, repeats)
 
 
 def measure(state, name: str, repeats: int) -> dict:

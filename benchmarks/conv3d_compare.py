@@ -12,13 +12,13 @@ batch 2, 3 classes, augmentation off) trained by the package's jitted step with
 """
 
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from medseg_jax import timing
 
 
 def layer(rounds: int = 3) -> None:
@@ -46,18 +46,14 @@ def layer(rounds: int = 3) -> None:
         grad = jax.jit(jax.value_and_grad(lambda x, k, fn=fn: (fn(x, k) ** 2).mean(), (0, 1)))
         fwd = jax.jit(fn)
         jax.block_until_ready((fwd(x, k), grad(x, k)))
-        fns[name] = (fwd, grad, [], [])
+        fns[name] = (fwd, grad, timing.StepTimer(), timing.StepTimer())
     for _ in range(rounds):
         for name, (fwd, grad, tf, tg) in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fwd(x, k))
-            tf.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            jax.block_until_ready(grad(x, k))
-            tg.append(time.perf_counter() - t)
+            tf.call(lambda fwd=fwd: jax.block_until_ready(fwd(x, k)))
+            tg.call(lambda grad=grad: jax.block_until_ready(grad(x, k)))
     print("3x3x3 convolution, B=2, 40x56x40, 32 -> 32 (median of interleaved rounds):")
     for name, (_, _, tf, tg) in fns.items():
-        f_s, g_s = statistics.median(tf), statistics.median(tg)
+        f_s, g_s = tf.median(), tg.median()
         print(f"  {name:9s} forward {1e3 * f_s:7.1f} ms ({flops / f_s / 1e9:5.1f} GFLOP/s), "
               f"forward + backward {1e3 * g_s:7.1f} ms ({3 * flops / g_s / 1e9:5.1f} GFLOP/s)")
 
@@ -81,21 +77,22 @@ def step(rounds: int = 4) -> None:
         c.model.layer_impl = impl
         setup = state_lib.initialize(c, 3, 1, 100, mesh)
         state, fn = setup.state, setup.train_fn
-        t = time.perf_counter()
-        state, out = fn(state, batch)
+        (state, _), first = timing.timed(lambda fn=fn, state=state: jax.block_until_ready(
+            fn(state, batch)))
+        runs[impl] = [fn, state, timing.StepTimer(), first]
+
+    def two_steps(r):
+        for _ in range(2):
+            r[1], out = r[0](r[1], batch)
         jax.block_until_ready(out)
-        runs[impl] = [fn, state, [], time.perf_counter() - t]
+
     for _ in range(rounds):
         for r in runs.values():
-            t = time.perf_counter()
-            for _ in range(2):
-                r[1], out = r[0](r[1], batch)
-            jax.block_until_ready(out)
-            r[2].append((time.perf_counter() - t) / 2)
+            r[2].call(lambda r=r: two_steps(r), steps=2)
     print("3D U-Net train step (base 16, depth 4, 40x56x40, batch 2):")
     for impl, r in runs.items():
         print(f"  layer_impl={impl:8s} first step (compilation) {r[3]:.1f} s, "
-              f"step {statistics.median(r[2]):.2f} s")
+              f"step {r[2].median():.2f} s")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ summed); both accumulate in float32 (``preferred_element_type``), as ``lax`` doe
 """
 
 import os
-import statistics
-import time
 
 from absl import app, flags
 
@@ -30,13 +28,10 @@ flags.DEFINE_list("jax_forms", ["lax"], f"JAX formulations to time, of {FORMS}."
 
 
 def median_s(fn, n: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """The median of ``n`` calls after one untimed call."""
+    from medseg_jax import timing  # noqa: PLC0415
+
+    return timing.StepTimer(warmup=1).time(fn, n)
 
 
 def jax_forms():

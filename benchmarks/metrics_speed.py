@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 
 import numpy as np
 
-from medseg_jax import metrics
+from medseg_jax import metrics, timing
 
 SHAPE = (256, 256, 256)
 SPACING = (1.0, 1.0, 1.5)
@@ -34,12 +32,10 @@ def ball(center: tuple[float, ...], radius: float) -> np.ndarray:
 
 
 def median_time(fn, repeats: int) -> tuple[dict, float]:
-    times, value = [], None
+    timer, value = timing.StepTimer(), None
     for _ in range(repeats):
-        start = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - start)
-    return value, statistics.median(times)
+        value = timer.call(fn)
+    return value, timer.median()
 
 
 def main() -> None:

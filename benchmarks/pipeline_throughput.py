@@ -25,11 +25,10 @@ import cProfile
 import io
 import os
 import pstats
+import itertools
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from typing import Callable, Iterator
 
 from absl import app, flags
@@ -75,9 +74,9 @@ def table(rows: list[tuple], header: tuple) -> None:
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
+    from medseg_jax import timing  # noqa: PLC0415
+
+    return timing.timed(fn)
 
 
 def close(it: Iterator) -> None:
@@ -141,28 +140,24 @@ def host_rate(make_iter: Callable[[int], Iterator[dict]], mesh, batch_size: int,
     """
     import jax  # noqa: PLC0415
 
-    from medseg_jax import sharding  # noqa: PLC0415
+    from medseg_jax import sharding, timing  # noqa: PLC0415
 
-    t0 = time.perf_counter()
-    it = make_iter(warmup + num_batches)
-    first = epoch = None
-    t_next = t_put = 0.0
+    opened, take, put = timing.StepTimer(), timing.StepTimer(), timing.StepTimer()
+    it = opened.call(lambda: make_iter(warmup + num_batches))
     try:
-        for i in range(warmup + num_batches):
-            if i == warmup:
-                t_next = t_put = 0.0
-                start = time.perf_counter()
-            a = time.perf_counter()
-            host = next(it)
-            b = time.perf_counter()
-            jax.block_until_ready(sharding.to_global(host, mesh))
-            c = time.perf_counter()
-            t_next, t_put = t_next + b - a, t_put + c - b
-            first = c - t0 if first is None else first
-            epoch = c - t0 if i + 1 == epoch_steps else epoch
-        total = time.perf_counter() - start
+        for _ in range(warmup + num_batches):  # every batch timed; steady: after the warm-up
+            host = take.call(lambda: next(it))
+            put.call(lambda host=host: jax.block_until_ready(sharding.to_global(host, mesh)))
     finally:
         close(it)
+    # Seconds from the iterator's creation to the end of each batch.
+    since = list(itertools.accumulate(
+        (a + b for (a, _), (b, _) in zip(take.windows, put.windows)), initial=opened.mean()))
+    first = since[1]
+    epoch = since[epoch_steps] if 0 < epoch_steps < len(since) else None
+    t_next = sum(s for s, _ in take.windows[warmup:])
+    t_put = sum(s for s, _ in put.windows[warmup:])
+    total = t_next + t_put
     return {"batches_per_s": num_batches / total, "slices_per_s": num_batches * batch_size / total,
             "ms_per_batch": 1e3 * total / num_batches, "ms_next": 1e3 * t_next / num_batches,
             "ms_put": 1e3 * t_put / num_batches, "first_s": first, "epoch_s": epoch}
@@ -182,16 +177,14 @@ def repeated(run: Callable[[], dict], repeats: int) -> dict:
 
 
 def median_seconds(fn: Callable[[int], object], steps: int, warmup: int = 3) -> float:
+    """The median of ``steps`` calls ``fn(i)`` after ``warmup`` untimed ones (i counts
+    every call)."""
     import jax  # noqa: PLC0415
 
-    for i in range(warmup):
-        jax.block_until_ready(fn(i))
-    times = []
-    for i in range(warmup, warmup + steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(i))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from medseg_jax import timing  # noqa: PLC0415
+
+    count = itertools.count()
+    return timing.StepTimer(warmup).time(lambda: jax.block_until_ready(fn(next(count))), steps)
 
 
 class _PerSample:
@@ -229,7 +222,7 @@ def breakdown(samples, order, mesh, batch_size: int, rounds: int = 5) -> list[tu
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from medseg_jax import sharding  # noqa: PLC0415
+    from medseg_jax import sharding, timing  # noqa: PLC0415
     from medseg_jax.data import loader  # noqa: PLC0415
 
     n = order.shape[0]
@@ -278,10 +271,11 @@ def breakdown(samples, order, mesh, batch_size: int, rounds: int = 5) -> list[tu
         "PROTOTYPE gather: in-RAM array[rows] per batch":
             lambda: each(lambda r: (in_ram[0][r], in_ram[1][r]), order),
     }
-    best = {name: float("inf") for name in pieces}
+    timers = {name: timing.StepTimer() for name in pieces}
     for _ in range(rounds):
         for name, fn in pieces.items():
-            best[name] = min(best[name], timed(fn)[1])
+            timers[name].call(fn)
+    best = {name: timer.min() for name, timer in timers.items()}
     out = [(name, f"{1e3 * t / n:.3f}", f"{n * batch_size / t:,.0f}") for name, t in best.items()]
     rest = (best["previous per-sample chain indexed in this thread, ds[k]"]
             - best[f"  {batch_size} x _PerSample(i): memmap[i] -> np.asarray view"]

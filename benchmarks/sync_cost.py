@@ -25,10 +25,8 @@ import argparse
 import os
 import runpy
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCH_SECONDS = {"2d": 85.0, "3d": 240.0}
@@ -66,11 +64,13 @@ def _no_sync(*args, **kwargs):
     return None
 
 
-def _save_times(state, directory: str, repeats: int) -> dict[str, list[float]]:
-    from medseg_jax import checkpoint, fileio
+def _save_times(state, directory: str, repeats: int) -> dict:
+    """The StepTimer of the saves of each mode ("synced", "not synced")."""
+    from medseg_jax import checkpoint, fileio, timing
 
     real = {"_fsync": fileio._fsync, "sync_folder": fileio.sync_folder}
-    times: dict[str, list[float]] = {"synced": [], "not synced": []}
+    # The first save of each mode warms up.
+    times = {"synced": timing.StepTimer(warmup=1), "not synced": timing.StepTimer(warmup=1)}
     ck = checkpoint.Checkpointer(directory, max_to_keep=2)
     try:
         step = 0
@@ -79,11 +79,12 @@ def _save_times(state, directory: str, repeats: int) -> dict[str, list[float]]:
             for name, fn in real.items():
                 setattr(fileio, name, fn if mode == "synced" else _no_sync)
             step += 1
-            start = time.perf_counter()
-            ck.save(step, state, {"epoch": step}, {"val_dice": 0.0})
-            ck.wait()  # Orbax's commit, then the syncs and the digest
-            if i >= 2:
-                times[mode].append(time.perf_counter() - start)
+
+            def save(step=step):
+                ck.save(step, state, {"epoch": step}, {"val_dice": 0.0})
+                ck.wait()  # Orbax's commit, then the syncs and the digest
+
+            times[mode].call(save)
     finally:
         for name, fn in real.items():
             setattr(fileio, name, fn)
@@ -112,15 +113,15 @@ def main(argv=None) -> None:
             times = _save_times(state, directory, args.repeats)
             size = sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in
                        os.walk(directory) for f in fs) / max(1, len(os.listdir(directory)))
-            synced, plain = (1000 * statistics.median(times[k])
+            synced, plain = (1000 * times[k].median()
                              for k in ("synced", "not synced"))
             epoch = EPOCH_SECONDS[name[:2]]
+            runs = {k: [round(1000 * t) for t, _ in timer.windows] for k, timer in times.items()}
             print(f"{name}: {count_params(state.params):,} parameters, {size / 1e6:.1f} MB "
                   f"per checkpoint; ms per save (median of {args.repeats}): synced "
                   f"{synced:.0f}, not synced {plain:.0f}, difference {synced - plain:+.0f} ms "
                   f"= {100 * (synced - plain) / 1000 / epoch:+.3f}% of a {epoch:.0f} s epoch "
-                  f"(runs: synced {[round(1000 * t) for t in times['synced']]}, not synced "
-                  f"{[round(1000 * t) for t in times['not synced']]})")
+                  f"(runs: synced {runs['synced']}, not synced {runs['not synced']})")
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)

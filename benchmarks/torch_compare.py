@@ -42,9 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -399,6 +397,7 @@ def main(argv) -> None:
         raise SystemExit(f"--device=cuda: PyTorch CUDA {torch.cuda.is_available()}, JAX "
                          f"backend {jax.default_backend()}: both need the GPU")
     import numpy as np  # noqa: PLC0415
+    from medseg_jax import timing  # noqa: PLC0415
     from medseg_jax import workdir as workdir_lib  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
@@ -462,15 +461,13 @@ def main(argv) -> None:
             compile_backend=FLAGS.torch_compile_backend if compiled else "",
             compile_mode=FLAGS.torch_compile_mode)
     for name in list(steppers):
-        t0 = time.perf_counter()
-        try:
-            steppers[name]()  # compilation (JAX: or the persistent cache), cuDNN autotuning
+        try:  # compilation (JAX: or the persistent cache), cuDNN autotuning
+            _, first_step[name] = timing.timed(steppers[name])
         except Exception as e:  # noqa: BLE001 (torch.compile without a compiler, say)
             notes[name] = f"failed, left out: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
             print(f"{name}: {notes[name]}")
             del steppers[name]
             continue
-        first_step[name] = time.perf_counter() - t0
         print(f"{name}: first step (compilation, autotuning) {first_step[name]:.1f} s")
     report["first_step_s"], report["notes"] = first_step, notes
     write_json(report)
@@ -479,27 +476,25 @@ def main(argv) -> None:
     for step in steppers.values():
         for _ in range(FLAGS.warmup):
             step()
-    times = {name: [] for name in steppers}
+    timers = {name: timing.StepTimer() for name in steppers}
     for _ in range(FLAGS.rounds):
         for name, step in steppers.items():
             for _ in range(FLAGS.steps):
-                t = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t)
+                timers[name].call(step)
     reference = next(iter(steppers))
-    ref_median = statistics.median(times[reference])
+    ref_median = timers[reference].median()
     print(f"\n{FLAGS.rounds} interleaved rounds x {FLAGS.steps} steps each (median, "
           f"device-synchronised):")
     print(f"| implementation | ms/step | images/s | {reference} / this (speed) |")
     print("|---|---|---|---|")
     results = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
+    for name, timer in timers.items():
+        med = timer.median()
         results.append({"name": name, "framework": "jax" if name.startswith("medseg_jax")
                          else "torch", "step_ms": 1e3 * med,
                          "images_per_s": FLAGS.batch_size / med,
                          "ref_speed_ratio": med / ref_median,
-                         "times_ms": [1e3 * t for t in ts]})
+                         "times_ms": [1e3 * t for t, _ in timer.windows]})
         print(f"| {name} | {1e3 * med:.0f} | {FLAGS.batch_size / med:.1f} | "
               f"{med / ref_median:.2f} |")
     for name, note in notes.items():

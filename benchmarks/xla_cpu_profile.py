@@ -12,7 +12,6 @@ import argparse
 import collections
 import glob
 import os
-import statistics
 import tempfile
 import time
 
@@ -31,6 +30,7 @@ def main() -> None:
     from medseg_jax import config as config_lib  # noqa: PLC0415
     from medseg_jax import sharding  # noqa: PLC0415
     from medseg_jax import state as state_lib  # noqa: PLC0415
+    from medseg_jax import timing  # noqa: PLC0415
 
     config = config_lib.default_config()
     config.model.base_features, config.model.depth = 32, 4
@@ -44,18 +44,20 @@ def main() -> None:
     setup = state_lib.initialize(config, 2, 1, 1000, mesh)
     state, step = setup.state, setup.train_fn
     batch = sharding.to_global({"image": x, "label": y}, mesh)
-    walls, cpus = [], []
-    for i in range(2 + args.steps):
-        t, c = time.perf_counter(), time.process_time()
+    # The same steps on two clocks: wall time and the process's CPU time.
+    wall, cpu = timing.StepTimer(warmup=2), timing.StepTimer(warmup=2, clock=time.process_time)
+
+    def one_step(state):
         state, out = step(state, batch)
         jax.block_until_ready(out)
-        if i >= 2:
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
+        return state, out
+
+    for _ in range(2 + args.steps):
+        state, out = cpu.call(lambda state=state: wall.call(lambda: one_step(state)))
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()[0]:.2f}")
-    print(f"step: wall {1e3 * statistics.median(walls):.0f} ms, process CPU "
-          f"{1e3 * statistics.median(cpus):.0f} ms (cores busy: "
-          f"{statistics.median(cpus) / statistics.median(walls):.2f})")
+    print(f"step: wall {1e3 * wall.median():.0f} ms, process CPU "
+          f"{1e3 * cpu.median():.0f} ms (cores busy: "
+          f"{cpu.median() / wall.median():.2f})")
     trace = tempfile.mkdtemp(prefix="xla_cpu_profile_")
     with jax.profiler.trace(trace):
         for _ in range(2):

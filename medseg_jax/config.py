@@ -148,11 +148,17 @@ def default_config() -> ml_collections.ConfigDict:
     # split, evenly spaced over it (0: all). nnU-Net scores 50 batches per epoch; every
     # slice of a large CT split can cost as much as the epoch's training.
     train.val_max_samples = 0
+    # case_dice: predict at most this many validation cases, evenly spaced over the split
+    # (0: all).
+    train.val_max_cases = 0
     # The evaluators run at epoch ends, comma-separated: dice (val_loss, val_dice and
     # val_dice_per_class in the epoch's row; required) | overlay (a validation sample's
-    # outlines in TensorBoard, with train.tensorboard).
+    # outlines in TensorBoard, with train.tensorboard) | case_dice (val_case_dice and
+    # val_case_dice_per_class: Dice per validation case, each predicted whole as
+    # evaluation does (eval.sw_window, sw_overlap, tta) on the preprocessed grid).
     train.evals = "dice,overlay"
-    # The metric choosing the best checkpoint: val_dice (highest) | val_loss (lowest).
+    # The metric choosing the best checkpoint: val_dice (highest) | val_loss (lowest) |
+    # val_case_dice (highest; needs case_dice in train.evals).
     train.best_metric = "val_dice"
     # 0: the best checkpoint by the epoch's raw best_metric; 0 < a < 1: by its exponential
     # moving average over epochs, ema = a * ema + (1 - a) * value from the first epoch's
@@ -291,7 +297,7 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-EVALUATORS = ("dice", "overlay")  # the names train.evals may list
+EVALUATORS = ("dice", "overlay", "case_dice")  # the names train.evals may list
 
 
 def evaluator_names(spec: str) -> list[str]:
@@ -321,7 +327,7 @@ _CHOICES = {
     "train.lr_schedule": ("constant", "cosine", "poly"),
     "train.optimizer": ("adam", "sgd"),
     "train.transfer_guard": ("", "log", "disallow"),
-    "train.best_metric": ("val_dice", "val_loss"),
+    "train.best_metric": ("val_dice", "val_loss", "val_case_dice"),
     "eval.split": ("train", "val", "test"),
     "eval.sw_window": ("patch", "whole"),
 }
@@ -406,6 +412,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.context_slices: {context}: neighbouring slices as "
                          "channels need model.spatial_dims=2 and a count >= 0")
     postprocess.check_spec(config.eval.postprocess)
+    if (config.train.best_metric == "val_case_dice"
+            and "case_dice" not in evaluator_names(config.train.evals)):
+        raise ValueError(f"config.train.best_metric: val_case_dice is the case_dice "
+                         f"evaluator's, which config.train.evals={config.train.evals!r} "
+                         "lacks; add case_dice to train.evals")
     evaluator_names(config.train.evals)
     profile_steps(config.train.profile_steps)
     ckpt = str(config.eval.checkpoint)

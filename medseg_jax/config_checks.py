@@ -102,6 +102,7 @@ NUMBERS = {
     "train.steps_per_epoch": Number(int, 0, note="0: one pass"),
     "train.budget_minutes": Number(float, 0, note="0: off"),
     "train.val_max_samples": Number(int, 0, note="0: all"),
+    "train.val_max_cases": Number(int, 0, note="0: all"),
     "train.best_ema": Number(float, 0, 1, open_hi=True, note="0: the raw metric"),
     "train.patience": Number(int, 0, note="0: no early stopping"),
     "train.min_delta": Number(float, 0),

@@ -5,13 +5,18 @@ writes in the epoch's row and to TensorBoard.
 - ``dice``: validation loss and Dice (``validate``); early stopping reads its
   ``val_loss``, the best checkpoint ``train.best_metric`` (one of ``METRICS``);
 - ``overlay``: one validation sample with its reference (green) and predicted (red)
-  outlines (``epoch/val_overlay``; only with ``train.tensorboard``).
+  outlines (``epoch/val_overlay``; only with ``train.tensorboard``);
+- ``case_dice``: Dice per validation case (``val_case_dice``), each case predicted whole
+  as ``--mode=eval`` predicts it, on the grid training sees (``CaseDice``).
 
 The best-checkpoint score (``train.best_metric`` smoothed by ``train.best_ema``) is kept
 by ``update_best`` in the checkpoint's meta, so a resumed run continues it.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,7 +25,8 @@ from medseg_jax import config as config_lib
 from medseg_jax import inference, metrics, report, sharding
 from medseg_jax.data import cache, loader, preprocess
 
-METRICS = {"val_dice": "max", "val_loss": "min"}  # train.best_metric: which way is best
+# train.best_metric: which way is best
+METRICS = {"val_dice": "max", "val_loss": "min", "val_case_dice": "max"}
 
 
 def val_indices(samples: cache.Samples, config) -> np.ndarray | None:
@@ -79,15 +85,66 @@ class Overlay:
             image, label, pred, scale=max(1, 256 // max(label.shape)))}
 
 
-def create(config, eval_fn, predict_fn, samples, mesh, overlay_index: int | None) -> list:
+@dataclasses.dataclass
+class Cases:
+    """What ``case_dice`` reads: the data set, the run's preprocessing plan and a
+    prediction function (flips averaged with ``eval.tta``, as evaluation's)."""
+
+    dataset: Any
+    plans: dict
+    predict_fn: Any
+
+
+class CaseDice:
+    """``val_case_dice`` and ``val_case_dice_per_class``: each validation case (or
+    ``train.val_max_cases`` evenly spaced ones) predicted whole as ``--mode=eval`` predicts
+    it (``inference.network_probs``: ``eval.sw_window``, ``eval.sw_overlap``,
+    ``eval.tta``), on the grid training sees (no resampling back, no post-processing).
+    The Dice of each case and class (undefined where both masks are empty; a class not
+    annotated in a case is left out); per class their mean over the cases, and
+    ``val_case_dice`` the mean over the classes that have one."""
+
+    def __init__(self, config, cases: Cases, mesh):
+        self.config, self.cases, self.mesh = config, cases, mesh
+        keys = list(cases.dataset.splits["val"])
+        chosen = loader.evenly_spaced(len(keys), int(config.train.val_max_cases))
+        self.keys = keys if chosen is None else [keys[i] for i in chosen]
+
+    def run(self, state) -> tuple[dict, dict]:
+        dataset, plans = self.cases.dataset, self.cases.plans
+        labels = sorted(v for v in dataset.labels if v != 0)
+        values: dict[int, list[float]] = {v: [] for v in labels}
+        for key in self.keys:
+            ref, info = dataset.refs[key]
+            preprocess.check_case_memory(ref, info, self.config, plans.get("target_spacing"),
+                                         dataset.num_classes)
+            probs, label, _ = inference.network_probs(dataset.load(key), plans, self.config,
+                                                      state, self.cases.predict_fn, self.mesh)
+            pred = np.argmax(probs, axis=-1)
+            for v in labels:
+                if ref.annotated is None or v in ref.annotated:
+                    values[v].append(metrics.dice(pred == v, label == v))
+        per_class = []
+        for v in labels:
+            finite = [d for d in values[v] if np.isfinite(d)]
+            per_class.append(float(np.mean(finite)) if finite else float("nan"))
+        present = [d for d in per_class if np.isfinite(d)]
+        return {"val_case_dice": float(np.mean(present)) if present else 0.0,
+                "val_case_dice_per_class": per_class}, {}
+
+
+def create(config, eval_fn, predict_fn, samples, mesh, overlay_index: int | None,
+           cases: Cases | None = None) -> list:
     """The evaluators of ``train.evals``; ``overlay`` only where ``overlay_index`` is set
-    (TensorBoard on, a validation sample to draw)."""
+    (TensorBoard on, a validation sample to draw); ``case_dice`` reads ``cases``."""
     out = []
     for name in config_lib.evaluator_names(config.train.evals):
         if name == "dice":
             out.append(ValDice(config, eval_fn, samples, mesh))
         elif name == "overlay" and overlay_index is not None:
             out.append(Overlay(config, predict_fn, samples, mesh, overlay_index))
+        elif name == "case_dice":
+            out.append(CaseDice(config, cases, mesh))
     return out
 
 

@@ -93,19 +93,29 @@ def window(config, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int
     return size, preprocess.volume_patch(size, len(spatial), config.data.slice_axis)
 
 
-def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
-                  mesh) -> tuple[np.ndarray, int]:
-    """(class probabilities (*spatial, K) on the case grid, number of network inputs)."""
+def network_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
+                  mesh) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(class probabilities on the network's grid, the case's label on that grid (None
+    for a case without one), number of network inputs): the case as training preprocesses
+    it, resampled ((*spatial, K)) or resized slice by slice ((N, *image_size, K))."""
     if preprocess.uses_patches(config):
-        volume, _ = preprocess.case_volume(dataclasses.replace(case, label=None), plans, config)
+        volume, label = preprocess.case_volume(case, plans, config)
         size, patch = window(config, volume.shape[:-1])
         probs, n = sliding_window(predict_fn, state, volume, patch, config.eval.sw_overlap,
                                   config.eval.batch_size, mesh, input_size=size,
                                   fit_batch=config.eval.sw_window == "whole")
-        return preprocess.to_case_grid(probs, case, plans, config), n
-    images, _ = preprocess.case_samples(case, plans, config)
+        return probs, label, n
+    images, labels = preprocess.case_samples(case, plans, config)
     probs = predict_batches(predict_fn, state, images, config.eval.batch_size, mesh)
-    return preprocess.to_case_grid(probs, case, plans, config), len(images)
+    return probs, labels, len(images)
+
+
+def predict_probs(case: nifti.Case, plans: dict, config, state, predict_fn,
+                  mesh) -> tuple[np.ndarray, int]:
+    """(class probabilities (*spatial, K) on the case grid, number of network inputs)."""
+    probs, _, n = network_probs(dataclasses.replace(case, label=None), plans, config, state,
+                                predict_fn, mesh)
+    return preprocess.to_case_grid(probs, case, plans, config), n
 
 
 def ensemble_probs(case: nifti.Case, runs) -> tuple[np.ndarray, int]:

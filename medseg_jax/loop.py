@@ -112,10 +112,12 @@ class Loop:
     stop: threading.Event
     overlay_index: int | None = None  # the validation sample drawn into TensorBoard
     predict_fn: Any = None
+    cases: evaluators.Cases | None = None  # the validation cases (case_dice)
 
     def __post_init__(self):
         self.evaluators = evaluators.create(self.config, self.eval_fn, self.predict_fn,
-                                            self.val_samples, self.mesh, self.overlay_index)
+                                            self.val_samples, self.mesh, self.overlay_index,
+                                            self.cases)
 
     def run(self, state, meta: dict):
         """Trains from the state's step to ``train.num_epochs`` epochs (or early stopping);

@@ -1,7 +1,7 @@
 """Step timing, the one copy: ``StepTimer`` (windows of steps after untimed warm-up
-windows; mean, median and rate). Training's ETA and images/s, the time budget's
-measurement, ``tools/throughput.py``, ``tools/plan.py`` and the benchmark suite time
-steps with it."""
+windows, on one clock; mean, median, fastest and rate). Training's ETA and images/s,
+the time budget's measurement, ``tools/throughput.py``, ``tools/plan.py``, the benchmark
+suite and the scripts of ``benchmarks/`` time steps with it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from typing import Callable
 
 class StepTimer:
     """Seconds per step, from windows of steps (``add``) or from timing a blocking
-    callable (``time``). The first ``warmup`` windows are not counted (compilation,
-    cold caches)."""
+    callable (``call``, ``time``). The first ``warmup`` windows are not counted
+    (compilation, cold caches). ``clock``: what a second is read from (default
+    ``time.perf_counter``; ``time.process_time`` for the process's CPU time)."""
 
-    def __init__(self, warmup: int = 0):
+    def __init__(self, warmup: int = 0, clock: Callable[[], float] | None = None):
         self.warmup, self.windows = warmup, []  # windows: (seconds, steps)
+        self.clock = clock
 
     def add(self, seconds: float, steps: int = 1) -> None:
         """A window of ``steps`` steps that took ``seconds``."""
@@ -39,11 +41,29 @@ class StepTimer:
         return (statistics.median(s / n for s, n in self.windows) if self.windows
                 else float("nan"))
 
+    def min(self) -> float:
+        """The fastest window's seconds per step (nan before the first)."""
+        return min((s / n for s, n in self.windows), default=float("nan"))
+
+    def call(self, run: Callable[[], object], steps: int = 1):
+        """Calls ``run`` once (it must block until the device is done), a window of
+        ``steps`` steps (not counted while warming up); returns what ``run`` returns."""
+        clock = self.clock or time.perf_counter
+        t = clock()
+        value = run()
+        self.add(clock() - t, steps)
+        return value
+
     def time(self, run: Callable[[], object], steps: int) -> float:
         """Calls ``run`` (which must block until the device is done) for the warm-up,
         then ``steps`` timed times; returns the median seconds of a call."""
         for _ in range(self.warmup + steps):
-            t = time.perf_counter()
-            run()
-            self.add(time.perf_counter() - t)
+            self.call(run)
         return self.median()
+
+
+def timed(run: Callable[[], object]) -> tuple[object, float]:
+    """(what ``run`` returns, the seconds it took): one call, one window."""
+    timer = StepTimer()
+    value = timer.call(run)
+    return value, timer.mean()

@@ -103,7 +103,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
     # Before anything is read or written: a run of other settings is refused as it is
     # (the epochs a budget sets are compared once fitted, when config.json is written).
     workdir_lib.check_config(_budget_epochs(config, workdir), workdir)
-    dataset, _, samples = cache.prepare(config, workdir)
+    dataset, plans, samples = cache.prepare(config, workdir)
     pairs = laterality.parse_pairs(config.data.lateral_pairs, dataset.labels)
     swap = laterality.permutation(pairs, dataset.num_classes)
     if pairs:
@@ -179,7 +179,8 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
                 loop = loop_lib.Loop(config, workdir, checkpointer, log, setup.train_fn,
                                      setup.eval_fn, mesh, train_samples, val_samples,
                                      steps_per_epoch, stop,
-                                     *_overlay_setup(config, mesh, val_samples))
+                                     *_overlay_setup(config, mesh, val_samples),
+                                     cases=_case_setup(config, mesh, dataset, plans, swap))
                 state = loop.run(state, meta)
             except FloatingPointError as e:  # the next resume may lower the rate or clip
                 workdir_lib.record_divergence(workdir, getattr(e, "step", -1))
@@ -200,6 +201,14 @@ def _overlay_setup(config, mesh, val_samples) -> tuple[int | None, Any]:
     labels = val_samples.labels
     counts = [int(np.count_nonzero(labels[i])) for i in range(len(labels))]
     return int(np.argmax(counts)), state_lib.make_predict_fn(config, mesh, tta=False)
+
+
+def _case_setup(config, mesh, dataset, plans, swap) -> evaluators.Cases | None:
+    """What the ``case_dice`` evaluator reads (None when ``train.evals`` lacks it): the
+    data set, the plan and evaluation's prediction function (``eval.tta``)."""
+    if "case_dice" not in config_lib.evaluator_names(config.train.evals):
+        return None
+    return evaluators.Cases(dataset, plans, state_lib.make_predict_fn(config, mesh, swap=swap))
 
 
 _BUDGET_WARMUP, _BUDGET_STEPS = 2, 8  # untimed (on a Zen 5 25-45% slower), then timed steps

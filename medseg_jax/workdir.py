@@ -253,13 +253,15 @@ def run_lock(workdir: str):
 # --------------------------------------------------------------------------- #
 
 # Fields that may change when a run resumes (a section name: all its fields): when it
-# stops (num_epochs, budget_minutes, early stopping; val_max_samples, best_metric and
-# best_ema choose the best checkpoint, evals what is logged), what it logs and keeps, how fast it runs and where it
+# stops (num_epochs, budget_minutes, early stopping; val_max_samples, val_max_cases,
+# best_metric and best_ema choose the best checkpoint, evals what is logged), what it
+# logs and keeps, how fast it runs and where it
 # caches (model.remat and layer_impl: the same numbers, XLA flags: the last bits, as on
 # another machine), and evaluation. None changes the weights the steps compute. Each
 # change is recorded in config.json ("changes", with the step it took effect at).
 SAFE_FIELDS = ("train.num_epochs", "train.budget_minutes", "train.patience",
-               "train.min_delta", "train.val_max_samples", "train.evals",
+               "train.min_delta", "train.val_max_samples", "train.val_max_cases",
+               "train.evals",
                "train.best_metric", "train.best_ema", "train.log_every_steps",
                "train.profile_steps",
                "train.tensorboard", "train.prefetch", "train.transfer_guard",

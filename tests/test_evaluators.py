@@ -145,6 +145,8 @@ def test_best_ema_may_change_on_resume(make_tiny_config, tmp_path, monkeypatch):
     ("train.best_metric", "dice", "config.train.best_metric"),
     ("train.best_ema", 1.0, "config.train.best_ema"),
     ("train.best_ema", -0.1, "config.train.best_ema"),
+    ("train.best_metric", "val_case_dice", "config.train.best_metric: .*add case_dice"),
+    ("train.val_max_cases", -1, "config.train.val_max_cases"),
 ])
 def test_bad_evals_and_best_fields_are_refused(make_tiny_config, field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -172,3 +174,90 @@ def test_resume_from_a_checkpoint_chosen_by_raw_val_dice(make_tiny_config, tmp_p
     meta = train.train(_config(make_tiny_config), workdir)
     assert meta["best_epoch"] == 2 and meta["best_metric_value"] == 0.9
     assert _best_step(workdir) == 2
+
+
+def _uniform_spacing_task(base, spacing=(1.0, 1.0, 1.5), cases=6):
+    """Synthetic MRI cases rewritten to one voxel spacing: the run's target spacing, so
+    the preprocessed grid is each case's own (no resampling either way)."""
+    import glob
+
+    import nibabel as nib
+    import numpy as np
+
+    from medseg_jax.data import synthetic
+
+    roots = synthetic.make_synthetic(str(base), seed=0, num_cases=cases, size=16, depth=4)
+    root = next(r for r in roots if r.endswith("SynthMRI"))
+    for path in glob.glob(os.path.join(root, "*Tr", "*.nii.gz")):
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([*spacing, 1.0]),
+                                 img.header), path)
+    return root
+
+
+@pytest.mark.parametrize("geometry", [
+    {"model.spatial_dims": 3, "data.image_size": (8, 8, 4)},  # sliding windows
+    {"data.image_size": (16, 16), "train.steps_per_epoch": 40, "train.ce_weight": 0.0},
+])
+def test_case_dice_is_evaluations_per_case_dice(make_tiny_config, tmp_path, geometry):
+    """A run with the case_dice evaluator: its epoch row's val_case_dice (and per class)
+    is what --mode=eval computes from the per-case Dice of the same checkpoint on the
+    validation split (3D: sliding windows with overlap; flip TTA)."""
+    import math
+
+    from medseg_jax import evaluate
+
+    root = _uniform_spacing_task(tmp_path / "data")
+    config = _config(make_tiny_config, **{
+        "data.root": root, "data.split_fractions": (0.5, 0.5, 0.0), "train.num_epochs": 1,
+        "train.steps_per_epoch": 12, "train.learning_rate": 1e-2,
+        "train.evals": "dice,case_dice", "train.best_metric": "val_case_dice",
+        "eval.tta": True, "eval.sw_overlap": 0.5, **geometry})
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir)
+    row = _epoch_rows(workdir)[-1]
+    results = evaluate.evaluate(config, workdir, split="val", checkpoint="latest")
+    if config.model.spatial_dims == 3:  # overlapping windows
+        assert results["network_inputs"] > 3 * len(results["per_case"])
+    names = list(results["per_case"][0]["metrics"])
+    per_class = []
+    for name in names:
+        values = [c["metrics"][name]["dice"] for c in results["per_case"]]
+        finite = [v for v in values if math.isfinite(v)]
+        per_class.append(sum(finite) / len(finite) if finite else math.nan)
+    assert len(results["per_case"]) == 3
+    assert row["val_case_dice_per_class"] == pytest.approx(per_class, abs=1e-12, nan_ok=True)
+    assert row["val_case_dice"] == pytest.approx(
+        sum(d for d in per_class if math.isfinite(d))
+        / sum(math.isfinite(d) for d in per_class), abs=1e-12)
+    assert 0 < row["val_case_dice"] < 1
+
+
+def test_val_max_cases_takes_evenly_spaced_cases(make_tiny_config):
+    import types
+
+    dataset = types.SimpleNamespace(splits={"val": ["a", "b", "c", "d", "e"]})
+    cases = evaluators.Cases(dataset, {}, None)
+    for n, keys in ((0, ["a", "b", "c", "d", "e"]), (2, ["a", "c"]), (9, list("abcde"))):
+        config = make_tiny_config(**{"train.val_max_cases": n})
+        assert evaluators.CaseDice(config, cases, None).keys == keys
+
+
+def test_best_metric_val_case_dice_chooses_by_it(make_tiny_config, tmp_path, monkeypatch):
+    """val_dice would choose epoch 2; val_case_dice 0.5, 0.2, 0.7 chooses epoch 3, and the
+    epoch rows carry the case Dice."""
+    case_dice = iter([0.5, 0.2, 0.7])
+
+    def run(self, state):
+        value = next(case_dice)
+        return {"val_case_dice": value, "val_case_dice_per_class": [value]}, {}
+
+    monkeypatch.setattr(evaluators.CaseDice, "run", run)
+    scripted_validation(monkeypatch, LOSS, DICE)
+    workdir = str(tmp_path / "run")
+    meta = train.train(_config(make_tiny_config, **{"train.evals": "dice,case_dice",
+                                                    "train.best_metric": "val_case_dice"}),
+                       workdir)
+    assert [r["val_case_dice"] for r in _epoch_rows(workdir)] == [0.5, 0.2, 0.7]
+    assert meta["best_epoch"] == 3 and meta["best_metric_value"] == 0.7
+    assert meta["best_val_dice"] == 0.8 and _best_step(workdir) == 3
