@@ -127,8 +127,8 @@ class Loop:
                                             self.val_samples, self.mesh, self.overlay_index)
 
     def run(self, state, meta: dict):
-        """Trains from the state's step to ``train.num_epochs`` epochs (or early stopping);
-        updates ``meta`` in place and returns the final state."""
+        """Trains from the state's step to ``train.num_epochs`` epochs (as ``revise`` sets
+        them, or early stopping); updates ``meta`` in place and returns the final state."""
         config, per_epoch = self.config, self.steps_per_epoch
         first, total = int(state.step), per_epoch * config.train.num_epochs
         self.timer, self.profile = timing.StepTimer(), Profile(config.train.profile_steps,

@@ -174,3 +174,18 @@ def test_the_revision_counts_compilation_and_stops_at_the_most_epochs(monkeypatc
     now[0] = 100.01
     budget = train.Budget(600.0, 0.0, 0.0, 0.0, "/nonexistent", 2, {"train": (100.0, 0.0)})
     assert budget.revise(State(), config, 0)[1].train.num_epochs == loop_lib.MAX_EPOCHS
+
+
+def test_without_a_budget_nothing_is_measured_or_revised(tmp_path, make_tiny_config, clock,
+                                                         monkeypatch):
+    workdir = str(tmp_path / "run")
+    clock["epoch_seconds"] = {0: 1000.0}
+    monkeypatch.setattr(train.Budget, "timed", None)  # a budget's wrappers: not made
+    train.train(_config(make_tiny_config, **{"train.budget_minutes": 0.0,
+                                             "train.num_epochs": 2}), workdir)
+    assert clock["measured"] == 0
+    recorded = _recorded(workdir)
+    assert recorded["train"]["num_epochs"] == 2 and "changes" not in recorded
+    assert [e[:3] for e in clock["ends"]] == [(0, 2, 2), (1, 4, 4)]
+    assert clock["ends"][0][3] == pytest.approx(LR * (1 - 2 / 4) ** 0.9, rel=1e-5)
+    assert clock["ends"][0][4] is clock["ends"][1][4]
