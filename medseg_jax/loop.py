@@ -14,6 +14,11 @@ Triggers, checked after each step ``s`` (1-based: the state's step once it is ta
   ``<workdir>/profile`` (TensorBoard's profile plugin or Perfetto);
 - SIGTERM: a checkpoint of the last step taken, then ``Preempted``.
 
+With a time budget (``train.budget_minutes``) the loop calls ``revise`` once, at the end
+of the first epoch it trains: it returns the state (its optimizer scheduled over the
+revised total) and the config with the revised ``train.num_epochs``, which the ETA, the
+epoch printouts and the end follow (``train.py``).
+
 An epoch resumed mid-way reports as its ``train_loss`` the mean over the steps taken
 since the resume, with their count as ``train_loss_steps``.
 """
@@ -35,6 +40,9 @@ from medseg_jax import checkpoint as ckpt_lib
 from medseg_jax import config as config_lib
 from medseg_jax import evaluators, sharding, timing, writers
 from medseg_jax.data import loader
+
+
+MAX_EPOCHS = 1000  # the most epochs a time budget sets
 
 
 class Preempted(Exception):
@@ -113,6 +121,7 @@ class Loop:
     overlay_index: int | None = None  # the validation sample drawn into TensorBoard
     predict_fn: Any = None
     cases: evaluators.Cases | None = None  # the validation cases (case_dice)
+    revise: Any = None  # (state, config, epoch) -> (state, config): a budget's revision
 
     def __post_init__(self):
         self.evaluators = evaluators.create(self.config, self.eval_fn, self.predict_fn,
@@ -120,19 +129,23 @@ class Loop:
                                             self.cases)
 
     def run(self, state, meta: dict):
-        """Trains from the state's step to ``train.num_epochs`` epochs (or early stopping);
-        updates ``meta`` in place and returns the final state."""
+        """Trains from the state's step to ``train.num_epochs`` epochs (as ``revise`` sets
+        them, or early stopping); updates ``meta`` in place and returns the final state."""
         config, per_epoch = self.config, self.steps_per_epoch
         first, total = int(state.step), per_epoch * config.train.num_epochs
         self.timer, self.profile = timing.StepTimer(), Profile(config.train.profile_steps,
                                                                self.workdir)
-        # One input pipeline for the whole run (grain workers start once).
-        host = loader.run_batches(self.train_samples, config, per_epoch, first)
+        # One input pipeline for the whole run (grain workers start once); with a
+        # revision to come, batches as far as it may reach (made as the steps take them).
+        host = loader.run_batches(self.train_samples, config, per_epoch, first,
+                                  None if self.revise is None else per_epoch * MAX_EPOCHS)
         batches = sharding.prefetch_to_device(host, self.mesh, config.train.prefetch)
         self.losses, self.pending, self.window = [], [], (time.time(), 0)
         t_epoch = time.time()
+        step = first
         try:
-            for step in range(first + 1, total + 1):
+            while step < total:
+                step += 1
                 if self.stop.is_set() and step - 1 > first:  # SIGTERM: save, then stop
                     self.save_and_stop(state, meta, step - 1)
                 with _transfer_guard(config.train.transfer_guard):  # no hidden round trip
@@ -141,6 +154,9 @@ class Loop:
                     continue
                 epoch = step // per_epoch - 1
                 self.end_epoch(state, meta, epoch, self.losses, t_epoch)
+                if self.revise is not None:  # once: the epochs the time budget allows
+                    state, self.config = self.revise(state, self.config, epoch)
+                    self.revise, total = None, per_epoch * self.config.train.num_epochs
                 self.losses, t_epoch = [], time.time()
                 if self.stop.is_set():
                     self.preempted(step, epoch, per_epoch)

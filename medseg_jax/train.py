@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -118,9 +119,10 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
     else:
         n_train = len(train_samples)
     steps_per_epoch = config.train.steps_per_epoch or max(1, n_train // batch)
+    budget = None
     if config.train.budget_minutes:
-        config = _fit_budget(config, workdir, mesh, dataset, train_samples, val_samples,
-                             steps_per_epoch, swap)
+        config, budget = _fit_budget(config, workdir, mesh, dataset, train_samples,
+                                     val_samples, steps_per_epoch, swap)
     total_steps = steps_per_epoch * config.train.num_epochs
     n_val = evaluators.val_indices(val_samples, config)
     logging.info("Data: %d train / %d val / %d test cases; %d train %s and %d val samples "
@@ -174,13 +176,18 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
             return (meta, state) if return_state else meta
 
         t_run, stop = time.time(), threading.Event()
+        train_fn, eval_fn, revise = setup.train_fn, setup.eval_fn, None
+        if budget is not None and int(state.step) % steps_per_epoch == 0:
+            train_fn, eval_fn = budget.timed("train", train_fn), budget.timed("eval", eval_fn)
+            checkpointer.save = budget.timed("save", checkpointer.save)
+            revise = budget.revise
         with _sigterm_sets(stop):
             try:
-                loop = loop_lib.Loop(config, workdir, checkpointer, log, setup.train_fn,
-                                     setup.eval_fn, mesh, train_samples, val_samples,
-                                     steps_per_epoch, stop,
+                loop = loop_lib.Loop(config, workdir, checkpointer, log, train_fn, eval_fn,
+                                     mesh, train_samples, val_samples, steps_per_epoch, stop,
                                      *_overlay_setup(config, mesh, val_samples),
-                                     cases=_case_setup(config, mesh, dataset, plans, swap))
+                                     cases=_case_setup(config, mesh, dataset, plans, swap),
+                                     revise=revise)
                 state = loop.run(state, meta)
             except FloatingPointError as e:  # the next resume may lower the rate or clip
                 workdir_lib.record_divergence(workdir, getattr(e, "step", -1))
@@ -212,13 +219,20 @@ def _case_setup(config, mesh, dataset, plans, swap) -> evaluators.Cases | None:
 
 
 _BUDGET_WARMUP, _BUDGET_STEPS = 2, 8  # untimed (on a Zen 5 25-45% slower), then timed steps
+_clock = time.time  # the time budget's clock
+# A checkpoint save, as the budget plans it (Orbax's first save also sets itself up: 8 s
+# on a busy 2-core CPU for a tiny model whose later saves took under 0.1 s).
+_SAVE_S = 1.0
 
 
 def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
                 steps_per_epoch: int, swap: tuple[int, ...] | None = None):
-    """``config`` with ``train.num_epochs`` set so that training fits
-    ``train.budget_minutes``: the run's earlier value when it resumes, else measured on a
-    throw-away state (a few steps after compilation, and a few validation batches)."""
+    """``(config, budget)``: ``config`` with ``train.num_epochs`` set so that training
+    fits ``train.budget_minutes``, and the ``Budget`` that revises it after the first
+    epoch. A resume with the same budget keeps the run's recorded epochs (as revised) and
+    gets no ``Budget``; else they are measured on a throw-away state (a few steps after
+    compilation, and a few validation batches). The budget counts from here: the
+    measurement and the compilations are part of it."""
     budget = float(config.train.budget_minutes)
     path = os.path.join(workdir, "config.json")
     out = ml_collections.ConfigDict(config.to_dict())
@@ -226,8 +240,23 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
         previous = fileio.read_json(path, "the run's config").get("train", {})
         if previous.get("budget_minutes") == budget and previous.get("num_epochs"):
             out.train.num_epochs = int(previous["num_epochs"])
-            return out
-    t0 = time.time()
+            return out, None
+    t0 = _clock()
+    m = _measure(config, mesh, dataset, train_samples, val_samples, steps_per_epoch, swap)
+    epoch_s = steps_per_epoch * m["step_s"] + m["val_s"] + _SAVE_S
+    left = budget * 60 - (_clock() - t0) - 2 * m["compile_s"]  # the real run compiles too
+    out.train.num_epochs = _agree(max(1, min(loop_lib.MAX_EPOCHS, int(left // epoch_s))))
+    logging.info("Time budget %.1f min: %.2f s per step, %.1f s per validation, %.1f s per "
+                 "epoch of %d steps -> %d epochs (measured in %.1f s)", budget, m["step_s"],
+                 m["val_s"], epoch_s, steps_per_epoch, out.train.num_epochs, _clock() - t0)
+    return out, Budget(60 * budget, t0, m["step_s"], m["val_batch_s"], workdir,
+                       steps_per_epoch)
+
+
+def _measure(config, mesh, dataset, train_samples, val_samples, steps_per_epoch: int,
+             swap) -> dict:
+    """Seconds of a training step (``step_s``) and of its compilation (``compile_s``),
+    of one validation batch (``val_batch_s``) and of a validation (``val_s``)."""
     setup = state_lib.initialize(config, dataset.num_classes, dataset.num_channels,
                                  steps_per_epoch, mesh, swap=swap)
     state, train_fn, eval_fn = setup.state, setup.train_fn, setup.eval_fn
@@ -252,7 +281,6 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
             state, out_ = train_fn(state, sharding.to_global(b, mesh))
         jax.block_until_ready(out_)
         timer.add(time.time() - t_window, _BUDGET_STEPS)
-        step_s = timer.mean()
     finally:
         host.close()
     val = list(loader.padded_batches(val_samples.images, val_samples.labels,
@@ -264,14 +292,84 @@ def _fit_budget(config, workdir: str, mesh, dataset, train_samples, val_samples,
     timed = val[1:4] or val[:1]
     for b in timed:
         jax.block_until_ready(eval_fn(state, sharding.to_global(b, mesh)))
-    val_s = (time.time() - t_val) / len(timed) * len(val)
-    epoch_s = steps_per_epoch * step_s + val_s + 1.0  # + the checkpoint save
-    left = budget * 60 - (time.time() - t0) - 2 * compile_s  # the real run compiles too
-    out.train.num_epochs = max(1, min(1000, int(left // epoch_s)))
-    logging.info("Time budget %.1f min: %.2f s per step, %.1f s per validation, %.1f s per "
-                 "epoch of %d steps -> %d epochs (measured in %.1f s)", budget, step_s, val_s,
-                 epoch_s, steps_per_epoch, out.train.num_epochs, time.time() - t0)
-    return out
+    val_batch_s = (time.time() - t_val) / len(timed)
+    return {"step_s": timer.mean(), "compile_s": compile_s, "val_batch_s": val_batch_s,
+            "val_s": val_batch_s * len(val)}
+
+
+def _agree(n: int) -> int:
+    """Process 0's ``n`` on every process (each measures its own times)."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(n)))
+
+
+@dataclasses.dataclass
+class Budget:
+    """A time budget's revision: once, at the end of the first epoch a run trains after
+    measuring (``revise``), ``train.num_epochs`` is set again from that epoch as the loop
+    took it (its steps, the evaluators, the checkpoint save; less what the first calls
+    cost once, timed by ``timed``: the steps' compilation, the first save's set-up beyond
+    ``_SAVE_S``) and the time spent since the measurement began, so that a run given N
+    minutes trains for about N minutes on a busy or an idle machine:
+    ``done + (budget - spent - recompilation) // epoch``, at least the epochs done, at
+    most ``loop.MAX_EPOCHS``. A cosine or poly schedule then runs over the revised total:
+    the state's optimizer is made again (its state, the step count included, carries on;
+    the steps compile once more, which the budget counts). config.json records the
+    revised epochs (with a ``changes`` entry), so a resume with the same budget keeps
+    them. A resumed run keeps the recorded epochs (revised or not: the time its earlier
+    processes spent is not known), and one that measured anew (a changed budget) revises
+    only if it starts at an epoch's end."""
+
+    seconds: float  # the budget
+    start: float  # _clock() when the measurement began
+    step_s: float  # one training step, as measured before training
+    val_batch_s: float  # one validation batch
+    workdir: str
+    steps_per_epoch: int
+    first_calls: dict = dataclasses.field(default_factory=dict)  # name: (start, seconds)
+
+    def timed(self, name: str, fn):
+        """``fn``, its first call timed to its result (the loop's first step waits on its
+        result anyway; the first validation batch waits once)."""
+        def call(*args):
+            if name in self.first_calls:
+                return fn(*args)
+            t = _clock()
+            out = jax.block_until_ready(fn(*args))
+            self.first_calls[name] = (t, _clock() - t)
+            return out
+        return call
+
+    def revise(self, state, config, epoch: int):
+        """``(state, config)`` with the epochs the rest of the budget allows after epoch
+        ``epoch`` (0-based, just ended); logs the revision and records it."""
+        now, planned = _clock(), int(config.train.num_epochs)
+        t_first, train_s = self.first_calls.get("train", (now, 0.0))
+        eval_s = self.first_calls.get("eval", (now, 0.0))[1]
+        save_s = self.first_calls.get("save", (now, 0.0))[1]
+        compile_s = max(0.0, train_s - self.step_s) + max(0.0, eval_s - self.val_batch_s)
+        epoch_s = max(now - t_first - compile_s - max(0.0, save_s - _SAVE_S), 1e-3)
+        schedule = config.train.lr_schedule
+        left = self.seconds - (now - self.start) - (compile_s if schedule != "constant" else 0)
+        done = epoch + 1
+        revised = _agree(max(done, min(loop_lib.MAX_EPOCHS, done + int(left // epoch_s))))
+        logging.info("Time budget %.1f min: planned %d epochs, measured %.1f s per epoch "
+                     "(%.1f s spent), revised to %d", self.seconds / 60, planned, epoch_s,
+                     now - self.start, revised)
+        if revised == planned:
+            return state, config
+        out = ml_collections.ConfigDict(config.to_dict())
+        out.train.num_epochs = revised
+        workdir_lib.record_revision(
+            self.workdir, "train.num_epochs", revised, done * self.steps_per_epoch,
+            f"train.budget_minutes: {epoch_s:.1f} s per epoch measured in epoch {done}")
+        if schedule != "constant":  # the schedule over the revised total (one retrace)
+            state = state.replace(tx=state_lib.make_optimizer(
+                out, self.steps_per_epoch * revised))
+        return state, out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -518,6 +518,24 @@ def record_divergence(workdir: str, step: int) -> None:
         fileio.write_json_atomic(path, recorded)
 
 
+def record_revision(workdir: str, dotted: str, new, step: int, reason: str) -> None:
+    """Sets ``dotted`` (section.field) in the run's config.json to ``new``: a value the
+    run itself revised (a time budget's epochs), with a ``changes`` entry giving
+    ``reason``, so that a resume with the same settings reads it as the run's own."""
+    import jax  # noqa: PLC0415
+
+    recorded = _recorded(workdir, False)
+    if recorded is None or jax.process_index() != 0:
+        return
+    section, _, field = dotted.partition(".")
+    old = recorded.setdefault(section, {}).get(field)
+    recorded[section][field] = new
+    history = recorded.get("changes") if isinstance(recorded.get("changes"), list) else []
+    recorded["changes"] = history + [{"step": int(step), "field": dotted, "old": old,
+                                      "new": new, "reason": reason}]
+    fileio.write_json_atomic(os.path.join(workdir, "config.json"), recorded)
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; figures from a CPU must say which one)."""
     import platform  # noqa: PLC0415

@@ -102,7 +102,7 @@ def test_sweep_trials_with_a_budget_share_the_epochs_of_their_batch_size(tmp_pat
         measured.append((config.train.learning_rate, config.train.batch_size))
         out = ml_collections.ConfigDict(config.to_dict())
         out.train.num_epochs = {8: 1, 16: 2}[config.train.batch_size]
-        return out
+        return out, None
 
     monkeypatch.setattr(train, "_fit_budget", fake_fit)
     config = bench_config(**{"models": "unet", "sweep.enabled": True,

@@ -164,8 +164,8 @@ def test_budget_minutes_sets_the_epochs_and_a_resume_keeps_them(tmp_path, make_t
     assert len([r for r in rows if "val_loss" in r]) == epochs
     # Resuming (here: a finished run) keeps the measured epochs instead of measuring again.
     config2 = make_tiny_config(**{"train.budget_minutes": 0.5, "train.num_epochs": 1})
-    out = train._fit_budget(config2, workdir, None, None, None, None, 2)
-    assert out.train.num_epochs == epochs
+    out, budget = train._fit_budget(config2, workdir, None, None, None, None, 2)
+    assert out.train.num_epochs == epochs and budget is None
 
 
 def test_budget_times_steps_on_batches_read_once_before(tmp_path, make_tiny_config,
