@@ -4,6 +4,8 @@ writes in the epoch's row and to TensorBoard.
 
 - ``dice``: validation loss and Dice (``validate``); early stopping reads its
   ``val_loss``, the best checkpoint ``train.best_metric`` (one of ``METRICS``);
+- ``dice_raw``: the same of the raw weights (``val_loss_raw``, ``val_dice_raw``), beside
+  their average (``train.ema_decay``), which the others score (``state.for_eval``);
 - ``overlay``: one validation sample with its reference (green) and predicted (red)
   outlines (``epoch/val_overlay``; only with ``train.tensorboard``).
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from medseg_jax import config as config_lib
 from medseg_jax import inference, metrics, report, sharding
+from medseg_jax import state as state_lib
 from medseg_jax.data import cache, loader, preprocess
 
 METRICS = {"val_dice": "max", "val_loss": "min"}  # train.best_metric: which way is best
@@ -47,13 +50,23 @@ def validate(eval_fn, state, samples: cache.Samples, config, mesh) -> dict:
 
 
 class ValDice:
-    """``val_loss``, ``val_dice`` and ``val_dice_per_class`` of the validation split."""
+    """``val_loss``, ``val_dice`` and ``val_dice_per_class`` of the validation split (of
+    the averaged weights with ``train.ema_decay``)."""
 
     def __init__(self, config, eval_fn, samples, mesh):
         self.config, self.eval_fn, self.samples, self.mesh = config, eval_fn, samples, mesh
 
     def run(self, state) -> tuple[dict, dict]:
-        return validate(self.eval_fn, state, self.samples, self.config, self.mesh), {}
+        return validate(self.eval_fn, state_lib.for_eval(state), self.samples, self.config,
+                        self.mesh), {}
+
+
+class ValDiceRaw(ValDice):
+    """``val_loss_raw`` and ``val_dice_raw``: those of the raw (not averaged) weights."""
+
+    def run(self, state) -> tuple[dict, dict]:
+        val = validate(self.eval_fn, state, self.samples, self.config, self.mesh)
+        return {"val_loss_raw": val["val_loss"], "val_dice_raw": val["val_dice"]}, {}
 
 
 class Overlay:
@@ -68,7 +81,7 @@ class Overlay:
         i = self.index
         image = np.asarray(self.samples.images[i:i + 1])
         label = np.asarray(self.samples.labels[i])
-        probs = inference.predict_batches(self.predict_fn, state, image,
+        probs = inference.predict_batches(self.predict_fn, state_lib.for_eval(state), image,
                                           self.config.eval.batch_size, self.mesh)
         centre = preprocess.centre_channel(image.shape[-1], self.config)  # not a neighbour's
         pred, image = np.argmax(probs[0], axis=-1), image[0, ..., centre]
@@ -86,6 +99,8 @@ def create(config, eval_fn, predict_fn, samples, mesh, overlay_index: int | None
     for name in config_lib.evaluator_names(config.train.evals):
         if name == "dice":
             out.append(ValDice(config, eval_fn, samples, mesh))
+        elif name == "dice_raw":
+            out.append(ValDiceRaw(config, eval_fn, samples, mesh))
         elif name == "overlay" and overlay_index is not None:
             out.append(Overlay(config, predict_fn, samples, mesh, overlay_index))
     return out
