@@ -4,6 +4,7 @@ transfer use, ``dice_raw``, resume, and the tree of a run without it."""
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -207,3 +208,19 @@ def test_bad_ema_settings_are_one_line(make_tiny_config, overrides, message):
     with pytest.raises(ValueError, match=message) as error:
         config_lib.validate(make_tiny_config(**overrides))
     assert "\n" not in str(error.value)
+
+
+def test_the_overlay_draws_the_prediction_of_the_average(ema_run):
+    config, _, _, state = ema_run
+    given = []
+
+    def predict_fn(state, images):  # records the weights it was given; predicts class 0
+        given.append(np.asarray(jax.tree.leaves(state.params)[0]))
+        return np.zeros((*images.shape[:-1], 2), np.float32)
+
+    samples = types.SimpleNamespace(images=np.zeros((1, 16, 16, 1), np.float32),
+                                    labels=np.zeros((1, 16, 16), np.int32))
+    overlay = evaluators.Overlay(config, predict_fn, samples, sharding.make_mesh(), 0)
+    _, images = overlay.run(state)
+    assert list(images) == ["epoch/val_overlay"] and given
+    np.testing.assert_array_equal(given[0], np.asarray(jax.tree.leaves(state.ema_params)[0]))
