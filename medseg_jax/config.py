@@ -138,6 +138,10 @@ def default_config() -> ml_collections.ConfigDict:
     train.momentum = 0.99  # sgd only
     train.weight_decay = 0.0  # adam: >0 switches to AdamW; sgd: L2 added to the gradient
     train.grad_clip_norm = 0.0  # 0: no clipping
+    # 0 < d < 1: keep an exponential moving average of the params, ema = d * ema +
+    # (1 - d) * params after each step (e.g. 0.999); validation, the best checkpoint,
+    # evaluation and prediction use it. 0: off.
+    train.ema_decay = 0.0
     train.num_epochs = 30  # at most (early stopping: patience)
     train.steps_per_epoch = 0  # 0: one pass over the training samples
     # A wall-time budget for training, in minutes (0: off): the step and validation times
@@ -152,10 +156,11 @@ def default_config() -> ml_collections.ConfigDict:
     # (0: all).
     train.val_max_cases = 0
     # The evaluators run at epoch ends, comma-separated: dice (val_loss, val_dice and
-    # val_dice_per_class in the epoch's row; required) | overlay (a validation sample's
-    # outlines in TensorBoard, with train.tensorboard) | case_dice (val_case_dice and
-    # val_case_dice_per_class: Dice per validation case, each predicted whole as
-    # evaluation does (eval.sw_window, sw_overlap, tta) on the preprocessed grid).
+    # val_dice_per_class in the epoch's row; required) | dice_raw (val_loss_raw and
+    # val_dice_raw of the raw weights, with train.ema_decay) | overlay (a validation
+    # sample's outlines in TensorBoard, with train.tensorboard) | case_dice
+    # (val_case_dice and val_case_dice_per_class: Dice per validation case, each predicted
+    # whole as evaluation does (eval.sw_window, sw_overlap, tta) on the preprocessed grid).
     train.evals = "dice,overlay"
     # The metric choosing the best checkpoint: val_dice (highest) | val_loss (lowest) |
     # val_case_dice (highest; needs case_dice in train.evals).
@@ -297,7 +302,7 @@ def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-EVALUATORS = ("dice", "overlay", "case_dice")  # the names train.evals may list
+EVALUATORS = ("dice", "dice_raw", "overlay", "case_dice")  # the names train.evals may list
 
 
 def evaluator_names(spec: str) -> list[str]:
@@ -417,7 +422,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.train.best_metric: val_case_dice is the case_dice "
                          f"evaluator's, which config.train.evals={config.train.evals!r} "
                          "lacks; add case_dice to train.evals")
-    evaluator_names(config.train.evals)
+    if "dice_raw" in evaluator_names(config.train.evals) and not config.train.ema_decay:
+        raise ValueError("config.train.evals: 'dice_raw' scores the raw weights beside "
+                         "their average, but config.train.ema_decay is 0 (no average); "
+                         "set config.train.ema_decay (e.g. 0.999) or drop dice_raw")
     profile_steps(config.train.profile_steps)
     ckpt = str(config.eval.checkpoint)
     if ckpt not in ("best", "latest") and not ckpt.isdigit():

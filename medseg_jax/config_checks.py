@@ -98,6 +98,7 @@ NUMBERS = {
     "train.momentum": Number(float, 0, 1, open_hi=True),
     "train.weight_decay": Number(float, 0),
     "train.grad_clip_norm": Number(float, 0, note="0: no clipping"),
+    "train.ema_decay": Number(float, 0, 1, open_hi=True, note="0: off"),
     "train.num_epochs": _COUNT,
     "train.steps_per_epoch": Number(int, 0, note="0: one pass"),
     "train.budget_minutes": Number(float, 0, note="0: off"),

@@ -4,6 +4,8 @@ writes in the epoch's row and to TensorBoard.
 
 - ``dice``: validation loss and Dice (``validate``); early stopping reads its
   ``val_loss``, the best checkpoint ``train.best_metric`` (one of ``METRICS``);
+- ``dice_raw``: the same of the raw weights (``val_loss_raw``, ``val_dice_raw``), beside
+  their average (``train.ema_decay``), which the others score (``state.for_eval``);
 - ``overlay``: one validation sample with its reference (green) and predicted (red)
   outlines (``epoch/val_overlay``; only with ``train.tensorboard``);
 - ``case_dice``: Dice per validation case (``val_case_dice``), each case predicted whole
@@ -23,6 +25,7 @@ import numpy as np
 
 from medseg_jax import config as config_lib
 from medseg_jax import inference, metrics, report, sharding
+from medseg_jax import state as state_lib
 from medseg_jax.data import cache, loader, preprocess
 
 # train.best_metric: which way is best
@@ -53,13 +56,23 @@ def validate(eval_fn, state, samples: cache.Samples, config, mesh) -> dict:
 
 
 class ValDice:
-    """``val_loss``, ``val_dice`` and ``val_dice_per_class`` of the validation split."""
+    """``val_loss``, ``val_dice`` and ``val_dice_per_class`` of the validation split (of
+    the averaged weights with ``train.ema_decay``)."""
 
     def __init__(self, config, eval_fn, samples, mesh):
         self.config, self.eval_fn, self.samples, self.mesh = config, eval_fn, samples, mesh
 
     def run(self, state) -> tuple[dict, dict]:
-        return validate(self.eval_fn, state, self.samples, self.config, self.mesh), {}
+        return validate(self.eval_fn, state_lib.for_eval(state), self.samples, self.config,
+                        self.mesh), {}
+
+
+class ValDiceRaw(ValDice):
+    """``val_loss_raw`` and ``val_dice_raw``: those of the raw (not averaged) weights."""
+
+    def run(self, state) -> tuple[dict, dict]:
+        val = validate(self.eval_fn, state, self.samples, self.config, self.mesh)
+        return {"val_loss_raw": val["val_loss"], "val_dice_raw": val["val_dice"]}, {}
 
 
 class Overlay:
@@ -74,7 +87,7 @@ class Overlay:
         i = self.index
         image = np.asarray(self.samples.images[i:i + 1])
         label = np.asarray(self.samples.labels[i])
-        probs = inference.predict_batches(self.predict_fn, state, image,
+        probs = inference.predict_batches(self.predict_fn, state_lib.for_eval(state), image,
                                           self.config.eval.batch_size, self.mesh)
         centre = preprocess.centre_channel(image.shape[-1], self.config)  # not a neighbour's
         pred, image = np.argmax(probs[0], axis=-1), image[0, ..., centre]
@@ -102,7 +115,8 @@ class CaseDice:
     ``eval.tta``), on the grid training sees (no resampling back, no post-processing).
     The Dice of each case and class (undefined where both masks are empty; a class not
     annotated in a case is left out); per class their mean over the cases, and
-    ``val_case_dice`` the mean over the classes that have one."""
+    ``val_case_dice`` the mean over the classes that have one. With ``train.ema_decay``,
+    of the averaged weights."""
 
     def __init__(self, config, cases: Cases, mesh):
         self.config, self.cases, self.mesh = config, cases, mesh
@@ -112,6 +126,7 @@ class CaseDice:
 
     def run(self, state) -> tuple[dict, dict]:
         dataset, plans = self.cases.dataset, self.cases.plans
+        averaged = state_lib.for_eval(state)  # the weights' average with train.ema_decay
         labels = sorted(v for v in dataset.labels if v != 0)
         values: dict[int, list[float]] = {v: [] for v in labels}
         for key in self.keys:
@@ -119,7 +134,8 @@ class CaseDice:
             preprocess.check_case_memory(ref, info, self.config, plans.get("target_spacing"),
                                          dataset.num_classes)
             probs, label, _ = inference.network_probs(dataset.load(key), plans, self.config,
-                                                      state, self.cases.predict_fn, self.mesh)
+                                                      averaged, self.cases.predict_fn,
+                                                      self.mesh)
             pred = np.argmax(probs, axis=-1)
             for v in labels:
                 if ref.annotated is None or v in ref.annotated:
@@ -141,6 +157,8 @@ def create(config, eval_fn, predict_fn, samples, mesh, overlay_index: int | None
     for name in config_lib.evaluator_names(config.train.evals):
         if name == "dice":
             out.append(ValDice(config, eval_fn, samples, mesh))
+        elif name == "dice_raw":
+            out.append(ValDiceRaw(config, eval_fn, samples, mesh))
         elif name == "overlay" and overlay_index is not None:
             out.append(Overlay(config, predict_fn, samples, mesh, overlay_index))
         elif name == "case_dice":

@@ -1,8 +1,9 @@
 """What a run is made of, for every job that builds or restores one.
 
 - the network (``build_model``: ``Model(**config.model)``), the optimizer and the
-  ``TrainState`` (params, BatchNorm statistics, optimizer state), initialised on the
-  mesh (``init_state``) or described for a restore (``abstract_state``);
+  ``TrainState`` (params, BatchNorm statistics, optimizer state, the params' moving
+  average with ``train.ema_decay``), initialised on the mesh (``init_state``) or
+  described for a restore (``abstract_state``); the weights evaluated (``for_eval``);
 - the jitted train and eval steps (``train_step``, ``eval_step``: ``jit_steps``);
 - ``initialize``: all of these at once, the one set-up of training, evaluation,
   prediction, ``tools/throughput.py`` and the benchmarks;
@@ -41,6 +42,14 @@ from medseg_jax.data import dataset as dataset_lib
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = None
+
+
+class EmaTrainState(TrainState):
+    """A TrainState that also keeps the exponential moving average of its params
+    (``train.ema_decay``). A subclass, so that the state of a run without it (and its
+    checkpoints) keeps its tree: a None field would be a node of Orbax's metadata."""
+
+    ema_params: Any = None
 
 
 def setup_compilation_cache(config) -> None:
@@ -85,10 +94,39 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 
 def create_state(config, model, input_shape, total_steps: int, rng) -> TrainState:
     variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply, params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=make_optimizer(config, total_steps))
+    return with_ema(config, state)
+
+
+def with_ema(config, state: TrainState) -> TrainState:
+    """``state`` with its average started at its params (an ``EmaTrainState``; with
+    ``train.ema_decay`` > 0), e.g. after they were set from another run; as it is when
+    off."""
+    if not config.train.ema_decay:
+        return state
+    ema = jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32), state.params)
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return EmaTrainState(**dict(fields, ema_params=ema))
+
+
+def update_ema(config, state: TrainState) -> TrainState:
+    """``ema = d * ema + (1 - d) * params`` (``d``: ``train.ema_decay``), in float32."""
+    if getattr(state, "ema_params", None) is None:
+        return state
+    d = jnp.float32(config.train.ema_decay)
+    return state.replace(ema_params=jax.tree.map(
+        lambda e, p: d * e + (1 - d) * p.astype(jnp.float32), state.ema_params, state.params))
+
+
+def for_eval(state: TrainState) -> TrainState:
+    """The state whose params are the weights to evaluate and predict with: the
+    average (``ema_params``) when the run keeps one, else its params."""
+    if getattr(state, "ema_params", None) is None:
+        return state
+    return state.replace(params=state.ema_params)
 
 
 def init_state(config, model, input_shape, total_steps: int, mesh) -> TrainState:
@@ -158,6 +196,7 @@ def train_step(state: TrainState, batch: dict, *, config, num_classes: int,
             batch_stats=transfer.freeze_encoder(old.batch_stats, state.batch_stats, frozen))
     else:
         state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    state = update_ema(config, state)
     grad_norm = optax.tree.norm(grads)
     return state, {"loss": loss, "grad_norm": grad_norm}
 
@@ -288,7 +327,7 @@ class Run:
     plans: dict
     dataset: dataset_lib.Dataset
     model: Any
-    state: TrainState
+    state: TrainState  # its params: the weights to predict with (``for_eval``)
     step: int
     epoch: int
     which: str
@@ -331,7 +370,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str,
     with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
         step, state, meta = ckpt.restore_chosen(which, setup.state)
     swap = laterality.label_permutation(config, dataset.labels, dataset.num_classes)
-    return Run(config, workdir, mesh, plans, dataset, setup.model, state, step,
+    return Run(config, workdir, mesh, plans, dataset, setup.model, for_eval(state), step,
                meta.get("epoch", -1) + 1, which, make_predict_fn(config, mesh, swap=swap))
 
 

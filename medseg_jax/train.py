@@ -166,6 +166,7 @@ def _train(config, workdir: str, mesh, plan: dict | None, return_state: bool = F
                          latest, (latest - done) // steps_per_epoch + 1, done, steps_per_epoch)
         elif config.train.init_from:
             state, _ = transfer.load_pretrained(state, config.train.init_from, mesh)
+            state = state_lib.with_ema(config, state)  # the average starts there
         log = writers.create(workdir, int(state.step),
                              [n for v, n in sorted(dataset.labels.items()) if v != 0],
                              tensorboard=config.train.tensorboard)

@@ -1,11 +1,11 @@
 """Transfer learning: start from another run's best checkpoint, optionally with the
 encoder frozen for the first epochs.
 
-``train.init_from=OTHER_WORKDIR`` copies every parameter (and BatchNorm
-statistic) of the other run's best checkpoint whose path and shape match the
-new model: the same architecture trained on another modality or data set
-transfers everything but, when the number of classes differs, the output
-layer, which keeps its fresh initialisation. The optimizer state starts fresh.
+``train.init_from=OTHER_WORKDIR`` copies every parameter (the averaged ones of a run
+with ``train.ema_decay``) and BatchNorm statistic of the other run's best checkpoint
+whose path and shape match the new model: the same architecture trained on another
+modality or data set transfers everything but, when the number of classes differs,
+the output layer, which keeps its fresh initialisation. The optimizer state starts fresh.
 ``train.freeze_encoder_epochs=N`` keeps the encoder (the ``enc_*`` blocks, the
 contracting path of all three architectures) fixed for the first N epochs.
 """
@@ -66,7 +66,9 @@ def load_pretrained(state, source_workdir: str, mesh):
     copied, kept, total = [], [], 0
     new = {}
     for collection in ("params", "batch_stats"):
-        src = _flat(source.get(collection, {}))
+        # The averaged weights of a run with train.ema_decay: those it evaluates.
+        saved = "ema_params" if collection == "params" and source.get("ema_params") else collection
+        src = _flat(source.get(saved, {}))
 
         def take(path, leaf, src=src, collection=collection):
             nonlocal total

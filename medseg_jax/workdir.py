@@ -274,9 +274,10 @@ SAFE_FIELDS = ("train.num_epochs", "train.budget_minutes", "train.patience",
 RECOVERY_FIELDS = ("train.learning_rate", "train.grad_clip_norm")
 # config.json entries that are records, not config fields.
 RECORD_KEYS = ("versions", "paths", "changes", "diverged")
-# What evaluation compares: what the network is and what it is fed.
-EVAL_FIELDS = ("model", "data.image_size", "data.slice_axis", "data.context_slices",
-               "data.rescale_01",
+# What evaluation compares: what the network is (and whether its checkpoints hold the
+# averaged weights, train.ema_decay) and what it is fed.
+EVAL_FIELDS = ("model", "train.ema_decay", "data.image_size", "data.slice_axis",
+               "data.context_slices", "data.rescale_01",
                "data.target_spacing", "data.in_plane", "data.resampling",
                "data.crop_nonzero")
 

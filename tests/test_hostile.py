@@ -604,3 +604,35 @@ def test_cli_a_misspelled_field_in_a_config_file_is_refused(tmp_path):
         "medseg_jax: error: config.train.learnig_rate: config.train has no field "
         "'learnig_rate'; did you mean 'learning_rate'?")
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- #
+# The moving average of the params (train.ema_decay)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.ema_decay": 1.0}, "config.train.ema_decay: must be in [0, 1) (0: off), got 1.0"),
+    ({"train.evals": "dice,dice_raw"},
+     "config.train.evals: 'dice_raw' scores the raw weights beside their average, but "
+     "config.train.ema_decay is 0 (no average); set config.train.ema_decay (e.g. 0.999) or "
+     "drop dice_raw"),
+])
+def test_ema_bad_settings_are_named_before_the_workdir_is_made(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    line = error_line(cli(f"--workdir={workdir}", overrides=overrides), 1)
+    assert line == f"medseg_jax: error: {message}"
+    assert not workdir.exists()
+
+
+def test_ema_eval_of_a_run_trained_without_it_names_the_field(copy):
+    """Its checkpoints hold no average: evaluating with one is refused, naming the field
+    (not a checkpoint structure mismatch)."""
+    data, run = copy
+    before = snapshot(data, run)
+    line = error_line(cli(f"--workdir={run}", "--mode=eval",
+                          overrides={"data.root": data, "train.ema_decay": 0.999}))
+    assert f"{run} holds a run with a different config (train.ema_decay: 0.0 -> 0.999; " \
+           f"recorded in {run}/config.json)" in line, line
+    assert f"evaluate it with the recorded values (--config=configs/run.py:{run})" in line
+    assert snapshot(data, run) == before
