@@ -604,3 +604,37 @@ def test_cli_a_misspelled_field_in_a_config_file_is_refused(tmp_path):
         "medseg_jax: error: config.train.learnig_rate: config.train has no field "
         "'learnig_rate'; did you mean 'learning_rate'?")
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- #
+# Letting the program choose (configs/auto.py)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("field, value, line", [
+    ("choose.configurations", "2d,4d", "config.choose.configurations: unknown configuration "
+     "'4d' in '2d,4d'; valid: 2d, 3d"),
+    ("choose.budget_minutes", 0, "config.choose.budget_minutes: must be > 0, got 0.0"),
+])
+def test_cli_choose_refuses_a_bad_field_before_the_workdir_is_made(trained, tmp_path, field,
+                                                                    value, line):
+    data, _ = trained
+    before = snapshot(data)
+    result = cli(f"--workdir={tmp_path / 'run'}", config="configs/auto.py", tiny=False,
+                 overrides={"data.root": data, field: value})
+    assert error_line(result) == f"medseg_jax: error: {line}"
+    assert not (tmp_path / "run").exists() and snapshot(data) == before
+
+
+def test_cli_choose_eval_and_predict_before_training_say_to_train_first(trained, tmp_path):
+    data, _ = trained
+    (tmp_path / "run").mkdir()
+    before = snapshot(data, tmp_path)
+    for mode in ("eval", "predict"):
+        result = cli(f"--workdir={tmp_path / 'run'}", f"--mode={mode}",
+                     f"--input={data / 'imagesTr'}", f"--output={tmp_path / 'out'}",
+                     config="configs/auto.py", tiny=False)
+        assert error_line(result) == (
+            f"medseg_jax: error: {tmp_path / 'run' / 'choice.json'}: not found (no "
+            "configuration chosen yet); train first: the same command without --mode")
+    assert snapshot(data, tmp_path) == before and not (tmp_path / "out").exists()
