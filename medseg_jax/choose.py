@@ -34,7 +34,7 @@ from absl import logging
 
 from medseg_jax import architectures
 from medseg_jax import config as config_lib
-from medseg_jax import config_fields, evaluate, fileio, predict, train
+from medseg_jax import config_fields, evaluate, fileio, postprocess, predict, train
 from medseg_jax import workdir as workdir_lib
 
 # The configurations, cheapest first (the order ties are broken in), and their dims.
@@ -190,11 +190,19 @@ def _evaluate(configs: dict, folders: dict, chosen: list[str], split: str) -> di
     return evaluate.evaluate(c, folders[head], split=split)
 
 
-def _metrics_path(folders: dict, chosen: list[str], split: str) -> str:
+def _metrics_path(results: dict, folders: dict, chosen: list[str], workdir: str) -> str:
+    """The ``*_metrics.json`` file an evaluation of ``chosen`` wrote (evaluate.py's names),
+    relative to ``workdir``; "" if it is not there (written by process 0 only)."""
     head, *rest = chosen
-    name = split + ("_ensemble_" + "+".join(os.path.basename(folders[n]) for n in rest)
-                    if rest else "")
-    return os.path.join(folders[head], f"{name}_metrics.json")
+    which, split = str(results["checkpoint"]), results["split"]
+    name = split if which == "best" else (
+        f"{split}_step{results['step']}" if which.isdigit() else f"{split}_{which}")
+    name += "_whole" if results["sw_window"] == "whole" else ""
+    name += "_ensemble_" + "+".join(os.path.basename(folders[n]) for n in rest) if rest else ""
+    name += ("_auto" if str(results["postprocess"]).startswith("auto")
+             else postprocess.suffix(results["applied"]))
+    path = os.path.join(folders[head], f"{name}_metrics.json")
+    return os.path.relpath(path, workdir) if os.path.exists(path) else ""
 
 
 def run(config, workdir: str) -> dict:
@@ -202,7 +210,11 @@ def run(config, workdir: str) -> dict:
     choice.json and evaluates the choice on the test split; returns choice.json's content."""
     names = check(config)
     config_lib.check_numbers(config)
-    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.run_lock(workdir):  # one choosing command at a time in the workdir
+        return _run(config, workdir, names)
+
+
+def _run(config, workdir: str, names: list[str]) -> dict:
     folders = {n: os.path.join(workdir, n) for n in names}
     configs = {}
     for i, name in enumerate(names):
@@ -218,7 +230,7 @@ def run(config, workdir: str) -> dict:
     for label, chosen in candidates.items():
         logging.info("Scoring %s on the validation split", label)
         results = _evaluate(configs, folders, chosen, "val")
-        path = os.path.relpath(_metrics_path(folders, chosen, "val"), workdir)
+        path = _metrics_path(results, folders, chosen, workdir)
         scores[label] = dict(_scores(results, path), members=chosen)
     best = pick(scores)
     choice = {"chosen": best, "members": candidates[best],
@@ -233,8 +245,8 @@ def run(config, workdir: str) -> dict:
     logging.info("Chosen: %s (mean validation Dice %.4f); evaluating it on the test split",
                  best, scores[best]["mean_dice"])
     results = _evaluate(configs, folders, candidates[best], "test")
-    choice["test"] = _scores(results, os.path.relpath(
-        _metrics_path(folders, candidates[best], "test"), workdir))
+    choice["test"] = _scores(results, _metrics_path(results, folders, candidates[best],
+                                                    workdir))
     _write(workdir, choice)
     return choice
 

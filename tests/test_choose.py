@@ -182,3 +182,16 @@ def test_eval_and_predict_without_a_choice_say_to_train_first(tmp_path):
         with pytest.raises(FileNotFoundError, match="choice.json: not found .*train first"):
             call()
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_the_metrics_file_is_named_as_evaluation_names_it(tmp_path):
+    folders = {"2d": str(tmp_path / "2d"), "3d": str(tmp_path / "3d")}
+    (tmp_path / "3d").mkdir()
+    name = "val_step4_whole_ensemble_2d_largest_metrics.json"
+    (tmp_path / "3d" / name).write_text("{}")
+    results = {"checkpoint": "4", "split": "val", "step": 4, "sw_window": "whole",
+               "postprocess": "largest", "applied": "largest"}
+    assert choose._metrics_path(results, folders, ["3d", "2d"], str(tmp_path)) == (  # noqa: SLF001
+        f"3d/{name}")
+    results = dict(results, checkpoint="latest", postprocess="auto (none)", applied="")
+    assert choose._metrics_path(results, folders, ["3d", "2d"], str(tmp_path)) == ""  # noqa: SLF001
