@@ -269,7 +269,7 @@ def choose_section() -> ml_collections.ConfigDict:
     # others reuse), comma-separated: 2d (configs/unet_2d_planned.py) | 3d
     # (configs/unet_3d.py). Each trains in <workdir>/<name>.
     c.configurations = "2d,3d"
-    # Wall time of the whole command in minutes (> 0): 85% of it is shared equally by
+    # Wall time of the whole command in minutes (> 0): 80% of it is shared equally by
     # the configurations' training (each fits its epochs: train.budget_minutes), the rest
     # is left for preprocessing and the evaluations.
     c.budget_minutes = 60.0

@@ -132,6 +132,9 @@ def test_a_forced_ensemble_is_used_by_eval_and_predict_and_a_rerun_trains_nothin
                                     str(tmp_path / "out"))
     assert summary["ensemble"] == [str(workdir / "2d")]
     assert len(summary["written"]) == len(list(cases.iterdir()))
+    with pytest.raises(ValueError, match=r"--output .*: is the workdir of the choice; give "
+                       "another --output"):
+        choose.predict_choice(choose.auto_config(), str(workdir), str(cases), str(workdir))
 
 
 def test_a_single_choice_is_evaluated_alone(chosen, tmp_path):
