@@ -272,6 +272,24 @@ def study_section() -> ml_collections.ConfigDict:
     return b
 
 
+def choose_section() -> ml_collections.ConfigDict:
+    """The ``choose`` section of configs/auto.py: which planned configurations to train
+    and compare, and the time they share (medseg_jax/choose.py)."""
+    c = ml_collections.ConfigDict()
+    # The planned configurations to train, in this order (the first makes the split the
+    # others reuse), comma-separated: 2d (configs/unet_2d_planned.py) | 3d
+    # (configs/unet_3d.py). Each trains in <workdir>/<name>.
+    c.configurations = "2d,3d"
+    # Wall time of the whole command in minutes (> 0): 80% of it is shared equally by
+    # the configurations' training (each fits its epochs: train.budget_minutes), the rest
+    # is left for preprocessing and the evaluations.
+    c.budget_minutes = 60.0
+    # Also score the ensemble of all the configurations (their probabilities averaged:
+    # eval.ensemble) on the validation split as a candidate.
+    c.ensemble = True
+    return c
+
+
 def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """nnU-Net's training recipe, beside the study's protocol, the same for every
     architecture (the comparison stays fair): a plan from the data (patch, spacing,
@@ -365,8 +383,10 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
-    """``config_checks.check_fields`` against ``default_config`` and ``study_section``."""
-    config_checks.check_fields(config, default_config().to_dict(), study_section().to_dict())
+    """``config_checks.check_fields`` against ``default_config``, ``study_section`` and
+    ``choose_section``."""
+    config_checks.check_fields(config, default_config().to_dict(), study_section().to_dict(),
+                               choose_section().to_dict())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

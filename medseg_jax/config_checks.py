@@ -67,9 +67,9 @@ _COUNT, _NONNEG, _PROB = Number(int, 1), Number(int, 0), Number(float, 0, 1)
 _PLANNED = Number(int, 1, planned=True)  # 0 only while data.plan="auto" fills it
 
 # Every numeric field of a config (default_config, the augment section, the models'
-# own fields, study_section's "benchmark.*") and what it must be. A field given as a
-# tuple of numbers is checked entry by entry ("entries"); "range" is an ordered pair
-# (lo <= hi); "angle" a range or one number d >= 0 for [-d, d].
+# own fields, study_section's "benchmark.*", choose_section's "choose.*") and what it
+# must be. A field given as a tuple of numbers is checked entry by entry ("entries");
+# "range" is an ordered pair (lo <= hi); "angle" a range or one number d >= 0 for [-d, d].
 NUMBERS = {
     "seed": Number(int, 0),
     "data.synthetic_seed": Number(int, 0),
@@ -133,6 +133,7 @@ NUMBERS = {
     "benchmark.image_size_3d": ("entries", _COUNT),
     "benchmark.batch_size_3d": Number(int, 0, note="0: from the plan"),
     "benchmark.freeze_encoder_epochs": Number(int, 0),
+    "choose.budget_minutes": Number(float, 0, open_lo=True),
 }
 # The augmentation probabilities: augment.p_* (every one, also those added later).
 PROBABILITY_PREFIX = "augment.p_"
@@ -199,14 +200,17 @@ def check_numbers(config: ml_collections.ConfigDict) -> None:
                          "train on; give one a weight > 0")
 
 
-def check_fields(config: ml_collections.ConfigDict, defaults: dict, study: dict) -> None:
+def check_fields(config: ml_collections.ConfigDict, defaults: dict, study: dict,
+                 choose: dict | None = None) -> None:
     """Every field of ``config`` is one the package defines: ``defaults``' (and ``study``'s
-    in a study config), in ``model`` the architecture's own too (in a study, any
+    in a study config, ``choose``'s in configs/auto.py), in ``model`` the architecture's own too (in a study, any
     architecture's). A misspelled field in a config file would otherwise be added and
     ignored. Raises ValueError naming the first unknown field and the closest known one."""
     known = dict(defaults)
     if "benchmark" in config:
         known["benchmark"] = study
+    if "choose" in config and choose is not None:
+        known["choose"] = choose
     models = architectures.fields()
     name = config.get("model", {}).get("name")
     own = ([models[name]] if name in models and "benchmark" not in config

@@ -1,8 +1,8 @@
 """Every config field's meaning, read from the comments of the code that defines it.
 
-The meanings are the comments of ``medseg_jax/config.py`` (``default_config`` and
-``study_section``: the comment lines directly above a field and its trailing comment),
-the ``Fields:`` list of ``default_augment_config``'s docstring
+The meanings are the comments of ``medseg_jax/config.py`` (``default_config``,
+``study_section`` and ``choose_section``: the comment lines directly above a field and
+its trailing comment), the ``Fields:`` list of ``default_augment_config``'s docstring
 (``medseg_jax/config_augment.py``) and the commented fields of the architectures in
 ``medseg_jax/models`` (FCN's ``dropout_rate``, ...: ``architectures.py``). The sources are parsed (``ast``,
 ``tokenize``), never imported: listing a config adds no JAX or Flax import.
@@ -30,7 +30,7 @@ CONFIG_SOURCE = PACKAGE / "config.py"
 AUGMENT_SOURCE = PACKAGE / "config_augment.py"
 
 # The functions of config.py whose fields are listed, and the section each one builds.
-_BUILDERS = {"default_config": "", "study_section": "benchmark"}
+_BUILDERS = {"default_config": "", "study_section": "benchmark", "choose_section": "choose"}
 _RULE = re.compile(r"^-{3,}\s*(.*?)\s*-*$")  # "# --- data: ... -----" section rules
 
 
@@ -234,12 +234,14 @@ def _table(rows: list[tuple[str, Any, str]]) -> list[str]:
 
 def markdown() -> str:
     """docs/configuration.md: every field of ``default_config()``, the fields of each
-    architecture and the ``benchmark`` section (``study_section()``)."""
-    from medseg_jax.config import default_config, study_section  # noqa: PLC0415
+    architecture, the ``benchmark`` section (``study_section()``) and the ``choose``
+    section (``choose_section()``)."""
+    from medseg_jax.config import choose_section, default_config, study_section  # noqa: PLC0415
 
     known, described = meanings(), sections()
     config = default_config()
     config.benchmark = study_section()
+    config.choose = choose_section()
     groups: dict[str, list[tuple[str, Any, str]]] = {}
     for name, value in flatten(config):
         section = name.rsplit(".", 1)[0] if "." in name else "top level"
@@ -252,6 +254,9 @@ def markdown() -> str:
         if section == "benchmark":
             out.append("Only in study configs (`configs/benchmark.py`, "
                        "`configs/benchmark_recipe.py`).\n")
+        if section == "choose":
+            out.append("Only in `configs/auto.py` (the planned 2D and 3D configurations "
+                       "trained and compared, the best kept: docs/training.md).\n")
         out += _table(rows)
         if section == "model":
             out.append("### Fields of one architecture\n")

@@ -5,7 +5,9 @@ Modes: ``train`` (default: train, resuming from the latest checkpoint in the
 workdir, then evaluate the best checkpoint on the test split), ``eval``
 (restore a checkpoint and evaluate) and ``predict`` (NIfTI in, NIfTI label maps
 out: ``--mode=predict --input=DIR_OR_FILE --output=DIR``). A config with a
-``benchmark`` section (configs/benchmark.py) runs the whole study (``study.py``).
+``benchmark`` section (configs/benchmark.py) runs the whole study (``study.py``); one
+with a ``choose`` section (configs/auto.py) trains the planned 2D and 3D configurations,
+keeps the best (``choose.py``), and evaluates or predicts with it.
 
 Config fields: any field can be overridden, e.g. ``--config.train.learning_rate=3e-4``
 or ``--config.data.image_size='(32,32)'`` (a tuple in one argument; an override given
@@ -116,7 +118,8 @@ def main(argv):
     except ValueError as e:
         _user_error(e)
     # After flag parsing; the distributed runtime before any other JAX call.
-    from medseg_jax import checkpoint, evaluate, predict, sharding, study, train  # noqa: PLC0415
+    from medseg_jax import (checkpoint, choose, evaluate, predict, sharding,  # noqa: PLC0415
+                            study, train)
 
     checkpoint.install_quiet_reports()  # before any Orbax read or write
 
@@ -134,6 +137,14 @@ def main(argv):
                 raise ValueError("--mode=predict needs one run's config and workdir, e.g. "
                                  "--config=configs/run.py:<bench>/unet --workdir=<bench>/unet")
             study.run(config, FLAGS.workdir)  # reuses finished runs: train or eval
+        elif "choose" in config:  # configs/auto.py: the configurations compared, the best kept
+            if FLAGS.mode == "train":
+                choose.run(config, FLAGS.workdir)  # reuses finished configurations
+            elif FLAGS.mode == "eval":
+                choose.evaluate_choice(config, FLAGS.workdir)
+            else:
+                choose.predict_choice(config, FLAGS.workdir, FLAGS.input, FLAGS.output,
+                                      FLAGS.task, FLAGS.save_probabilities, FLAGS.overwrite)
         elif FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from medseg_jax import config_fields
-from medseg_jax.config import default_config, study_section
+from medseg_jax.config import choose_section, default_config, study_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,7 @@ def test_meanings_are_the_comments_above_and_beside_a_field(tmp_path):
 def test_every_field_has_a_meaning():
     config = default_config()
     config.benchmark = study_section()
+    config.choose = choose_section()
     known = config_fields.meanings()
     names = [name for name, _ in config_fields.flatten(config)]
     names += [f"model.{f}" for fields in config_fields.model_extras().values() for f in fields]

@@ -636,3 +636,36 @@ def test_ema_eval_of_a_run_trained_without_it_names_the_field(copy):
            f"recorded in {run}/config.json)" in line, line
     assert f"evaluate it with the recorded values (--config=configs/run.py:{run})" in line
     assert snapshot(data, run) == before
+
+
+# Letting the program choose (configs/auto.py)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("field, value, line", [
+    ("choose.configurations", "2d,4d", "config.choose.configurations: unknown configuration "
+     "'4d' in '2d,4d'; valid: 2d, 3d"),
+    ("choose.budget_minutes", 0, "config.choose.budget_minutes: must be > 0, got 0.0"),
+])
+def test_cli_choose_refuses_a_bad_field_before_the_workdir_is_made(trained, tmp_path, field,
+                                                                    value, line):
+    data, _ = trained
+    before = snapshot(data)
+    result = cli(f"--workdir={tmp_path / 'run'}", config="configs/auto.py", tiny=False,
+                 overrides={"data.root": data, field: value})
+    assert error_line(result) == f"medseg_jax: error: {line}"
+    assert not (tmp_path / "run").exists() and snapshot(data) == before
+
+
+def test_cli_choose_eval_and_predict_before_training_say_to_train_first(trained, tmp_path):
+    data, _ = trained
+    (tmp_path / "run").mkdir()
+    before = snapshot(data, tmp_path)
+    for mode in ("eval", "predict"):
+        result = cli(f"--workdir={tmp_path / 'run'}", f"--mode={mode}",
+                     f"--input={data / 'imagesTr'}", f"--output={tmp_path / 'out'}",
+                     config="configs/auto.py", tiny=False)
+        assert error_line(result) == (
+            f"medseg_jax: error: {tmp_path / 'run' / 'choice.json'}: not found (no "
+            "configuration chosen yet); train first: the same command without --mode")
+    assert snapshot(data, tmp_path) == before and not (tmp_path / "out").exists()
