@@ -145,8 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
     train.num_epochs = 30  # at most (early stopping: patience)
     train.steps_per_epoch = 0  # 0: one pass over the training samples
     # A wall-time budget for training, in minutes (0: off): the step and validation times
-    # are measured before training and num_epochs is set so that the run fits (recorded
-    # in config.json; a resumed run keeps it).
+    # are measured before training and num_epochs is set so that the run fits, then
+    # revised once from the first epoch's measured time (recorded in config.json; a
+    # resumed run keeps it).
     train.budget_minutes = 0.0
     # Validate on at most this many samples (2D slices or 3D patches) of the validation
     # split, evenly spaced over it (0: all). nnU-Net scores 50 batches per epoch; every
