@@ -10,16 +10,18 @@ import pytest
 
 from medseg_jax import config as config_lib
 from medseg_jax import workdir as workdir_lib
-from medseg_jax.config import NUMBERS, check_numbers, default_config, study_section
+from medseg_jax.config import (NUMBERS, check_numbers, choose_section, default_config,
+                               study_section)
 from medseg_jax.data.augment import nnunet_augment_config
 
 
 def _full_config():
-    """default_config with every architecture's own fields and a study section."""
+    """default_config with every architecture's own fields, a study and a choose section."""
     from medseg_jax.models import MODELS, model_fields
 
     config = default_config()
     config.benchmark = study_section()
+    config.choose = choose_section()
     for name in MODELS:
         for key, value in model_fields(name).items():
             if key not in config.model and isinstance(value, (bool, int, float, str, tuple)):
