@@ -11,11 +11,10 @@ the test split; --mode=eval and --mode=predict with this config and workdir use 
 choice. See medseg_jax/choose.py.
 """
 
-from medseg_jax.config import choose_section, default_config, recipe
+from medseg_jax.config import auto_config
 
 
 def get_config():
-    config = default_config()
-    recipe(config)  # each configuration's own plan and recipe (2D, 3D) when it trains
-    config.choose = choose_section()
-    return config
+    # nnU-Net's recipe, each configuration's own plan (2D, 3D) when it trains, and the
+    # choose section (medseg_jax/config.py choose_section).
+    return auto_config()

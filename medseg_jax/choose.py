@@ -48,12 +48,7 @@ RULE = ("the highest mean validation Dice over the classes; on a tie the single,
         "configuration (" + ", ".join(CONFIGURATIONS) + f", then the {ENSEMBLE})")
 
 
-def auto_config() -> ml_collections.ConfigDict:
-    """configs/auto.py: the defaults every member starts from, and the ``choose`` section."""
-    config = config_lib.default_config()
-    config_lib.recipe(config)
-    config.choose = config_lib.choose_section()
-    return config
+auto_config = config_lib.auto_config  # configs/auto.py: what every member starts from
 
 
 def member_base(name: str) -> ml_collections.ConfigDict:

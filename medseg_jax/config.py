@@ -273,6 +273,15 @@ def study_section() -> ml_collections.ConfigDict:
     return b
 
 
+def auto_config() -> ml_collections.ConfigDict:
+    """configs/auto.py: the defaults every configuration starts from (nnU-Net's recipe;
+    each its own plan when it trains) and the ``choose`` section."""
+    config = default_config()
+    recipe(config)
+    config.choose = choose_section()
+    return config
+
+
 def choose_section() -> ml_collections.ConfigDict:
     """The ``choose`` section of configs/auto.py: which planned configurations to train
     and compare, and the time they share (medseg_jax/choose.py)."""

@@ -67,6 +67,16 @@ def prefetch_to_device(batches: Iterator[dict], mesh: Mesh, size: int = 2) -> It
         yield queue.popleft()
 
 
+def from_process_0(value):
+    """``value`` as process 0 has it, on every process (each measures its own times, but
+    all must train alike); ``value`` itself in a single-process run."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return multihost_utils.broadcast_one_to_all(value)
+
+
 def multiprocess_requested(coordinator_address: str = "", num_processes: int = 0,
                            force: bool = False) -> bool:
     """Whether this run is one of several processes (flags, SLURM or JAX's variables)."""

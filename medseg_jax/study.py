@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from medseg_jax import evaluate, fileio, models, report, stats, study_report, train
+from medseg_jax import evaluate, fileio, models, report, sharding, stats, study_report, train
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import dataset as dataset_lib
 from medseg_jax.data import augment, decathlon
@@ -295,10 +295,7 @@ def run_budgets(config, workdir: str, runs: list[tuple[str, str]],
     total = sum(shares[name] for name, _ in runs)
     left = np.array([0.85 * (budget - elapsed_minutes) * shares[name] / total
                      for name, _ in runs])
-    if jax.process_count() > 1:  # one figure for all processes: they must train alike
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        left = np.asarray(multihost_utils.broadcast_one_to_all(left))
+    left = np.asarray(sharding.from_process_0(left))  # one figure for all processes
     if left.min() < 0.1:
         raise ValueError(f"config.benchmark.budget_minutes={budget:g} leaves less than 6 s "
                          f"to some of the {len(runs)} runs")

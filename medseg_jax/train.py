@@ -299,12 +299,8 @@ def _measure(config, mesh, dataset, train_samples, val_samples, steps_per_epoch:
 
 
 def _agree(n: int) -> int:
-    """Process 0's ``n`` on every process (each measures its own times)."""
-    if jax.process_count() == 1:
-        return n
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return int(multihost_utils.broadcast_one_to_all(np.int32(n)))
+    """Process 0's epoch count ``n`` on every process."""
+    return int(sharding.from_process_0(np.int32(n)))
 
 
 @dataclasses.dataclass
