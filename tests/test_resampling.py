@@ -201,3 +201,35 @@ def test_figure_maps_of_a_cropped_case_sit_in_its_box():
     inside = np.zeros((20, 24), bool)
     inside[4:14, 6:18] = True
     assert (values[~inside] == 0).all() and (values[inside] > 0).all()
+
+
+def _benchmark(name: str):
+    import importlib.util  # noqa: PLC0415
+    import pathlib  # noqa: PLC0415
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_geometry_round_trip_scores_what_a_perfect_network_could():
+    """benchmarks/resampling_compare.py: the ground truth through the grid and back. On
+    the case's own grid it is exact; shrunk 2x, a one-voxel sheet survives nnU-Net's one-hot
+    labels and is lost to nearest-neighbour."""
+    bench = _benchmark("resampling_compare")
+    image = np.ones((1, 12, 12, 6), np.float32)
+    label = np.zeros((12, 12, 6), np.uint8)
+    label[6:10, 3:9, 1:5] = 1
+    label[2, 1:11, 1:5] = 2  # one voxel thick along the first axis
+    case = _case(image, label, (1.0, 1.0, 1.0))
+    config = tiny_config(**{"model.spatial_dims": 3, "data.image_size": (4, 4, 4)})
+    same = {"target_spacing": [1.0, 1.0, 1.0]}
+    dice, kept, *_, voxels = bench.round_trip(case, same, config, 3)
+    assert dice == {1: 1.0, 2: 1.0} and kept == 1.0 and voxels == label.size
+    coarse = {"target_spacing": [2.0, 1.0, 1.0]}
+    simple = bench.round_trip(case, coarse, config, 3)[0]
+    config.data.resampling = "nnunet"
+    nnunet = bench.round_trip(case, coarse, config, 3)[0]
+    assert simple[2] == 0.0 < nnunet[2]

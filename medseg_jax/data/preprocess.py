@@ -442,7 +442,8 @@ def case_geometry(case: Case, plans, config) -> dict:
     return out
 
 
-def _cropped(case: Case, box) -> Case:
+def crop_case(case: Case, box) -> Case:
+    """The case cut to ``box`` ((start, stop) per spatial axis; itself when it is whole)."""
     if all(lo == 0 and hi == n for (lo, hi), n in zip(box, case.image.shape[1:])):
         return case
     return dataclasses.replace(
@@ -453,7 +454,7 @@ def _cropped(case: Case, box) -> Case:
 def case_samples(case: Case, plans, config):
     """2D models with ``data.in_plane='resize'``: the case's slices (or 2D image),
     cropped (``data.crop_nonzero``) and resized to network size."""
-    case = _cropped(case, case_geometry(case, plans, config)["box"])
+    case = crop_case(case, case_geometry(case, plans, config)["box"])
     image = normalized(case, plans, config)
     return to_samples(image, case.label, tuple(config.data.image_size),
                       config.data.slice_axis, resampling_method(config))
@@ -463,7 +464,7 @@ def case_volume(case: Case, plans, config):
     """Patch-based runs: the normalised case, cropped (``data.crop_nonzero``) and
     resampled to the target spacing (in plane only for 2D models), channels-last:
     (image (*spatial, C), label (*spatial))."""
-    case = _cropped(case, case_geometry(case, plans, config)["box"])
+    case = crop_case(case, case_geometry(case, plans, config)["box"])
     image = normalized(case, plans, config)
     target = case_target_spacing(case.spacing, plans["target_spacing"],
                                  config.data.slice_axis)
