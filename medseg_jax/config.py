@@ -139,8 +139,8 @@ def default_config() -> ml_collections.ConfigDict:
     train.weight_decay = 0.0  # adam: >0 switches to AdamW; sgd: L2 added to the gradient
     train.grad_clip_norm = 0.0  # 0: no clipping
     # 0 < d < 1: keep an exponential moving average of the params, ema = d * ema +
-    # (1 - d) * params after each step (e.g. 0.999); validation, the best checkpoint,
-    # evaluation and prediction use it. 0: off.
+    # (1 - d) * params after each step t, d warmed up as min(d, (1 + t) / (10 + t))
+    # (e.g. 0.999); validation, the best checkpoint, evaluation and prediction use it. 0: off.
     train.ema_decay = 0.0
     train.num_epochs = 30  # at most (early stopping: patience)
     train.steps_per_epoch = 0  # 0: one pass over the training samples

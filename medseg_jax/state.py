@@ -112,11 +112,20 @@ def with_ema(config, state: TrainState) -> TrainState:
     return EmaTrainState(**dict(fields, ema_params=ema))
 
 
+def ema_decay_at(decay, step):
+    """The decay of the update after ``step`` steps: ``min(decay, (1 + step) / (10 +
+    step))``, a warm-up (as TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``) so that the average forgets the random initial weights within the
+    first steps instead of after ``1 / (1 - decay)`` of them."""
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+
+
 def update_ema(config, state: TrainState) -> TrainState:
-    """``ema = d * ema + (1 - d) * params`` (``d``: ``train.ema_decay``), in float32."""
+    """``ema = d * ema + (1 - d) * params`` in float32, ``d`` = ``train.ema_decay`` after
+    its warm-up (``ema_decay_at`` of the steps taken, this one included)."""
     if getattr(state, "ema_params", None) is None:
         return state
-    d = jnp.float32(config.train.ema_decay)
+    d = ema_decay_at(config.train.ema_decay, state.step.astype(jnp.float32))
     return state.replace(ema_params=jax.tree.map(
         lambda e, p: d * e + (1 - d) * p.astype(jnp.float32), state.ema_params, state.params))
 

@@ -54,8 +54,8 @@ def test_ema_is_the_hand_computed_average_over_three_steps(make_tiny_config):
     for e, p in zip(emas[0], params[0]):  # starts as a copy of the initial params
         np.testing.assert_array_equal(e, p)
     expected = params[0]
-    d = np.float32(DECAY)
     for step in range(1, 4):
+        d = np.float32(min(DECAY, (1 + step) / (10 + step)))  # warm-up: 2/11, 3/12, 4/13
         expected = [d * e + (np.float32(1) - d) * p for e, p in zip(expected, params[step])]
         for got, want in zip(emas[step], expected):
             assert got.dtype == np.float32
@@ -65,6 +65,14 @@ def test_ema_is_the_hand_computed_average_over_three_steps(make_tiny_config):
     raw, _, _ = _steps(make_tiny_config())
     for a, b in zip(raw[3], params[3]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_decay_warms_up_to_the_configured_one():
+    steps = np.array([0, 1, 10, 100, 1790, 1800, 10_000], np.float32)
+    got = np.asarray(state_lib.ema_decay_at(0.995, steps))
+    np.testing.assert_allclose(got[:4], (1 + steps[:4]) / (10 + steps[:4]), rtol=1e-6)
+    np.testing.assert_allclose(got[4:], 0.995, rtol=1e-6)  # reached at step 1790
+    assert got.dtype == np.float32 and np.all(np.diff(got) >= 0)
 
 
 def _paths(tree):
