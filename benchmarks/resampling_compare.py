@@ -26,10 +26,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "A get_config() file, e.g. configs/unet_3d.py.")
-flags.DEFINE_enum("split", "val", ["train", "val", "test"], "The cases to take.")
-flags.DEFINE_integer("cases", 0, "Only the first N cases of the split (0: all).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined when run, so that ``round_trip`` can be imported)."""
+    config_flags.DEFINE_config_file("config", None,
+                                    "A get_config() file, e.g. configs/unet_3d.py.")
+    flags.DEFINE_enum("split", "val", ["train", "val", "test"], "The cases to take.")
+    flags.DEFINE_integer("cases", 0, "Only the first N cases of the split (0: all).")
 
 PATHS = {"simple, whole case": ("simple", False), "nnunet + crop": ("nnunet", True)}
 
@@ -108,5 +113,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)
