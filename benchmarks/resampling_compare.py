@@ -42,6 +42,7 @@ PATHS = {"simple, whole case": ("simple", False), "nnunet + crop": ("nnunet", Tr
 def round_trip(case, plans, config, k: int) -> tuple[dict, float, float, float, int]:
     """({class: Dice}, share of voxels kept by the crop, seconds to resample, seconds back,
     voxels of the network's grid) for the ground truth of one case with ``k`` classes."""
+    from medseg_jax import metrics  # noqa: PLC0415
     from medseg_jax.data import preprocess  # noqa: PLC0415
 
     geometry = preprocess.case_geometry(case, plans, config)
@@ -58,11 +59,8 @@ def round_trip(case, plans, config, k: int) -> tuple[dict, float, float, float, 
     start = time.perf_counter()
     back = preprocess.to_case_grid(probs, case, plans, config).argmax(-1)
     backward = time.perf_counter() - start
-    dice = {}
-    for c in range(1, k):
-        truth, pred = case.label == c, back == c
-        if truth.any():
-            dice[c] = 2.0 * np.logical_and(truth, pred).sum() / (truth.sum() + pred.sum())
+    dice = {c: metrics.dice(back == c, case.label == c)
+            for c in range(1, k) if (case.label == c).any()}
     return dice, kept, forward, backward, int(grid_label.size)
 
 
@@ -85,21 +83,22 @@ def main(argv) -> None:
     print(f"{config.data.root}: {len(keys)} {FLAGS.split} cases, target spacing "
           f"{tuple(round(s, 3) for s in plans['target_spacing'])} mm, model "
           f"{config.model.spatial_dims}D")
-    rows = {}
+    variants = {}
     for name, (method, crop) in PATHS.items():
-        variant = config.copy_and_resolve_references()
-        variant.data.resampling, variant.data.crop_nonzero = method, crop
-        per_class: dict[int, list[float]] = {}
-        kept, forward, backward, voxels = [], [], [], []
-        for key in keys:
-            case = dataset.load(key)
-            annotated = dataset.annotated(key)
-            dice, k, f, b, v = round_trip(case, plans, variant, dataset.num_classes)
+        variants[name] = config.copy_and_resolve_references()
+        variants[name].data.resampling, variants[name].data.crop_nonzero = method, crop
+    rows = {name: ({}, [], [], [], []) for name in PATHS}
+    for key in keys:  # each case read once, taken through both paths
+        case = dataset.load(key)
+        annotated = dataset.annotated(key)
+        for name, variant in variants.items():
+            per_class, *lists = rows[name]
+            dice, *values = round_trip(case, plans, variant, dataset.num_classes)
             for c, d in dice.items():
                 if annotated[c]:
                     per_class.setdefault(c, []).append(d)
-            kept.append(k), forward.append(f), backward.append(b), voxels.append(v)
-        rows[name] = (per_class, kept, forward, backward, voxels)
+            for column, value in zip(lists, values):
+                column.append(value)
     classes = sorted({c for per_class, *_ in rows.values() for c in per_class})
     print("\n| path | crop keeps | grid voxels | resample s/case | back s/case | "
           + " | ".join(f"{names.get(c, c)} Dice mean (min)" for c in classes) + " |")

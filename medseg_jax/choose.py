@@ -48,9 +48,6 @@ RULE = ("the highest mean validation Dice over the classes; on a tie the single,
         "configuration (" + ", ".join(CONFIGURATIONS) + f", then the {ENSEMBLE})")
 
 
-auto_config = config_lib.auto_config  # configs/auto.py: what every member starts from
-
-
 def member_base(name: str) -> ml_collections.ConfigDict:
     """The planned configuration ``name`` as its config file has it (before overrides)."""
     config = config_lib.default_config()
@@ -80,7 +77,7 @@ def configurations(config) -> list[str]:
 def overrides(config) -> dict:
     """{dotted field: value} where ``config`` differs from configs/auto.py (the command's
     overrides, a derived config file's own values): what every member takes."""
-    base = dict(config_fields.flatten(auto_config()))
+    base = dict(config_fields.flatten(config_lib.auto_config()))
     return {k: v for k, v in config_fields.flatten(config)
             if not k.startswith("choose.") and (k not in base or base[k] != v)}
 

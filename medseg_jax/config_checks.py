@@ -204,8 +204,9 @@ def check_fields(config: ml_collections.ConfigDict, defaults: dict, study: dict,
                  choose: dict | None = None) -> None:
     """Every field of ``config`` is one the package defines: ``defaults``' (and ``study``'s
     in a study config, ``choose``'s in configs/auto.py), in ``model`` the architecture's
-    own too (in a study, any architecture's). A misspelled field in a config file would otherwise be added and
-    ignored. Raises ValueError naming the first unknown field and the closest known one."""
+    own too (in a study, any architecture's). A misspelled field in a config file would
+    otherwise be added and ignored. Raises ValueError naming the first unknown field and
+    the closest known one."""
     known = dict(defaults)
     if "benchmark" in config:
         known["benchmark"] = study

@@ -19,7 +19,7 @@ BUDGET = 0.02  # minutes: one epoch of two steps per configuration
 
 def auto_config(data, **overrides):
     """configs/auto.py on tiny data: a tiny network, two steps an epoch, no TTA."""
-    config = choose.auto_config()
+    config = config_lib.auto_config()
     return override(config, {
         "data.root": str(data), "model.base_features": 4, "train.batch_size": 8,
         "train.steps_per_epoch": 2, "train.log_every_steps": 1, "eval.batch_size": 8,
@@ -128,13 +128,13 @@ def test_a_forced_ensemble_is_used_by_eval_and_predict_and_a_rerun_trains_nothin
     assert [m["workdir"] for m in results["ensemble"]] == [str(workdir / "2d")]
     # the command's settings apply (here: none of data.root's; the runs' recorded one)
     cases = data / "imagesTr"
-    summary = choose.predict_choice(choose.auto_config(), str(workdir), str(cases),
+    summary = choose.predict_choice(config_lib.auto_config(), str(workdir), str(cases),
                                     str(tmp_path / "out"))
     assert summary["ensemble"] == [str(workdir / "2d")]
     assert len(summary["written"]) == len(list(cases.iterdir()))
     with pytest.raises(ValueError, match=r"--output .*: is the workdir of the choice; give "
                        "another --output"):
-        choose.predict_choice(choose.auto_config(), str(workdir), str(cases), str(workdir))
+        choose.predict_choice(config_lib.auto_config(), str(workdir), str(cases), str(workdir))
 
 
 def test_a_single_choice_is_evaluated_alone(chosen, tmp_path):
@@ -170,7 +170,7 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, overrides, m
 
 @pytest.mark.parametrize("value", [0.0, -1.0])
 def test_a_budget_that_is_not_positive_is_refused(value):
-    config = choose.auto_config()
+    config = config_lib.auto_config()
     config.choose.budget_minutes = value
     with pytest.raises(ValueError, match=r"config.choose.budget_minutes: must be > 0, got"):
         config_lib.check_numbers(config)
@@ -179,8 +179,8 @@ def test_a_budget_that_is_not_positive_is_refused(value):
 def test_eval_and_predict_without_a_choice_say_to_train_first(tmp_path):
     tmp_path.joinpath("run").mkdir()
     before = snapshot(tmp_path)
-    for call in (lambda: choose.evaluate_choice(choose.auto_config(), str(tmp_path / "run")),
-                 lambda: choose.predict_choice(choose.auto_config(), str(tmp_path / "run"),
+    for call in (lambda: choose.evaluate_choice(config_lib.auto_config(), str(tmp_path / "run")),
+                 lambda: choose.predict_choice(config_lib.auto_config(), str(tmp_path / "run"),
                                                str(tmp_path), str(tmp_path / "out"))):
         with pytest.raises(FileNotFoundError, match="choice.json: not found .*train first"):
             call()
